@@ -1,0 +1,39 @@
+# Two commands on a fresh machine with Python 3.10+ and pip:
+#   make run   - virtualenv, install, fetch the default model, answer a chat prompt
+#   make test  - install the test extras, lint, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= What is the capital of France?
+
+.PHONY: run test lint model install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+model: $(VENV)/.installed
+	$(BIN)/python -m engine.loader.hub
+
+run: model
+	$(BIN)/engine generate --chat "$(PROMPT)"
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+test: $(VENV)/.installed-test lint
+	$(BIN)/python -m engine.loader.hub
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV)
