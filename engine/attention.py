@@ -1,0 +1,74 @@
+"""Device-side attention metadata for one mixed ragged batch.
+
+Glossary of shapes: T = tokens in the step (padded to a bucket), S = sequences (padded),
+P = pages per sequence (padded), page = tokens per page.
+A batch mixes decode tokens (one query each), prompt chunks, and chunks that extend a
+cached prefix; every backend's attention reads the same metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "positions",
+        "slot_mapping",
+        "token_seq",
+        "query_start",
+        "seq_lens",
+        "page_table",
+        "num_tokens",
+    ],
+    meta_fields=["page_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    positions: jax.Array
+    """i32 [T]: absolute position of each token in its sequence."""
+    slot_mapping: jax.Array
+    """i32 [T]: flat KV slot (page * page_size + offset) each token's K/V is written to.
+    Padding tokens point one past the last slot, so their writes are dropped."""
+    token_seq: jax.Array
+    """i32 [T]: index of the sequence each token belongs to (padding: 0)."""
+    query_start: jax.Array
+    """i32 [S+1]: tokens of sequence s are [query_start[s], query_start[s+1])."""
+    seq_lens: jax.Array
+    """i32 [S]: K/V length of each sequence after this step (cached + new); padding: 0."""
+    page_table: jax.Array
+    """i32 [S, P]: pages of each sequence in order; unused entries are 0 (read, then masked)."""
+    num_tokens: jax.Array
+    """i32 []: real tokens in the step; tokens at or past it are padding."""
+    page_size: int
+
+    @property
+    def num_seqs_padded(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def write_kv(
+    k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array,
+    layer: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's K/V [T, Hkv, D] into a paged cache at flat slots [T].
+
+    The cache is one layer's [num_pages, page, Hkv, D], or with `layer` all layers'
+    [L, num_pages, page, Hkv, D] (written in place at that layer: no per-layer copy).
+    """
+    lead = () if layer is None else (layer,)
+    page = k_cache.shape[-3]
+    idx = (*lead, slots // page, slots % page)
+    # Padding slots point past the last page: mode="drop" discards their writes.
+    k_cache = k_cache.at[idx].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[idx].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def causal_mask_value(dtype: jnp.dtype) -> float:
+    return float(jnp.finfo(dtype).min) / 2

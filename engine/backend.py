@@ -1,0 +1,122 @@
+"""The Backend contract and its registry.
+
+A backend says what it can do (a frozen capabilities record with conservative defaults),
+how much memory there is, how the KV cache is laid out, and supplies the attention kernel
+for a mixed ragged batch. Backends are registered by name and imported lazily, so CUDA
+code is never imported on a TPU host. A backend without JAX (Ascend NPU through torch)
+sets `own_model_runner` and supplies its runner instead.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from engine.attention import AttentionMetadata
+from engine.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    platform: str = "cpu"
+    """The jax platform the backend runs on ('cpu', 'gpu', 'tpu'), or 'torch'."""
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    default_dtype: str = "float32"
+    page_sizes: tuple[int, ...] = ()
+    """Page sizes the attention kernel supports; empty means any."""
+    scan_layers: bool = True
+    """Default for the model's layer loop: lax.scan (constant compile time) or unrolled."""
+    own_model_runner: bool = False
+    """True for backends that do not run the JAX model (they supply a runner)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryInfo:
+    total_bytes: int
+    free_bytes: int
+
+
+class Backend(abc.ABC):
+    name: str = "base"
+    capabilities: Capabilities = Capabilities()
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+
+    def devices(self) -> list[jax.Device]:
+        return jax.devices(self.capabilities.platform)
+
+    @abc.abstractmethod
+    def memory_info(self) -> MemoryInfo:
+        """Memory available to weights, activations and the KV cache on one device."""
+
+    def kv_cache_shape(
+        self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's K (and V) cache. Default: [pages, page, Hkv, D]."""
+        return (num_pages, page_size, num_kv_heads, head_dim)
+
+    def allocate_kv(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,
+                    *, scan: bool) -> Any:
+        """Zeroed K and V caches: per layer [(K, V), ...], or stacked (K [L,...], V [L,...])."""
+        shape = self.kv_cache_shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        if scan:
+            full = (cfg.num_layers, *shape)
+            return (jnp.zeros(full, dtype), jnp.zeros(full, dtype))
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+    @abc.abstractmethod
+    def attention(
+        self,
+        q: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        md: AttentionMetadata,
+        *,
+        scale: float,
+        layer: jax.Array | None = None,
+    ) -> jax.Array:
+        """q [T, Hq, D] over the paged cache (this step's K/V already written) -> [T, Hq, D].
+
+        The caches are one layer's, or (under scan) every layer's stacked, with `layer` the
+        index of the one to read."""
+
+    def compile_options(self) -> dict[str, Any]:
+        return {}
+
+
+_REGISTRY: dict[str, str] = {
+    "cpu": "backends.cpu.backend:CpuBackend",
+}
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register `module:Class` under `name`; the module is imported only when chosen."""
+    _REGISTRY[name] = target
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_PLATFORM_TO_BACKEND = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu"}
+
+
+def detect_backend() -> str:
+    """'auto': the backend for jax's default platform when one is registered, else cpu."""
+    name = _PLATFORM_TO_BACKEND.get(jax.default_backend(), "cpu")
+    return name if name in _REGISTRY else "cpu"
+
+
+def get_backend(name: str = "auto", options: dict[str, Any] | None = None) -> Backend:
+    if name == "auto":
+        name = detect_backend()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(options)

@@ -1,0 +1,128 @@
+"""The one model definition for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+
+Backend-neutral JAX: attention goes through the `attend` callable the runner passes in
+(the backend's kernel for a mixed ragged batch over the paged KV cache).
+
+Einsum letters: t = token, e = hidden (E), h = head, k = kv head, g = query heads per kv
+head, d = head dim (D), f = MLP width (F), v = vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.attention import AttentionMetadata, write_kv
+from engine.model.config import ModelConfig
+
+Params = dict[str, Any]
+KVCache = Any  # list of (K, V) per layer, or a stacked (K [L,...], V [L,...]) under scan
+Attend = Callable[..., jax.Array]  # (q, k_cache, v_cache, md, *, layer) -> [T, Hq, D]
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [D/2], with Llama 3.1 ('llama3') or linear scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    sc = cfg.rope_scaling_dict
+    kind = sc.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        # Long wavelengths are slowed by `factor`, short ones kept; between, interpolate.
+        smooth = np.clip((old_len / wavelen - lo) / (hi - lo), 0.0, 1.0)
+        inv = (1 - smooth) * inv / factor + smooth * inv
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (the HF layout). x: [T, H, D], positions: [T]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_block(
+    lp: Params, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+    md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("te,ehd->thd", h, lp["wq"])  # q: [T, Hq, D]
+    k = jnp.einsum("te,ekd->tkd", h, lp["wk"])  # k: [T, Hkv, D]
+    v = jnp.einsum("te,ekd->tkd", h, lp["wv"])  # v: [T, Hkv, D]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, md.positions, inv_freq)
+    k = apply_rope(k, md.positions, inv_freq)
+    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, md.slot_mapping, layer)
+    o = attend(q, k_cache, v_cache, md, layer=layer)  # o: [T, Hq, D]
+    return x + jnp.einsum("thd,hde->te", o, lp["wo"]), k_cache, v_cache
+
+
+def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("te,ef->tf", h, lp["w_gate"])
+    up = jnp.einsum("te,ef->tf", h, lp["w_up"])
+    return x + jnp.einsum("tf,fe->te", jax.nn.silu(gate) * up, lp["w_down"])
+
+
+def decoder_layer(
+    lp: Params, x: jax.Array, kv: tuple[jax.Array, jax.Array],
+    md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`kv` is this layer's (K, V), or all layers' stacked caches with `layer` the index."""
+    x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer)
+    return mlp_block(lp, x, cfg), (k_cache, v_cache)
+
+
+def forward(
+    params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
+    logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend,
+) -> tuple[jax.Array, KVCache]:
+    """tokens [T] -> (logits f32 [S, V] at rows `logits_idx` [S], updated KV cache).
+
+    `params["layers"]` is a list of per-layer dicts (unrolled loop) or one dict of arrays
+    stacked on a leading layer axis (lax.scan); the KV cache has the matching form.
+    """
+    x = params["embed"][tokens]  # x: [T, E]
+    if isinstance(params["layers"], dict):
+        def body(carry, lp_and_l):
+            x, kv_all = carry
+            lp, li = lp_and_l
+            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li)
+            return (x, kv_all), None
+
+        layer_ids = jnp.arange(cfg.num_layers)
+        (x, kv), _ = jax.lax.scan(body, (x, tuple(kv)), (params["layers"], layer_ids))
+    else:
+        new_kv = []
+        for lp, layer_kv in zip(params["layers"], kv, strict=True):
+            x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend)
+            new_kv.append(layer_kv)
+        kv = new_kv
+    x = rms_norm(x[logits_idx], params["norm"], cfg.rms_norm_eps)  # x: [S, E]
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [E, V]
+    logits = jnp.einsum("se,ev->sv", x, head, preferred_element_type=jnp.float32)
+    return logits, kv
