@@ -1,0 +1,19 @@
+"""Every environment variable the engine reads, with a typed accessor each.
+
+Keep this list short: settings belong in the config dataclasses; an environment variable is
+only for things that must be set outside any config (where caches live).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENGINE_CACHE_DIR = "ENGINE_CACHE_DIR"
+"""Folder for downloaded models and derived files (tokenizers built from GGUF)."""
+
+
+def cache_dir() -> Path:
+    """The engine's cache folder: $ENGINE_CACHE_DIR, else ~/.cache/engine. Not created here."""
+    value = os.environ.get(ENGINE_CACHE_DIR, "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "engine"

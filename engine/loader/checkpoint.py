@@ -1,0 +1,138 @@
+"""A loaded checkpoint (config + host weights) and the one entry point that loads any source.
+
+Whatever the source format, tensors come out under HF parameter names in HF layouts, so the
+model has a single weight-mapping to maintain:
+
+    model.embed_tokens.weight                      [V, E]
+    model.layers.{i}.input_layernorm.weight        [E]
+    model.layers.{i}.self_attn.q_proj.weight       [Hq*D, E]   (+ .bias [Hq*D] for qwen2)
+    model.layers.{i}.self_attn.k_proj.weight       [Hkv*D, E]  (+ .bias for qwen2)
+    model.layers.{i}.self_attn.v_proj.weight       [Hkv*D, E]  (+ .bias for qwen2)
+    model.layers.{i}.self_attn.o_proj.weight       [E, Hq*D]
+    model.layers.{i}.self_attn.q_norm.weight       [D]         (qwen3)
+    model.layers.{i}.self_attn.k_norm.weight       [D]         (qwen3)
+    model.layers.{i}.post_attention_layernorm.weight [E]
+    model.layers.{i}.mlp.{gate,up}_proj.weight     [F, E]
+    model.layers.{i}.mlp.down_proj.weight          [E, F]
+    model.norm.weight                              [E]
+    lm_head.weight                                 [V, E]      (absent when tied)
+
+Rotary layout is HF's "rotate half" (GGUF's interleaved llama permutation is undone on load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from engine.model.config import ModelConfig
+
+
+class ModelLoadError(Exception):
+    """A checkpoint that cannot be loaded; the message is one line: `<file>: <problem>`."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the cause said
+        super().__init__(f"{self.path}: {self.problem}")
+
+    def __reduce__(self):  # keep it picklable across processes despite the 2-arg __init__
+        return (type(self), (self.path, self.problem))
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]
+    """HF names -> host arrays in HF layouts: float32 from GGUF; safetensors keep their float
+    dtype (float32, float16 or ml_dtypes.bfloat16)."""
+    tokenizer_path: Path | None
+    """A folder `transformers.AutoTokenizer.from_pretrained` accepts, or None."""
+    path: Path
+    """What was loaded: the HF folder or the .gguf file."""
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model needs, with its HF shape (see the module docstring)."""
+    e, f, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, e),
+        "model.norm.weight": (e,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, e)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (e,),
+            p + "post_attention_layernorm.weight": (e,),
+            p + "self_attn.q_proj.weight": (q, e),
+            p + "self_attn.k_proj.weight": (kv, e),
+            p + "self_attn.v_proj.weight": (kv, e),
+            p + "self_attn.o_proj.weight": (e, q),
+            p + "mlp.gate_proj.weight": (f, e),
+            p + "mlp.up_proj.weight": (f, e),
+            p + "mlp.down_proj.weight": (e, f),
+        }
+        if config.qkv_bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+            }
+        if config.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    return shapes
+
+
+def check_tensors(path: Path, config: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
+    """Raise ModelLoadError unless `tensors` holds exactly the parameters `config` needs."""
+    want = expected_shapes(config)
+    missing = [n for n in want if n not in tensors]
+    extra = [n for n in tensors if n not in want]
+    for kind, names in (("missing", missing), ("unexpected", extra)):
+        if names:
+            more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+            raise ModelLoadError(path, f"{kind} tensors {', '.join(names[:3])}{more}")
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape)
+            raise ModelLoadError(path, f"{name} has shape {got}, the config implies {shape}")
+
+
+def load_checkpoint(path_or_alias: str | Path | None, progress: bool = True) -> Checkpoint:
+    """Load the default model (None or an alias in `hub.ALIASES`), an HF model folder (with
+    config.json and *.safetensors) or a GGUF file (or a folder holding exactly one .gguf)."""
+    from engine.loader import hub
+
+    if path_or_alias is None or str(path_or_alias) in hub.ALIASES:
+        return _load_gguf(hub.fetch_model(path_or_alias, progress=progress), progress)
+    path = Path(path_or_alias).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            from engine.loader.hf import load_hf
+
+            return load_hf(path, progress=progress)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0], progress)
+        found = f"found {len(ggufs)} .gguf files" if ggufs else "found neither"
+        raise ModelLoadError(
+            path, f"expected an HF model folder with config.json or exactly one .gguf; {found}"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, progress)
+    aliases = ", ".join(sorted(hub.ALIASES))
+    what = "does not exist" if not path.exists() else "is not a .gguf file or a model folder"
+    raise ModelLoadError(
+        path, f"{what}; expected an HF model folder, a .gguf file or one of: {aliases}"
+    )
+
+
+def _load_gguf(path: Path, progress: bool) -> Checkpoint:
+    from engine.loader.gguf import load_gguf
+
+    return load_gguf(path, progress=progress)

@@ -1,0 +1,28 @@
+"""Session-wide fixtures: the default model, fetched once into the engine cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf in the engine cache (downloaded on first use)."""
+    from engine.loader import hub
+
+    return hub.fetch_model(hub.DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_gguf: Path):
+    """The default model's transformers tokenizer, from the loader's cached tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from engine.loader.gguf import gguf_tokenizer_dir
+
+    path = gguf_tokenizer_dir(default_gguf, progress=False)
+    if path is None:
+        pytest.fail(f"no tokenizer could be built from {default_gguf}")
+    return AutoTokenizer.from_pretrained(path)
