@@ -1,0 +1,89 @@
+"""Requests and the plain data the scheduler hands to the model runner.
+
+Pure Python: no jax, nothing from backends/. The runner sees only `ScheduledBatch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    """Resolved sampling seed: the user's, or one drawn when the request was made."""
+    arrival: float = 0.0
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0
+    """Tokens whose K/V are in this request's pages. Positions [0, num_computed) are done."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at the (last) admission."""
+    page_ids: list[int] = dataclasses.field(default_factory=list)
+    """Pages holding this request's K/V, in order; position p lives in page_ids[p // page_size]."""
+    finish_reason: str | None = None
+    """'stop' (EOS, stop token or stop string), 'length', 'abort' or an error message."""
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    max_total_tokens: int = 0
+    """Prompt + output tokens this request may reach (set by the engine from max_tokens)."""
+    group: str | None = None
+    """Sibling group of an n > 1 request (same prompt): the scheduler shares its prompt pages."""
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    """One request's share of a step: compute K/V (and logits) for `token_ids`."""
+
+    request: Request
+    token_ids: list[int]
+    """Tokens computed this step, at positions start_pos, start_pos+1, ..."""
+    start_pos: int
+    page_ids: list[int]
+    """All pages of the request, covering positions [0, start_pos + len(token_ids))."""
+    sample: bool
+    """True when the step reaches the end of the known tokens: a new token is sampled."""
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    """What one engine step computes: a mixed, ragged batch of prompt chunks and decodes."""
+
+    seqs: list[ScheduledSeq]
+    preempted: list[Request] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
