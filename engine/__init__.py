@@ -1,0 +1,14 @@
+"""A JAX/XLA LLM inference and serving engine with pluggable hardware backends."""
+
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in jax and the model; import it only when used.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

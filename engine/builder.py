@@ -1,0 +1,113 @@
+"""Assemble an Engine from an EngineConfig: backend, weights, KV pool size, runner, scheduler."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from engine.backend import Backend, get_backend
+from engine.compile import enable_persistent_cache
+from engine.config import EngineConfig
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.engine import Engine
+from engine.envs import cache_dir
+from engine.model.config import ModelConfig
+from engine.model.presets import preset_config
+from engine.model.weights import params_from_hf, random_params
+from engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: dict
+    tokenizer: object | None
+    name: str
+
+
+def load_tokenizer(path: Path | str | None):
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: bool) -> LoadedModel:
+    model = config.model.model
+    if config.model.load_format == "dummy":
+        cfg = preset_config(model or "")
+        if cfg is None:
+            path = Path(model or "")
+            path = path / "config.json" if path.is_dir() else path
+            if not path.exists():
+                raise ValueError(f"--load-format dummy needs a config.json or a known shape name, "
+                                 f"got {model!r}")
+            cfg = ModelConfig.from_json(path)
+        params = random_params(cfg, dtype, scan=scan, seed=config.model.seed)
+        tok_dir = Path(model).parent if model and Path(model).is_file() else model
+        tokenizer = None
+        if tok_dir and (Path(tok_dir) / "tokenizer_config.json").exists():
+            tokenizer = load_tokenizer(tok_dir)
+        return LoadedModel(cfg, params, tokenizer, model or "dummy")
+    from engine.loader.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(model)
+    with jax.default_device(backend.devices()[0]):
+        params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan)
+    return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
+                       model or "smollm2-135m-instruct")
+
+
+def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int) -> int:
+    """KV pool size: explicit max_total_tokens, or a fraction of the free memory."""
+    page = config.cache.page_size
+    if config.cache.max_total_tokens is not None:
+        return -(-config.cache.max_total_tokens // page)
+    per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize
+    budget = backend.memory_info().free_bytes * config.cache.kv_memory_fraction
+    return max(1, int(budget // per_page))
+
+
+def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
+    backend = get_backend(config.backend.name, dict(config.backend.options))
+    enable_persistent_cache(cache_dir() / "xla")
+    caps = backend.capabilities
+    dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
+    scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
+    loaded = load_model(config, backend, dtype, scan)
+    cfg = loaded.cfg
+    num_pages = kv_pages(config, cfg, backend, dtype.itemsize)
+    page = config.cache.page_size
+    max_len = min(cfg.max_position_embeddings, num_pages * page,
+                  config.model.max_model_len or cfg.max_position_embeddings)
+    s = config.scheduler
+    log.info("KV pool: %d pages x %d tokens = %d tokens, %.2f GB (%s)", num_pages, page,
+             num_pages * page,
+             num_pages * page * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+             * dtype.itemsize / 1e9, dtype.name)
+    scheduler = Scheduler(SchedulerConfig(
+        page_size=page, num_pages=num_pages, max_running_requests=s.max_running_requests,
+        chunked_prefill_size=s.chunked_prefill_size, schedule_policy=s.schedule_policy,
+        disable_radix_cache=s.disable_radix_cache, max_model_len=max_len))
+    runner = ModelRunner(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
+                         max_num_tokens=s.chunked_prefill_size,
+                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
+                         kv_dtype=dtype)
+    engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos_ids(cfg, loaded),
+                    vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed)
+    return engine, loaded
+
+
+def eos_ids(cfg: ModelConfig, loaded: LoadedModel) -> tuple[int, ...]:
+    ids = set(cfg.eos_token_ids)
+    tok = loaded.tokenizer
+    if tok is not None and tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return tuple(sorted(ids))

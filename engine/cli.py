@@ -1,0 +1,90 @@
+"""The `engine` command: generate, bench (and serve, once the server lands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from engine.model.config import ConfigError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that builds an engine (None: not given)."""
+    p.add_argument("--model", default=None, help="HF directory, .gguf file or alias "
+                   "(default: smollm2-135m-instruct)")
+    p.add_argument("--backend", default="auto", help="cpu, cuda, tpu, ... or auto")
+    p.add_argument("--config", default=None, help="YAML config file or preset name in configs/")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument("--schedule-policy", default=None, choices=["fcfs", "lpm"])
+    p.add_argument("--disable-radix-cache", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_total_tokens",
+                  "max_running_requests", "chunked_prefill_size", "schedule_policy",
+                  "disable_radix_cache", "seed")
+
+
+def make_llm(args: argparse.Namespace):
+    from engine.llm import LLM
+
+    opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    dtype = opts.pop("dtype", None)
+    return LLM(args.model, backend=args.backend, dtype=dtype, config=args.config, **opts)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.sampling_params import SamplingParams
+
+    llm = make_llm(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    else:
+        out = llm.generate(args.prompt, params)[0]
+    print(out.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    add_engine_args(g)
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.set_defaults(func=cmd_generate)
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ValueError, ConfigError, FileNotFoundError) as e:
+        print(f"engine: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # loader errors carry one-line messages
+        if type(e).__name__ == "ModelLoadError":
+            print(f"engine: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+if __name__ == "__main__":
+    sys.exit(main())

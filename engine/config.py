@@ -1,0 +1,144 @@
+"""Engine configuration: frozen dataclasses by consumer, YAML presets, and precedence.
+
+Precedence: explicit arguments (CLI flags, LLM(...) keywords) > the YAML file > defaults.
+A YAML preset in configs/ has sections named after the dataclasses below, e.g.
+
+    backend: {name: cpu, scan_layers: true}
+    cache: {page_size: 16, kv_memory_fraction: 0.1}
+    scheduler: {chunked_prefill_size: 512, max_running_requests: 64}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    model: str | None = None
+    """HF directory, .gguf file or alias; None is the default model (SmolLM2-135M-Instruct)."""
+    dtype: str | None = None
+    """'float32' or 'bfloat16'; None takes the backend's default."""
+    load_format: str = "auto"
+    """'auto' reads the checkpoint; 'dummy' makes random weights from the config only."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); None: the model's limit, capped by the KV pool."""
+    seed: int = 0
+    """Seed for requests that bring none (each request still draws its own)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    name: str = "auto"
+    """Registered backend name ('cpu', ...) or 'auto'."""
+    scan_layers: bool | None = None
+    """lax.scan over stacked layers (constant compile time) or an unrolled loop; None: the
+    backend's default."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """Backend-specific settings from the YAML file (kernel block sizes, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+    page_size: int = 16
+    """Tokens per KV page (1 and up)."""
+    max_total_tokens: int | None = None
+    """KV pool size in tokens; None: sized from the backend's free memory."""
+    kv_memory_fraction: float = 0.9
+    """Share of the free memory (after weights) given to the KV pool when it is sized."""
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {self.page_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ValueError(f"{self.max_total_tokens=} must hold at least one page "
+                             f"({self.page_size=})")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got "
+                             f"{self.kv_memory_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulingOptions:
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 512
+    """Token budget of one step (prompt chunks and decodes together)."""
+    schedule_policy: str = "fcfs"
+    """'fcfs' or 'lpm' (longest prefix match first)."""
+    disable_radix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.chunked_prefill_size < self.max_running_requests:
+            raise ValueError(f"{self.chunked_prefill_size=} must be at least "
+                             f"{self.max_running_requests=} (one decode token each)")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"schedule_policy must be fcfs or lpm, got {self.schedule_policy!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: ModelOptions = ModelOptions()
+    backend: BackendOptions = BackendOptions()
+    cache: CacheOptions = CacheOptions()
+    scheduler: SchedulingOptions = SchedulingOptions()
+
+    @classmethod
+    def build(cls, config_file: str | Path | None = None, **overrides: Any) -> EngineConfig:
+        """Defaults < YAML file < overrides. Override keys are field names of any section
+        (`page_size=...`), `backend=` for the backend name; None values are ignored."""
+        sections: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(cls)}
+        if config_file is not None:
+            for section, values in load_yaml(config_file).items():
+                if section not in sections or not isinstance(values, dict):
+                    raise ValueError(f"{config_file}: unknown section {section!r}; "
+                                     f"expected one of {', '.join(sections)}")
+                sections[section].update(values)
+        if "backend" in overrides:
+            overrides["name"] = overrides.pop("backend")
+        owner = {f.name: section for section, typ in _SECTION_TYPES.items()
+                 for f in dataclasses.fields(typ)}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in owner:
+                raise TypeError(f"unknown engine option {key!r}")
+            sections[owner[key]][key] = value
+        backend = sections["backend"]
+        extra = {k: backend.pop(k) for k in list(backend)
+                 if k not in {f.name for f in dataclasses.fields(BackendOptions)}}
+        backend["options"] = tuple(sorted({**dict(backend.get("options", ())), **extra}.items()))
+        return cls(**{name: _SECTION_TYPES[name](**vals) for name, vals in sections.items()})
+
+
+_SECTION_TYPES = {"model": ModelOptions, "backend": BackendOptions, "cache": CacheOptions,
+                  "scheduler": SchedulingOptions}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file by path, or a preset name from configs/ ('cpu' -> configs/cpu.yaml)."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        p = CONFIG_DIR / f"{path}.yaml"
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections")
+    return data
