@@ -26,3 +26,24 @@ def default_tokenizer(default_gguf: Path):
     if path is None:
         pytest.fail(f"no tokenizer could be built from {default_gguf}")
     return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_gguf: Path):
+    """HF transformers' own load of the default GGUF (dequantized, float32): the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_gguf: Path):
+    """The default model on the CPU backend, shared by tests that do not change its options."""
+    from engine import LLM
+
+    return LLM(backend="cpu", max_total_tokens=8192, max_running_requests=16,
+               chunked_prefill_size=256)

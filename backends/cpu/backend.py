@@ -13,7 +13,7 @@ from engine.backend import Backend, Capabilities, MemoryInfo
 
 class CpuBackend(Backend):
     name = "cpu"
-    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=True)
+    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False)
 
     def memory_info(self) -> MemoryInfo:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

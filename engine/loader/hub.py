@@ -107,3 +107,7 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+if __name__ == "__main__":  # `python -m engine.loader.hub`: fetch the default model (make run)
+    print(fetch_model())

@@ -191,10 +191,8 @@ def default_ckpt(default_gguf):
 
 
 @pytest.fixture(scope="module")
-def transformers_gguf(default_gguf):
-    model = AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
-    )
+def transformers_gguf(hf_default_model):
+    model = hf_default_model
     return model.config, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
