@@ -26,7 +26,7 @@ import jax.numpy as jnp
         "page_table",
         "num_tokens",
     ],
-    meta_fields=["page_size"],
+    meta_fields=["page_size", "decode_only"],
 )
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
@@ -46,6 +46,9 @@ class AttentionMetadata:
     num_tokens: jax.Array
     """i32 []: real tokens in the step; tokens at or past it are padding."""
     page_size: int
+    decode_only: bool = False
+    """Every sequence has exactly one query token, and token i belongs to sequence i:
+    backends may take a decode kernel (a static choice: a separate program)."""
 
     @property
     def num_seqs_padded(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, write_kv
 from engine.model.config import ModelConfig
 
 
@@ -70,6 +70,13 @@ class Backend(abc.ABC):
             return (jnp.zeros(full, dtype), jnp.zeros(full, dtype))
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
+    def write_kv(self, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                 slots: jax.Array, layer: jax.Array | None = None,
+                 ) -> tuple[jax.Array, jax.Array]:
+        """Write this step's K/V [T, Hkv, D] at flat slots [T] into caches of kv_cache_shape's
+        layout. Default: engine.attention.write_kv for [pages, page, Hkv, D]."""
+        return write_kv(k_cache, v_cache, k, v, slots, layer)
+
     @abc.abstractmethod
     def attention(
         self,
@@ -92,6 +99,8 @@ class Backend(abc.ABC):
 
 _REGISTRY: dict[str, str] = {
     "cpu": "backends.cpu.backend:CpuBackend",
+    "tpu": "backends.tpu.backend:TpuBackend",
+    "cuda": "backends.cuda.backend:CudaBackend",
 }
 
 

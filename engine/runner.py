@@ -36,6 +36,19 @@ class TokenSample:
     top: list[tuple[int, float]]
 
 
+def make_step(cfg: ModelConfig, backend: Backend):
+    """The jitted step (forward + sample, KV cache donated). Precompilation builds the same
+    function, so its programs are the ones the runner later finds in the compilation cache."""
+    attend = functools.partial(backend.attention, scale=cfg.head_dim**-0.5)
+    fwd = functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv)
+
+    def step(params, kv, tokens, md, logits_idx, st, mode):
+        logits, kv = fwd(params, kv, tokens, md, logits_idx)
+        return sample(logits, st, mode), kv
+
+    return jax.jit(step, static_argnames=("mode",), donate_argnums=(1,))
+
+
 class ModelRunner:
     def __init__(
         self, cfg: ModelConfig, params: Params, backend: Backend, *, page_size: int,
@@ -48,14 +61,7 @@ class ModelRunner:
         self.kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan)
         max_pages = -(-max_model_len // page_size)
         self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages)
-        attend = functools.partial(backend.attention, scale=cfg.head_dim**-0.5)
-        fwd = functools.partial(forward, cfg=cfg, attend=attend)
-
-        def step(params, kv, tokens, md, logits_idx, st, mode):
-            logits, kv = fwd(params, kv, tokens, md, logits_idx)
-            return sample(logits, st, mode), kv
-
-        self._step = jax.jit(step, static_argnames=("mode",), donate_argnums=(1,))
+        self._step = make_step(cfg, backend)
         self.compiled_shapes: set[tuple] = set()
 
     def prepare(self, batch: ScheduledBatch) -> tuple:
@@ -91,6 +97,7 @@ class ModelRunner:
             positions=positions, slot_mapping=slots, token_seq=token_seq,
             query_start=query_start, seq_lens=seq_lens, page_table=page_table,
             num_tokens=np.int32(n_tok), page_size=self.page_size,
+            decode_only=n_tok == len(seqs),
         )
         rows = [
             SamplingRow(params=sq.request.params, seed=sq.request.seed,
@@ -109,7 +116,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[TokenSample | None]:
         """Run one step; one entry per scheduled seq (None where the seq does not sample)."""
         tokens, md, logits_idx, st, mode = self.prepare(batch)
-        shape = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], mode)
+        shape = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], md.decode_only,
+                 mode)
         t0 = time.perf_counter()
         out, self.kv = self._step(self.params, self.kv, tokens, md, logits_idx, st, mode)
         out = jax.device_get(out)

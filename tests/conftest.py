@@ -47,3 +47,12 @@ def default_llm(default_gguf: Path):
 
     return LLM(backend="cpu", max_total_tokens=8192, max_running_requests=16,
                chunked_prefill_size=256)
+
+
+def pytest_configure(config):
+    import jax
+
+    if jax.default_backend() != "cpu":
+        # Accelerators run float32 matmuls in reduced precision (TF32) by default; the
+        # oracle comparisons are meant in float32.
+        jax.config.update("jax_default_matmul_precision", "highest")

@@ -25,23 +25,32 @@ def ragged_paged_attention(
     *,
     scale: float,
     layer: jax.Array | None = None,
+    head_major: bool = False,
 ) -> jax.Array:
     """q [T, Hq, D]; k_cache, v_cache [num_pages, page, Hkv, D] -> [T, Hq, D].
 
     With `layer`, the caches hold every layer ([L, num_pages, page, Hkv, D]) and this
-    layer's pages are gathered directly (no copy of the layer's cache)."""
+    layer's pages are gathered directly (no copy of the layer's cache). With `head_major`
+    the cache is [Hkv, num_pages, page, D] (the GPU decode kernel's layout)."""
     t, hq, d = q.shape
-    hkv = k_cache.shape[-2]
+    hkv = k_cache.shape[-4] if head_major else k_cache.shape[-2]
     lead = () if layer is None else (layer,)
+
+    def gather(cache, pages):  # pages: [C, P] -> [C, P * page, Hkv, D]
+        if head_major:
+            blocks = cache[(*lead, slice(None), pages)]  # [Hkv, C, P, page, D]
+            return jnp.moveaxis(blocks, 0, -2).reshape(pages.shape[0], -1, hkv, d)
+        return cache[(*lead, pages)].reshape(pages.shape[0], -1, hkv, d)
     g = hq // hkv
-    seq_lens = md.seq_lens[md.token_seq]  # [T]
+    k_cache, v_cache, page_table = map(jnp.asarray, (k_cache, v_cache, md.page_table))
+    seq_lens = jnp.asarray(md.seq_lens)[md.token_seq]  # [T]
 
     def attend(args):
         qc, pos, seq, kv_len = args  # qc: [C, Hq, D]
-        pages = md.page_table[seq]  # [C, P]
+        pages = page_table[seq]  # [C, P]
         c = qc.shape[0]
-        k = k_cache[(*lead, pages)].reshape(c, -1, hkv, d)  # k: [C, K, Hkv, D], K = P * page
-        v = v_cache[(*lead, pages)].reshape(c, -1, hkv, d)
+        k = gather(k_cache, pages)  # k: [C, K, Hkv, D], K = P * page
+        v = gather(v_cache, pages)
         qg = qc.reshape(c, hkv, g, d)
         s = jnp.einsum("ckgd,cnkd->ckgn", qg, k, preferred_element_type=jnp.float32) * scale
         kv_pos = jnp.arange(k.shape[1])

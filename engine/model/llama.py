@@ -23,6 +23,7 @@ from engine.model.config import ModelConfig
 Params = dict[str, Any]
 KVCache = Any  # list of (K, V) per layer, or a stacked (K [L,...], V [L,...]) under scan
 Attend = Callable[..., jax.Array]  # (q, k_cache, v_cache, md, *, layer) -> [T, Hq, D]
+WriteKV = Callable[..., tuple[jax.Array, jax.Array]]  # (k_cache, v_cache, k, v, slots, layer)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -63,6 +64,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def attention_block(
     lp: Params, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None,
+    write: WriteKV = write_kv,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("te,ehd->thd", h, lp["wq"])  # q: [T, Hq, D]
@@ -76,7 +78,7 @@ def attention_block(
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, md.positions, inv_freq)
     k = apply_rope(k, md.positions, inv_freq)
-    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, md.slot_mapping, layer)
+    k_cache, v_cache = write(k_cache, v_cache, k, v, md.slot_mapping, layer)
     o = attend(q, k_cache, v_cache, md, layer=layer)  # o: [T, Hq, D]
     return x + jnp.einsum("thd,hde->te", o, lp["wo"]), k_cache, v_cache
 
@@ -91,18 +93,20 @@ def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def decoder_layer(
     lp: Params, x: jax.Array, kv: tuple[jax.Array, jax.Array],
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None = None,
+    write: WriteKV = write_kv,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`kv` is this layer's (K, V), or all layers' stacked caches with `layer` the index."""
-    x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer)
+    x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer, write)
     return mlp_block(lp, x, cfg), (k_cache, v_cache)
 
 
 def forward(
     params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
-    logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend,
+    logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend, write: WriteKV = write_kv,
 ) -> tuple[jax.Array, KVCache]:
     """tokens [T] -> (logits f32 [S, V] at rows `logits_idx` [S], updated KV cache).
 
+    `write` puts this step's K/V into the cache (the backend's, for its own KV layout).
     `params["layers"]` is a list of per-layer dicts (unrolled loop) or one dict of arrays
     stacked on a leading layer axis (lax.scan); the KV cache has the matching form.
     """
@@ -111,7 +115,7 @@ def forward(
         def body(carry, lp_and_l):
             x, kv_all = carry
             lp, li = lp_and_l
-            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li)
+            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li, write)
             return (x, kv_all), None
 
         layer_ids = jnp.arange(cfg.num_layers)
@@ -119,7 +123,7 @@ def forward(
     else:
         new_kv = []
         for lp, layer_kv in zip(params["layers"], kv, strict=True):
-            x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend)
+            x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend, write=write)
             new_kv.append(layer_kv)
         kv = new_kv
     x = rms_norm(x[logits_idx], params["norm"], cfg.rms_norm_eps)  # x: [S, E]

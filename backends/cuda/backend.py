@@ -1,0 +1,63 @@
+"""The CUDA backend: bf16, head-major paged KV cache, a Pallas (Triton) decode kernel.
+
+Decode-only steps take the Pallas paged-attention kernel; steps with prompt chunks take
+the plain-JAX ragged attention (correct for any mixed batch; slow for long prompts: a
+ragged prefill kernel is the next step, see the CUDA issue's notes).
+
+Options (YAML `backend:` section): interpret (run the Pallas kernel in the interpreter:
+tests on a host without a GPU), decode_kernel (false: plain JAX for decodes too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from backends.cpu.attention import ragged_paged_attention
+from backends.cuda.kernels.paged_decode import paged_decode_attention
+from engine.attention import AttentionMetadata
+from engine.backend import Backend, Capabilities, MemoryInfo
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.interpret = bool(self.options.get("interpret", jax.default_backend() != "gpu"))
+        self.decode_kernel = bool(self.options.get("decode_kernel", True))
+        platform = "cpu" if self.interpret else "gpu"
+        self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
+                                         scan_layers=False)
+
+    def memory_info(self) -> MemoryInfo:
+        stats = self.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit", 0)
+        return MemoryInfo(total_bytes=limit, free_bytes=limit - stats.get("bytes_in_use", 0))
+
+    def kv_cache_shape(self, num_pages: int, page_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        return (num_kv_heads, num_pages, page_size, head_dim)
+
+    def write_kv(self, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                 slots: jax.Array, layer: jax.Array | None = None,
+                 ) -> tuple[jax.Array, jax.Array]:
+        if layer is not None:
+            raise ValueError("the CUDA backend runs unrolled layers (scan_layers: false)")
+        page = k_cache.shape[2]
+        idx = (slice(None), slots // page, slots % page)  # -> [Hkv, T, D]
+        k_cache = k_cache.at[idx].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[idx].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
+        return k_cache, v_cache
+
+    def attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                  md: AttentionMetadata, *, scale: float, layer: jax.Array | None = None,
+                  ) -> jax.Array:
+        if md.decode_only and self.decode_kernel:
+            return paged_decode_attention(q, k_cache, v_cache, md, scale=scale,
+                                          interpret=self.interpret)
+        return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, head_major=True)
+
+
+

@@ -1,0 +1,69 @@
+"""Decode attention over a head-major paged KV cache, through JAX's Pallas (Triton) kernel.
+
+Reference: backends.cpu.attention.ragged_paged_attention (head_major=True) — the tests
+compare this wrapper with it. The kernel is jax.experimental.pallas.ops.gpu.paged_attention
+(one query per sequence, flash-decoding over `k_splits` partitions of the pages); we use
+it as is because its cache layout [Hkv, pages, page, D] and inputs (page table, lengths)
+are ours, and wrap it for the engine's metadata (token i is sequence i in a decode step).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+from engine.attention import AttentionMetadata
+
+# Block sizes as data (H100, Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16).
+MIN_BLOCK_K = 16
+"""Triton's dot needs K/V blocks of at least 16 tokens: smaller blocks gave wrong results
+on an H100 (page 4 with 2 pages a block came out 2x too large)."""
+BLOCK_H = 16
+PAGES_PER_COMPUTE_BLOCK = 8
+MAX_K_SPLITS = 16
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def check_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                 md: AttentionMetadata) -> None:
+    if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
+        raise ValueError(f"K/V caches must be [Hkv, pages, page, D] alike, got "
+                         f"{k_cache.shape} and {v_cache.shape}")
+    hkv, _, page, d = k_cache.shape
+    if q.shape[-1] != d or q.shape[1] % hkv:
+        raise ValueError(f"q {q.shape} does not fit the cache {k_cache.shape}")
+    if page != md.page_size:
+        raise ValueError(f"cache page {page} != metadata page_size {md.page_size}")
+    if not md.decode_only:
+        raise ValueError("paged_decode_attention needs a decode-only batch")
+
+
+def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                           md: AttentionMetadata, *, scale: float,
+                           interpret: bool = False) -> jax.Array:
+    """q [T, Hq, D] (token i = sequence i) -> [T, Hq, D]."""
+    check_inputs(q, k_cache, v_cache, md)
+    t = q.shape[0]
+    page_table = jnp.asarray(md.page_table)
+    s, p = page_table.shape
+    page = md.page_size
+    # Pad the table (extra pages are masked by the lengths) so a partition holds a block.
+    min_pages = -(-MIN_BLOCK_K // page)
+    if p < min_pages:
+        page_table = jnp.pad(page_table, ((0, 0), (0, min_pages - p)))
+        p = min_pages
+    k_splits = max(k for k in (1, 2, 4, 8, 16)
+                   if k <= MAX_K_SPLITS and p % k == 0 and (p // k) * page >= MIN_BLOCK_K)
+    per_split = p // k_splits
+    c_max = min(per_split, max(PAGES_PER_COMPUTE_BLOCK, min_pages))
+    ppcb = max((c for c in range(1, c_max + 1) if per_split % c == 0 and c * page >= MIN_BLOCK_K),
+               default=per_split)
+    qs = (q[:s] if t >= s else jnp.pad(q, ((0, s - t), (0, 0), (0, 0)))) * scale
+    o = paged_attention(
+        qs.astype(k_cache.dtype), k_cache, v_cache, page_table, jnp.asarray(md.seq_lens),
+        block_h=BLOCK_H, pages_per_compute_block=ppcb, k_splits=k_splits,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=interpret)
+    o = o.astype(q.dtype)
+    return o[:t] if t <= s else jnp.pad(o, ((0, t - s), (0, 0), (0, 0)))
