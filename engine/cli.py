@@ -86,5 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
+from engine.server.cli import register_serve  # noqa: E402 (imports no FastAPI/uvicorn)
+
+EXTRA_COMMANDS.append(register_serve)
+
+from engine.bench.cli import register_bench  # noqa: E402
+
+EXTRA_COMMANDS.append(register_bench)
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,1 @@
+"""`engine bench`: workloads, the offline runner, and the HF transformers baseline."""

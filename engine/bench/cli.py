@@ -1,0 +1,93 @@
+"""`engine bench offline ...`: argument parsing and the side-by-side report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from engine.bench.datasets import add_dataset_args, make_requests
+
+log = logging.getLogger(__name__)
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    from engine.bench.offline import run_engine, write_json
+    from engine.cli import make_llm
+
+    llm = make_llm(args)
+    reqs = make_requests(args, llm.model_config.vocab_size)
+    runs = [("engine", llm)]
+    if args.compare_cache_off:
+        off = argparse.Namespace(**{**vars(args), "disable_radix_cache": True})
+        runs.append(("engine (radix cache off)", make_llm(off)))
+    results = []
+    for name, engine_llm in runs:
+        for _ in range(args.warmup_runs):  # compiles every shape the workload meets
+            run_engine(engine_llm, reqs, name)
+        results.append(run_engine(engine_llm, reqs, name))
+    if args.baseline == "hf":
+        from engine.bench.hf_baseline import load_hf_model, run_hf
+
+        dtype = llm.config.model.dtype or llm.engine.runner.backend.capabilities.default_dtype
+        device = "cuda" if llm.engine.runner.backend.capabilities.platform == "gpu" else "cpu"
+        model = load_hf_model(args.model, args.load_format or "auto", dtype, device)
+        run_hf(model, reqs[:args.hf_batch_size], args.hf_batch_size, device)  # warm-up
+        results.append(run_hf(model, reqs, args.hf_batch_size, device))
+    for r in results:
+        print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{r.report()}")
+    if len(results) > 1:
+        base = results[0].output_throughput
+        print("\n" + "\n".join(f"{r.name}: {base / r.output_throughput:.2f}x slower than "
+                               f"{results[0].name}" if r is not results[0] else
+                               f"{r.name}: {r.output_throughput:.1f} output tok/s"
+                               for r in results))
+    if args.output_json:
+        write_json(args.output_json, results, {k: v for k, v in vars(args).items()
+                                               if k != "func"})
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.bench.latency import copy_bandwidth, measure, report
+    from engine.cli import make_llm
+
+    llm = make_llm(args)
+    rows = []
+    for b in args.batch_size:
+        measure(llm, b, args.input_len, 4)  # warm-up: compiles this batch's shapes
+        rows.append(measure(llm, b, args.input_len, args.output_len))
+        print(rows[-1], flush=True)
+    bw = copy_bandwidth()
+    print(report(rows, bw))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=2)
+    return 0
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    from engine.cli import add_engine_args
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="mode", required=True)
+    p = bench.add_parser("offline", help="a workload in-process: throughput, cache hit rate")
+    add_engine_args(p)
+    add_dataset_args(p)
+    p.add_argument("--baseline", choices=["hf"], default=None,
+                   help="also run the workload through HF transformers generate")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--compare-cache-off", action="store_true",
+                   help="also run with the radix cache disabled, side by side")
+    p.add_argument("--warmup-runs", type=int, default=1)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_offline)
+
+    p = bench.add_parser("latency", help="one batch: prefill time, decode step vs roofline")
+    add_engine_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_latency)
+

@@ -1,0 +1,60 @@
+"""`--baseline hf`: the same workload through HF transformers `generate` (static batches)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine.bench.datasets import BenchRequest
+from engine.bench.offline import OfflineResult
+
+
+def load_hf_model(model: str | None, load_format: str, dtype: str, device: str):
+    """The HF model on the same weights as ours (random init of the same config for dummy)."""
+    import torch
+    import transformers
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if load_format == "dummy":
+        from engine.model.presets import PRESETS
+
+        hf_cfg = PRESETS.get((model or "").lower())
+        cfg = (transformers.AutoConfig.for_model(**hf_cfg) if hf_cfg
+               else transformers.AutoConfig.from_pretrained(model))
+        m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    else:
+        from engine.loader import hub
+
+        path = Path(hub.fetch_model(model) if model is None or model in hub.ALIASES else model)
+        if path.suffix == ".gguf":
+            m = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        else:
+            m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    return m.to(device).eval()
+
+
+def run_hf(model, reqs: list[BenchRequest], batch_size: int, device: str) -> OfflineResult:
+    """Static batching: each batch is left-padded and decodes to its longest output."""
+    import torch
+
+    t0 = time.perf_counter()
+    useful = 0
+    for i in range(0, len(reqs), batch_size):
+        chunk = reqs[i:i + batch_size]
+        width = max(len(r.prompt_ids) for r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[j, width - len(r.prompt_ids):] = 1
+        n = max(r.output_len for r in chunk)
+        with torch.no_grad():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        useful += sum(r.output_len for r in chunk)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return OfflineResult(name=f"hf transformers (batch {batch_size})", requests=len(reqs),
+                         elapsed_s=time.perf_counter() - t0,
+                         input_tokens=sum(len(r.prompt_ids) for r in reqs), output_tokens=useful)
