@@ -1,12 +1,15 @@
 # Two commands on a fresh machine with Python 3.10+ and pip:
-#   make run   - virtualenv, install, fetch the default model, answer a chat prompt
+#   make run   - virtualenv, install, fetch the default model, serve it on http://HOST:PORT
 #   make test  - install the test extras, lint, run the test suite
+# (make chat answers one chat prompt without a server.)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
+HOST ?= 127.0.0.1
+PORT ?= 30000
 
-.PHONY: run test lint model install clean
+.PHONY: run chat test lint model install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +29,9 @@ model: $(VENV)/.installed
 	$(BIN)/python -m engine.loader.hub
 
 run: model
+	$(BIN)/engine serve --host $(HOST) --port $(PORT)
+
+chat: model
 	$(BIN)/engine generate --chat "$(PROMPT)"
 
 lint: $(VENV)/.installed-test

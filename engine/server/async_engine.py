@@ -1,0 +1,298 @@
+"""The engine on its own thread, and the asyncio side that talks to it.
+
+One thread owns the Engine: it alone calls add_request / step / abort and reads the
+scheduler. The event loop sends it commands through a thread-safe queue; it answers with
+`loop.call_soon_threadsafe`, carrying immutable deltas (the engine's RequestOutputs are
+cumulative and mutated in place, so they never cross threads). Tokenization and chat
+templates run on the HTTP side; the only text work here is the engine's incremental
+detokenization, which stop strings need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.core.scheduler import SchedulerStats
+from engine.engine import Engine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.server.metrics import ServerMetrics
+from engine.server.requests import ChoiceDelta, Delta, EngineDeadError, QueueFullError, RequestGroup
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5
+"""How long the idle engine thread waits for a command before checking its timers."""
+
+
+@dataclasses.dataclass
+class _Track:
+    """Engine-thread bookkeeping of one engine request: what its consumer has been sent."""
+
+    group: RequestGroup
+    index: int
+    sent: list[list[int]]  # per choice: [text chars, tokens, finish sent (0/1)]
+    last_token: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, metrics: ServerMetrics,
+                 *, max_queued_requests: int | None = None, log_interval: float = 10.0,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
+        self.loop, self.metrics, self.on_death = loop, metrics, on_death
+        self._engine = engine
+        running = engine.scheduler.config.max_running_requests
+        self._capacity = None if max_queued_requests is None else running + max_queued_requests
+        self._inflight = 0  # event-loop side: sequences of open groups
+        self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.dead = False
+        self.stats: SchedulerStats = engine.scheduler.stats()
+        """Snapshot taken by the engine thread after every step (read it, never the engine)."""
+        # Engine-thread state.
+        self._tracks: dict[str, _Track] = {}
+        self._groups: dict[str, RequestGroup] = {}
+        self._log_interval = log_interval
+        self._log_at, self._log_gen, self._log_computed = time.monotonic(), 0, 0
+        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # -- event-loop side -----------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    async def submit(self, gid: str, prompts: list[list[int]], params: SamplingParams,
+                     arrival: float | None = None) -> RequestGroup:
+        """Queue one request per prompt; returns once the engine accepted all of them.
+        Raises ValueError (the engine's validation), QueueFullError or EngineDeadError."""
+        self._check_alive()
+        group = RequestGroup(self.loop, gid, prompts, params, arrival or time.monotonic(),
+                             self._release)
+        if self._capacity is not None and self._inflight + group.size > self._capacity:
+            raise QueueFullError(f"the server is at capacity ({self._capacity} sequences running "
+                                 "or queued); retry later")
+        self._inflight += group.size
+        self._send("add", group)
+        try:
+            if self.dead:  # died after the check: nobody may read the command
+                group._fail(EngineDeadError("the engine is not running"))
+            await group.accepted
+        except BaseException:
+            group.close()
+            raise
+        return group
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread, between steps."""
+        self._check_alive()
+        fut = self.loop.create_future()
+        self._send("call", (fn, fut))
+        if self.dead:
+            _resolve(fut, None, EngineDeadError("the engine is not running"))
+        return await fut
+
+    def abort(self, gid: str) -> None:
+        """Abort a request by id; its consumer gets finish_reason 'abort'. Any thread."""
+        self._send("abort", (gid, True))
+
+    def abort_all(self) -> None:
+        """Abort every request (the drain deadline). Any thread."""
+        self._send("abort_all", None)
+
+    def stop(self, timeout: float) -> bool:
+        """Abort everything and end the thread; False if it did not end in time."""
+        self._send("stop", None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise EngineDeadError("the engine is not running")
+
+    def _send(self, kind: str, arg: Any) -> None:
+        self._cmds.put((kind, arg))
+
+    def _release(self, group: RequestGroup, abort: bool) -> None:
+        self._inflight -= group.size
+        if abort:
+            self._send("abort", (group, False))
+
+    # -- engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._serve_commands():
+                if self._engine.has_unfinished():
+                    self._deliver(self._engine.step())
+                self.stats = self._engine.scheduler.stats()
+                self._maybe_log()
+        except Exception as e:
+            self._die(e)
+
+    def _serve_commands(self) -> bool:
+        """Apply queued commands (waiting for one while idle); False on stop."""
+        block = not self._engine.has_unfinished()
+        while True:
+            try:
+                kind, arg = self._cmds.get(timeout=IDLE_POLL_S) if block else \
+                    self._cmds.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                self._abort_all()
+                return False
+            self._handlers[kind](self, arg)
+
+    def _on_add(self, group: RequestGroup) -> None:
+        added: list[str] = []
+        try:
+            for eid, ids in zip(group.engine_ids, group.prompts, strict=True):
+                self._engine.add_request(ids, group.params, request_id=eid)
+                added.append(eid)
+        except Exception as e:  # ValueError: the client's (400); anything else: a bug (500)
+            if not isinstance(e, ValueError):
+                log.exception("add_request failed")
+            for eid in added:
+                self._engine.abort(eid)
+            self._post(group._fail, e)
+            return
+        for i, eid in enumerate(group.engine_ids):
+            self._tracks[eid] = _Track(group, i, [[0, 0, 0] for _ in range(group.params.n)])
+        self._groups[group.gid] = group
+        self.metrics.add_prompt_tokens(sum(len(p) for p in group.prompts))
+        self._post(group._accept)
+
+    def _on_abort(self, arg: tuple[RequestGroup | str, bool]) -> None:
+        target, notify = arg
+        gid = target if isinstance(target, str) else target.gid
+        group = self._groups.get(gid)
+        if group is None or (group is not target and not isinstance(target, str)):
+            return
+        del self._groups[gid]
+        now, deltas = time.monotonic(), []
+        for eid in group.engine_ids:
+            out, track = self._engine.abort(eid), self._tracks.pop(eid, None)
+            if out is not None and track is not None:  # counted in the metrics either way
+                deltas.append((group, self._delta(track, out, now)))
+        if notify and deltas:
+            self._post(_put_all, deltas)
+
+    def _on_abort_all(self, _: None) -> None:
+        self._abort_all()
+
+    def _abort_all(self) -> None:
+        for gid in list(self._groups):
+            self._on_abort((gid, True))
+
+    def _on_call(self, arg: tuple[Callable[[Engine], Any], asyncio.Future]) -> None:
+        fn, fut = arg
+        try:
+            self._post(_resolve, fut, fn(self._engine), None)
+        except Exception as e:
+            self._post(_resolve, fut, None, e)
+
+    _handlers: dict[str, Callable[[AsyncEngine, Any], None]] = {
+        "add": _on_add, "abort": _on_abort, "abort_all": _on_abort_all, "call": _on_call}
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now, deltas = time.monotonic(), []
+        for out in outputs:
+            track = self._tracks.get(out.request_id)
+            if track is None:
+                continue
+            deltas.append((track.group, self._delta(track, out, now)))
+            if out.finished:
+                del self._tracks[out.request_id]
+                group = track.group
+                if not any(eid in self._tracks for eid in group.engine_ids):
+                    self._groups.pop(group.gid, None)
+        if deltas:
+            self._post(_put_all, deltas)
+
+    def _delta(self, track: _Track, out: RequestOutput, now: float) -> Delta:
+        choices, new_tokens = [], 0
+        for c in out.outputs:
+            sent = track.sent[c.index]
+            if sent[2] or (len(c.token_ids) == sent[1] and c.finish_reason is None):
+                continue
+            toks = c.token_ids[sent[1]:]
+            lps = c.logprobs[sent[1]:] if c.logprobs is not None else None
+            choices.append(ChoiceDelta(c.index, c.text[sent[0]:], toks, lps, c.finish_reason,
+                                       c.stop_reason))
+            sent[:] = [len(c.text), len(c.token_ids), c.finish_reason is not None]
+            new_tokens += len(toks)
+            if c.finish_reason is not None:
+                self.metrics.request_finished(c.finish_reason)
+        if new_tokens:
+            self.metrics.add_generation_tokens(new_tokens)
+            self._log_gen += new_tokens
+            if track.last_token is None:
+                self.metrics.ttft.observe(now - track.group.arrival)
+            else:
+                self.metrics.itl.observe(now - track.last_token)
+            track.last_token = now
+        if out.finished:
+            self.metrics.e2e.observe(now - track.group.arrival)
+        return Delta(track.index, len(out.prompt_token_ids), out.num_cached_tokens, choices,
+                     out.finished)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+            pass
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("the engine loop died: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        self.dead = True  # before draining: a submit that misses the drain sees it
+        err = EngineDeadError(f"the engine died ({type(exc).__name__}: {exc})")
+        for group in self._groups.values():
+            self._post(group._fail, err)
+        self._groups.clear()
+        self._tracks.clear()
+        while True:
+            try:
+                kind, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._post(arg._fail, err)
+            elif kind == "call":
+                self._post(_resolve, arg[1], None, err)
+        if self.on_death is not None:
+            self.on_death(exc)
+
+    def _maybe_log(self) -> None:
+        """One status line every log_interval seconds while there is anything to say."""
+        now = time.monotonic()
+        dt = now - self._log_at
+        if self._log_interval <= 0 or dt < self._log_interval:
+            return
+        s = self.stats
+        prefill = max(0, s.num_computed_tokens - self._log_computed - self._log_gen)
+        if s.num_running or s.num_waiting or self._log_gen or prefill:
+            log.info("running: %d reqs, waiting: %d reqs, KV cache usage: %.1f%%, prefix cache "
+                     "hit rate: %.1f%%, prompt throughput: %.1f tokens/s, generation "
+                     "throughput: %.1f tokens/s", s.num_running, s.num_waiting,
+                     100 * s.kv_usage, 100 * s.prefix_hit_rate, prefill / dt, self._log_gen / dt)
+        self._log_at, self._log_gen, self._log_computed = now, 0, s.num_computed_tokens
+
+
+def _put_all(deltas: list[tuple[RequestGroup, Delta]]) -> None:
+    for group, delta in deltas:
+        if not group._closed:
+            group._queue.put_nowait(delta)
+
+
+def _resolve(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)

@@ -1,0 +1,116 @@
+"""`engine serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+Importing this module needs neither FastAPI nor uvicorn: engine.cli registers the subcommand
+on every run, and they are imported only when the server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    from engine.cli import add_engine_args
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                       description="Serve the model over HTTP: /v1/chat/completions, "
+                       "/v1/completions, /generate, /v1/models, /health, /metrics, ... "
+                       "Precedence of engine options: CLI > --config file > defaults.")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                   help="HF directory, .gguf file or alias (same as --model)")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (all routes but /health)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: MODEL, or the default alias)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="sequences that may wait beyond --max-running-requests; more get a "
+                   "503 at once (default: no limit)")
+    p.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                   help="larger request bodies get a 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may finish before an abort")
+    p.add_argument("--log-interval", type=float, default=10.0,
+                   help="seconds between status lines in the log (0: none)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.cli import ENGINE_OPTIONS
+    from engine.config import EngineConfig
+    from engine.llm import default_preset
+    from engine.loader.hub import DEFAULT_MODEL
+    from engine.server.api import ServerOptions
+
+    if args.model_path and args.model and args.model_path != args.model:
+        raise ValueError(f"two models given: {args.model_path} and --model {args.model}")
+    model = args.model_path or args.model
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    config = EngineConfig.build(args.config or default_preset(args.backend), model=model,
+                                backend=None if args.backend == "auto" else args.backend,
+                                **opts)
+    options = ServerOptions(
+        host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name or model or DEFAULT_MODEL,
+        max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout, log_interval=args.log_interval)
+    return serve(config, options)
+
+
+def serve(config: Any, options: Any) -> int:
+    """Run until SIGTERM/SIGINT (exit 0 after the drain) or a fatal error (exit 1)."""
+    try:
+        import uvicorn
+
+        from engine.server.api import ServerState, create_app
+    except ImportError as e:
+        raise ValueError(f"engine serve needs FastAPI and uvicorn ({e}): "
+                         "pip install fastapi uvicorn") from None
+
+    timers: list[threading.Timer] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:  # first signal: drain, with a deadline
+                log.info("shutting down: in-flight requests may finish for %.0fs",
+                         options.shutdown_timeout)
+                timers.append(threading.Timer(options.shutdown_timeout, state.abort_all))
+                timers[-1].daemon = True
+                timers[-1].start()
+            super().handle_exit(sig, frame)
+
+    def request_exit() -> None:
+        server.should_exit = True
+
+    state = ServerState(config, options, request_exit)
+    server = Server(uvicorn.Config(
+        create_app(state), host=options.host, port=options.port, log_config=None,
+        # Backstop only: at the deadline the requests are aborted and their responses end.
+        timeout_graceful_shutdown=options.shutdown_timeout + 5))
+    # uvicorn re-raises the signal it handled once it has shut down; with a no-op handler
+    # installed first, that returns here and the exit status stays ours.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    for t in timers:
+        t.cancel()
+    code = state.exit_code
+    alive = [t.name for t in (state.loader, state.aeng and state.aeng.thread) if t and
+             t.is_alive()]
+    if alive:  # a thread stuck in the loader or a device call: do not wait for it
+        log.warning("exiting with %s still running", ", ".join(alive))
+        logging.shutdown()
+        os._exit(code)
+    log.info("server stopped")
+    return code

@@ -1,0 +1,251 @@
+"""Request bodies of the HTTP API (pydantic), their errors, and their SamplingParams.
+
+Unknown fields are ignored, as OpenAI does, except features we do not implement yet
+(`UNSUPPORTED`): those are a 400, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.sampling_params import SamplingParams
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 500: "internal_server_error",
+               503: "service_unavailable_error"}
+MAX_N = 128
+"""Largest `n` (OpenAI's limit)."""
+
+
+class ApiError(Exception):
+    """An error the client caused or can act on; rendered as the OpenAI error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def _given(v: Any) -> bool:
+    return v not in (None, False, "", [], {})
+
+
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "response_format": lambda v: _given(v) and not (isinstance(v, dict)
+                                                     and v.get("type") == "text"),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "function_call": lambda v: v not in (None, "none"),
+    "best_of": lambda v: v not in (None, 1),
+    **{k: _given for k in ("tools", "functions", "regex", "json_schema", "ebnf",
+                           "structural_tag", "guided_json", "guided_regex", "guided_choice",
+                           "guided_grammar", "structured_outputs", "prompt_logprobs", "echo",
+                           "suffix")},
+}
+"""Field -> whether its value asks for something we do not implement yet."""
+
+
+def check_supported(body: dict[str, Any], where: str = "") -> None:
+    for key, asks in UNSUPPORTED.items():
+        if key in body and asks(body[key]):
+            raise ApiError(400, f"'{where}{key}' is not supported yet", f"{where}{key}",
+                           "unsupported_parameter")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class _Sampling(_Body):
+    """Fields chat and completions share, including the vLLM/SGLang extras."""
+
+    model: str | None = None
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+
+
+class GenerateRequest(_Body):
+    """SGLang's native /generate body."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | None = None
+    stream: bool | None = False
+    rid: str | None = None
+
+
+def parse(model: type[_Body], body: dict[str, Any]) -> Any:
+    """Validate a JSON body into `model`; errors are a 400 naming the field."""
+    check_supported(body)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages as the chat template wants them: role and string content."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.tool_calls:
+            raise ApiError(400, "'tool_calls' in messages are not supported yet",
+                           f"messages.{i}.tool_calls", "unsupported_parameter")
+        content = m.content
+        if isinstance(content, list):
+            kinds = {p.type for p in content} - {"text"}
+            if kinds:
+                raise ApiError(400, f"content parts of type {sorted(kinds)} are not supported "
+                               "yet", f"messages.{i}.content", "unsupported_parameter")
+            content = "\n".join(p.text or "" for p in content)
+        out.append({"role": m.role, "content": content or ""})
+    if not out:
+        raise ApiError(400, "messages must not be empty", "messages")
+    return out
+
+
+def chat_params(req: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "logprobs must be true when top_logprobs is set", "top_logprobs")
+    max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    return make_params(
+        _common(req) | dict(max_tokens=getattr(req, max_name),
+                            logprobs=(req.top_logprobs or 0) if req.logprobs else None),
+        vocab_size, {"max_tokens": max_name, "logprobs": "top_logprobs"})
+
+
+def completion_params(req: CompletionRequest, vocab_size: int) -> SamplingParams:
+    return make_params(_common(req) | dict(max_tokens=req.max_tokens, logprobs=req.logprobs),
+                       vocab_size, {})
+
+
+def _common(req: _Sampling) -> dict[str, Any]:
+    return dict(n=req.n, temperature=req.temperature, top_p=req.top_p, stop=req.stop,
+                seed=req.seed, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias,
+                top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+                stop_token_ids=req.stop_token_ids, skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output)
+
+
+NATIVE_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                "sampling_seed": "seed"}
+"""SGLang's sampling parameter names that differ from ours (ours are accepted too)."""
+
+
+def native_params(raw: dict[str, Any] | None, vocab_size: int) -> SamplingParams:
+    raw = dict(raw or {})
+    check_supported(raw, "sampling_params.")
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    kwargs: dict[str, Any] = {"max_tokens": 128}
+    for key, value in raw.items():
+        name = NATIVE_NAMES.get(key, key)
+        if name not in fields:
+            raise ApiError(400, f"unknown sampling parameter {key!r}", f"sampling_params.{key}")
+        kwargs[name] = value
+    back = {v: f"sampling_params.{k}" for k, v in NATIVE_NAMES.items() if k in raw}
+    return make_params(kwargs, vocab_size, back, prefix="sampling_params.")
+
+
+def make_params(kwargs: dict[str, Any], vocab_size: int, names: dict[str, str],
+                prefix: str = "") -> SamplingParams:
+    """SamplingParams from API values (None: our default); ValueError -> 400 on the field,
+    named as the API names it (`names` maps ours to theirs)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    param = lambda field: names.get(field, prefix + field)
+    n = kwargs.get("n", 1)
+    if isinstance(n, int) and n > MAX_N:
+        raise ApiError(400, f"n must be at most {MAX_N}, got {kwargs['n']}", param("n"))
+    bias = kwargs.get("logit_bias")
+    if bias is not None:
+        kwargs["logit_bias"] = _token_bias(bias, vocab_size, param("logit_bias"))
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        field = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param(field) if field in _FIELDS else None) from None
+
+
+_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def _token_bias(bias: dict[Any, Any], vocab_size: int, param: str) -> dict[int, float]:
+    out = {}
+    for key, value in bias.items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param) from None
+        if not 0 <= tok < vocab_size:
+            raise ApiError(400, f"logit_bias token {tok} is outside the vocabulary "
+                           f"[0, {vocab_size})", param)
+        if not isinstance(value, int | float):
+            raise ApiError(400, f"logit_bias values must be numbers, got {value!r}", param)
+        out[tok] = float(value)
+    return out
+

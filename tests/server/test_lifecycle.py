@@ -1,0 +1,95 @@
+"""Process lifecycle, each test on its own server: SIGTERM drains, and the engine dying."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import MODEL, SMALL, ServerProcess, pid_alive, running_server, sse_events
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+DRAIN_S = 5.0
+CRASH_TOKEN = 31337
+# Test hook, in the test only: the server process runs this before `engine.cli.main`, so a
+# batch holding a prompt with CRASH_TOKEN fails like a device error would.
+FAULTY_DEVICE = f"""
+import engine.runner
+_execute = engine.runner.ModelRunner.execute
+def _execute_or_fail(self, batch):
+    if any({CRASH_TOKEN} in s.request.prompt_token_ids for s in batch.seqs):
+        raise RuntimeError("injected device failure")
+    return _execute(self, batch)
+engine.runner.ModelRunner.execute = _execute_or_fail
+"""
+
+
+def _stream(http: httpx.Client, max_tokens: int):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    return http.stream("POST", "/v1/completions", json=body)
+
+
+def _first_event(lines) -> dict:
+    return json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+
+
+def test_sigterm_drains_then_aborts_at_the_deadline(default_gguf, tmp_path) -> None:
+    with running_server(tmp_path, [*SMALL, "--shutdown-timeout", str(DRAIN_S)]) as server:
+        children = server.children()
+        with httpx.Client(base_url=server.url, timeout=120) as http, \
+                _stream(http, 4) as short, _stream(http, 3000) as long:
+            short_lines, long_lines = short.iter_lines(), long.iter_lines()
+            first = [_first_event(short_lines), _first_event(long_lines)]  # both running
+            t0 = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(httpx.ConnectError):  # no new connections while draining
+                httpx.get(f"{server.url}/health", timeout=5)
+            short_events, long_events = sse_events(short_lines), sse_events(long_lines)
+        assert server.proc.wait(DRAIN_S + 30) == 0
+        assert time.monotonic() - t0 < DRAIN_S + 30
+    assert not [p for p in children if pid_alive(p)]
+    # The short request finished normally during the drain; the long one was aborted at
+    # the deadline and still got its last event, usage and [DONE].
+    for events, reason in ((short_events, "length"), (long_events, "abort")):
+        finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+        assert finishes == [reason]
+    assert short_events[-1]["usage"]["completion_tokens"] == 4
+    assert 1 <= long_events[-1]["usage"]["completion_tokens"] < 3000
+    assert first[0]["choices"][0]["finish_reason"] is None
+
+
+def test_engine_death_fails_requests_and_exits_nonzero(default_gguf, tmp_path) -> None:
+    server = ServerProcess(tmp_path / "dying.log", SMALL, preamble=FAULTY_DEVICE)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as http, _stream(http, 3000) as s:
+            lines = s.iter_lines()
+            _first_event(lines)  # in flight when the engine dies
+            r = http.post("/generate", json={"input_ids": [1, CRASH_TOKEN, 2],
+                                             "sampling_params": {"max_new_tokens": 4}})
+            assert r.status_code == 503 and "engine died" in r.json()["error"]["message"]
+            assert http.get("/health").status_code == 503
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+            assert r.status_code == 503 and set(r.json()["error"]) >= {"message", "type"}
+            events = sse_events(lines)  # an error event, then [DONE]
+        assert "engine died" in events[-1]["error"]["message"]
+        assert server.proc.wait(30) == 1
+        assert "injected device failure" in server.log_tail(200)
+    finally:
+        server.stop()
+
+
+def test_load_failure_exits_nonzero(tmp_path) -> None:
+    server = ServerProcess(tmp_path / "bad.log", [str(tmp_path / "missing.gguf"), *SMALL])
+    try:
+        assert server.proc.wait(120) == 1
+        assert "loading the model failed" in server.log_tail(200)
+    finally:
+        server.stop()
