@@ -17,5 +17,5 @@ if [[ $what == latency || $what == all ]]; then
   python3 -m engine.cli bench latency --backend cuda --load-format dummy --model llama-3.1-8b \
     --batch-size $BATCHES --input-len ${INPUT_LEN:-1024} --output-len ${OUTPUT_LEN:-32} \
     --max-total-tokens ${MAX_TOTAL_TOKENS:-300000} --output-json "$OUT/latency.json" 2>&1 \
-    | grep -v "^{" | tee "$OUT/latency.txt" | tail -12
+    | grep -v -E "INFO|Warning|warn" | tee "$OUT/latency.txt"
 fi

@@ -50,20 +50,19 @@ def cmd_offline(args: argparse.Namespace) -> int:
 def cmd_latency(args: argparse.Namespace) -> int:
     import json
 
-    from engine.bench.latency import copy_bandwidth, measure, report
+    from engine.bench.latency import HEADER, copy_bandwidth, measure, row_line
     from engine.cli import make_llm
 
     llm = make_llm(args)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s\n{HEADER}", flush=True)
     rows = []
     for b in args.batch_size:
-        measure(llm, b, args.input_len, 4)  # warm-up: compiles this batch's shapes
         rows.append(measure(llm, b, args.input_len, args.output_len))
-        print(rows[-1], flush=True)
-    bw = copy_bandwidth()
-    print(report(rows, bw))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=2)
+        print(row_line(rows[-1], bw), flush=True)
+        if args.output_json:  # rewritten after every row: a cut-off run keeps what it had
+            with open(args.output_json, "w") as f:
+                json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=2)
     return 0
 
 

@@ -32,26 +32,37 @@ def param_bytes(params) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
-def measure(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
-    """Prefill `batch` prompts of `input_len` tokens, then time `output_len` decode steps."""
-    eng = llm.engine
-    cfg = llm.model_config
-    rng = np.random.default_rng(seed)
-    sp = SamplingParams(max_tokens=output_len + 2, temperature=0.0, ignore_eos=True)
+def _prefill(eng, batch: int, input_len: int, max_tokens: int, rng) -> tuple[set, float]:
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     eng.scheduler.flush_cache()
-    pending = {eng.add_request(rng.integers(10, cfg.vocab_size // 2, size=input_len).tolist(),
-                               sp) for _ in range(batch)}
+    vocab = eng.vocab_size
+    ids = {eng.add_request(rng.integers(10, vocab // 2, size=input_len).tolist(), sp)
+           for _ in range(batch)}
+    pending = set(ids)
     t0 = time.perf_counter()
     while pending:  # until every request has its first token
         pending -= {o.request_id for o in eng.step()}
-    prefill = time.perf_counter() - t0
+    return ids, time.perf_counter() - t0
+
+
+def measure(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    """Prefill `batch` prompts of `input_len` tokens, then time `output_len` decode steps.
+    A first untimed prefill (then aborted) and 3 untimed decode steps compile the shapes."""
+    eng = llm.engine
+    cfg = llm.model_config
+    rng = np.random.default_rng(seed)
+    for rid in _prefill(eng, batch, input_len, 2, rng)[0]:
+        eng.abort(rid)
+    ids, prefill = _prefill(eng, batch, input_len, output_len + 5, rng)
+    for _ in range(3):
+        eng.step()
     times = []
     for _ in range(output_len):
         t = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t)
-    while eng.has_unfinished():
-        eng.step()
+    for rid in ids:
+        eng.abort(rid)
     step = statistics.median(times)
     kv_read = batch * (input_len + output_len // 2) * 2 * cfg.num_layers * cfg.num_kv_heads \
         * cfg.head_dim * jnp.dtype(eng.runner.kv[0][0].dtype).itemsize
@@ -60,14 +71,14 @@ def measure(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> 
             "kv_bytes_read": kv_read, "weight_bytes": param_bytes(eng.runner.params)}
 
 
-def report(rows: list[dict], bandwidth: float) -> str:
-    lines = [f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s",
-             f"{'batch':>6} {'ctx':>6} {'prefill ms':>11} {'step ms':>9} {'roofline ms':>12} "
-             f"{'x roofline':>10} {'tok/s':>9}"]
-    for r in rows:
-        roof = (r["weight_bytes"] + r["kv_bytes_read"]) / bandwidth
-        r["roofline_s"] = roof
-        lines.append(f"{r['batch']:>6} {r['input_len']:>6} {r['prefill_s'] * 1e3:>11.1f} "
-                     f"{r['decode_step_s'] * 1e3:>9.2f} {roof * 1e3:>12.2f} "
-                     f"{r['decode_step_s'] / roof:>10.2f} {r['batch'] / r['decode_step_s']:>9.1f}")
-    return "\n".join(lines)
+HEADER = (f"{'batch':>6} {'ctx':>6} {'prefill ms':>11} {'prefill tok/s':>13} {'step ms':>9} "
+          f"{'roofline ms':>12} {'x roofline':>10} {'tok/s':>9}")
+
+
+def row_line(r: dict, bandwidth: float) -> str:
+    roof = (r["weight_bytes"] + r["kv_bytes_read"]) / bandwidth
+    r["roofline_s"] = roof
+    return (f"{r['batch']:>6} {r['input_len']:>6} {r['prefill_s'] * 1e3:>11.1f} "
+            f"{r['batch'] * r['input_len'] / r['prefill_s']:>13.0f} "
+            f"{r['decode_step_s'] * 1e3:>9.2f} {roof * 1e3:>12.2f} "
+            f"{r['decode_step_s'] / roof:>10.2f} {r['batch'] / r['decode_step_s']:>9.1f}")
