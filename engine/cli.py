@@ -94,5 +94,9 @@ from engine.bench.cli import register_bench  # noqa: E402
 
 EXTRA_COMMANDS.append(register_bench)
 
+from engine.precompile import register_precompile  # noqa: E402
+
+EXTRA_COMMANDS.append(register_precompile)
+
 if __name__ == "__main__":
     sys.exit(main())

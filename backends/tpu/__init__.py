@@ -1,0 +1,1 @@
+"""TPU backend: Pallas ragged paged attention (see docs/tpu.md)."""

@@ -1,0 +1,233 @@
+"""Precompile the step's bucket grid into the persistent compilation cache.
+
+    python -m engine.precompile --config tpu-v6e --model llama-3.1-8b --load-format dummy \
+        --max-total-tokens 262144 [--target v6e]
+
+Builds the runner's own step (engine.runner.make_step) over abstract weights and KV cache
+(jax.eval_shape: nothing is allocated, no checkpoint is read) and lowers and compiles it for
+every reachable (tokens, sequences, pages) bucket, printing the time of each and the total.
+The programs land in the persistent cache ($ENGINE_CACHE_DIR/xla), where a later
+`engine serve` / LLM(...) with the same options finds them.
+
+`--target v5e|v6e` compiles for that TPU from a host without one (compile-only, through
+libtpu's TPU compiler; libtpu must be importable). The KV pool size is part of every
+program: pass the same --max-total-tokens to precompile and to serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.attention import AttentionMetadata
+from engine.backend import Backend, get_backend
+from engine.compile import Buckets, enable_persistent_cache
+from engine.config import EngineConfig
+from engine.envs import cache_dir
+from engine.model.config import ModelConfig
+from engine.model.presets import preset_config
+from engine.model.weights import random_params
+from engine.runner import make_step
+from engine.sampler import SamplingMode, SamplingTensors
+
+log = logging.getLogger(__name__)
+
+HBM_BYTES = {"v5e": 16 * 2**30, "v6e": 32 * 2**30}
+"""HBM of one chip, for sizing the KV pool when compiling for a TPU that is not here."""
+HBM_USABLE = 0.95  # share of HBM that XLA reports as its limit (approximately)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketTime:
+    tokens: int
+    seqs: int
+    pages: int
+    decode_only: bool
+    lower_s: float
+    """Trace + lower to StableHLO (including the Pallas kernel's Mosaic lowering)."""
+    compile_s: float
+    """XLA compile, or the persistent-cache load when warm."""
+
+
+def reachable(buckets: Buckets) -> list[tuple[int, int, int, bool]]:
+    """(tokens, seqs, pages, decode_only) programs a batch can need. A sequence brings at
+    least one token, so the sequence bucket's smallest member (the previous bucket + 1) must
+    fit in the token bucket; a decode-only step (n tokens for n sequences) is a separate
+    program where some n rounds up to both buckets."""
+    out = []
+    for t in buckets.tokens:
+        for s in buckets.seqs:
+            if _lowest(s, buckets.seqs) > t:
+                continue
+            both = max(_lowest(t, buckets.tokens), _lowest(s, buckets.seqs)) <= min(t, s)
+            for decode_only in (False, True) if both else (False,):
+                out.extend((t, s, p, decode_only) for p in buckets.pages)
+    return out
+
+
+def _lowest(b: int, buckets: tuple[int, ...]) -> int:
+    """Smallest count that rounds up to bucket b."""
+    i = buckets.index(b)
+    return buckets[i - 1] + 1 if i else 1
+
+
+def model_config(config: EngineConfig) -> ModelConfig:
+    """The model's shape without reading weights: a known shape name or a config.json."""
+    name = config.model.model or ""
+    cfg = preset_config(name)
+    if cfg is not None:
+        return cfg
+    path = Path(name)
+    path = path / "config.json" if path.is_dir() else path
+    if path.name != "config.json" or not path.exists():
+        raise ValueError(f"precompile needs a known shape name or an HF folder with "
+                         f"config.json, got {name!r}")
+    return ModelConfig.from_json(path)
+
+
+def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
+                   mode: SamplingMode, sharding: Any) -> tuple:
+    """ShapeDtypeStructs of (tokens, md, logits_idx, st) as ModelRunner.prepare makes them."""
+    i32 = np.int32
+    md = AttentionMetadata(
+        positions=np.zeros(t, i32), slot_mapping=np.zeros(t, i32), token_seq=np.zeros(t, i32),
+        query_start=np.zeros(s + 1, i32), seq_lens=np.zeros(s, i32),
+        page_table=np.zeros((s, p), i32), num_tokens=i32(0), page_size=page,
+        decode_only=decode_only)
+    st = SamplingTensors.from_rows([], vocab, pad_to=s, mode=mode)
+    concrete = (np.zeros(t, i32), md, np.zeros(s, i32), st)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                       sharding=sharding), concrete)
+
+
+def kv_num_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, dtype: jnp.dtype,
+                 param_bytes: int, target: str | None) -> int:
+    """The builder's pool size: explicit max_total_tokens, else free memory after weights."""
+    page = config.cache.page_size
+    if config.cache.max_total_tokens is not None:
+        return -(-config.cache.max_total_tokens // page)
+    free = (int(HBM_BYTES[target] * HBM_USABLE) if target
+            else backend.memory_info().free_bytes) - param_bytes
+    per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    if free < per_page:
+        where = f"one {target} chip" if target else "this device"
+        raise ValueError(f"the weights ({param_bytes / 2**30:.1f} GiB) leave no room for a KV "
+                         f"cache on {where}")
+    log.warning("no --max-total-tokens: pool sized from memory; serve must end up with the "
+                "same pool for these programs to be used")
+    return max(1, int(free * config.cache.kv_memory_fraction // per_page))
+
+
+def target_sharding(target: str | None) -> Any:
+    if target is None:
+        return None
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(f"{target}:1x1", "tpu", chips_per_host_bounds=(1, 1, 1))
+    return jax.sharding.SingleDeviceSharding(topo.devices[0])
+
+
+def precompile(config: EngineConfig, *, target: str | None = None, limit: int | None = None,
+               modes: tuple[SamplingMode, ...] = (SamplingMode(),)) -> list[BucketTime]:
+    """Lower and compile the step for every reachable bucket (the first `limit` if given)."""
+    options = dict(config.backend.options)
+    if target is not None:
+        if config.backend.name != "tpu":
+            raise ValueError(f"--target {target} compiles for a TPU: use --backend tpu")
+        options.update(interpret=False, chip=target)
+    backend = get_backend(config.backend.name, options)
+    caps = backend.capabilities
+    dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
+    scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
+    cfg = model_config(config)
+    sharding = target_sharding(target)
+    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    params = jax.tree.map(sds, jax.eval_shape(
+        lambda: random_params(cfg, dtype, scan=scan, seed=0)))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    num_pages = kv_num_pages(config, cfg, backend, dtype, param_bytes, target)
+    page = config.cache.page_size
+    kv = jax.tree.map(sds, jax.eval_shape(
+        lambda: backend.allocate_kv(cfg, num_pages, page, dtype, scan=scan)))
+    max_len = min(cfg.max_position_embeddings, num_pages * page,
+                  config.model.max_model_len or cfg.max_position_embeddings)
+    s = config.scheduler
+    buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page))
+    grid = reachable(buckets)[:limit]
+    log.info("%s on %s: %d pages x %d, max_model_len %d, %d buckets x %d sampling modes",
+             config.model.model, target or backend.name, num_pages, page, max_len, len(grid),
+             len(modes))
+    step = make_step(cfg, backend)
+    times = []
+    for mode in modes:
+        for t, n, p, dec in grid:
+            batch = abstract_batch(t, n, p, dec, page, cfg.vocab_size, mode, sharding)
+            t0 = time.perf_counter()
+            lowered = step.trace(params, kv, *batch, mode).lower()
+            t1 = time.perf_counter()
+            lowered.compile()
+            t2 = time.perf_counter()
+            times.append(BucketTime(t, n, p, dec, t1 - t0, t2 - t1))
+            print(f"tokens={t:5d} seqs={n:4d} pages={p:5d} decode_only={dec:d} "
+                  f"lower={t1 - t0:7.2f}s compile={t2 - t1:7.2f}s", flush=True)
+    return times
+
+
+def add_precompile_args(p: argparse.ArgumentParser) -> None:
+    from engine.cli import add_engine_args
+
+    add_engine_args(p)
+    p.add_argument("--target", choices=sorted(HBM_BYTES), default=None,
+                   help="compile for this TPU from a host without one (needs libtpu)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N buckets")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="persistent compilation cache (default $ENGINE_CACHE_DIR/xla)")
+
+
+def cmd_precompile(args: argparse.Namespace) -> int:
+    from engine.cli import ENGINE_OPTIONS
+    from engine.llm import default_preset
+
+    opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    backend = args.backend if args.backend != "auto" else None
+    config_file = args.config or default_preset(args.backend)
+    config = EngineConfig.build(config_file, model=args.model, backend=backend, **opts)
+    enable_persistent_cache(args.cache_dir or cache_dir() / "xla")
+    t0 = time.perf_counter()
+    times = precompile(config, target=args.target, limit=args.limit)
+    total = time.perf_counter() - t0
+    lower, comp = sum(b.lower_s for b in times), sum(b.compile_s for b in times)
+    print(f"{len(times)} programs: lower {lower:.1f}s + compile {comp:.1f}s; "
+          f"total {total:.1f}s (with setup)")
+    return 0
+
+
+def register_precompile(sub: argparse._SubParsersAction) -> None:
+    """`engine precompile ...`, for engine.cli.EXTRA_COMMANDS."""
+    p = sub.add_parser("precompile", help="compile the bucket grid into the compilation cache",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_precompile_args(p)
+    p.set_defaults(func=cmd_precompile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.precompile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_precompile_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return cmd_precompile(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
