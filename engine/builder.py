@@ -96,11 +96,12 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         page_size=page, num_pages=num_pages, max_running_requests=s.max_running_requests,
         chunked_prefill_size=s.chunked_prefill_size, schedule_policy=s.schedule_policy,
         disable_radix_cache=s.disable_radix_cache, max_model_len=max_len))
+    eos = eos_ids(cfg, loaded)
     runner = ModelRunner(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                          max_num_tokens=s.chunked_prefill_size,
                          max_num_seqs=s.max_running_requests, max_model_len=max_len,
-                         kv_dtype=dtype)
-    engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos_ids(cfg, loaded),
+                         kv_dtype=dtype, eos_token_ids=eos)
+    engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed)
     return engine, loaded
 

@@ -18,11 +18,11 @@ import numpy as np
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
 from engine.compile import Buckets
-from engine.core.request import ScheduledBatch
+from engine.core.request import Request, ScheduledBatch
 from engine.model.config import ModelConfig
 from engine.model.llama import Params, forward
 from engine.sampler import SamplingMode, SamplingRow, SamplingTensors, sample
-from engine.sampling_params import MAX_LOGPROBS
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ class ModelRunner:
     def __init__(
         self, cfg: ModelConfig, params: Params, backend: Backend, *, page_size: int,
         num_pages: int, max_num_tokens: int, max_num_seqs: int, max_model_len: int,
-        kv_dtype: jnp.dtype,
+        kv_dtype: jnp.dtype, eos_token_ids: tuple[int, ...] = (),
     ) -> None:
+        self.eos_token_ids = eos_token_ids
         self.cfg, self.params, self.backend = cfg, params, backend
         self.page_size, self.num_pages = page_size, num_pages
         scan = isinstance(params["layers"], dict)
@@ -63,6 +64,17 @@ class ModelRunner:
         self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages)
         self._step = make_step(cfg, backend)
         self.compiled_shapes: set[tuple] = set()
+
+    def _row_params(self, req: Request) -> SamplingParams:
+        """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does."""
+        p = req.params
+        if len(req.output_token_ids) >= p.min_tokens:
+            return p
+        banned = [*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)]
+        if not banned:
+            return p
+        return dataclasses.replace(p, logit_bias={**(p.logit_bias or {}),
+                                                  **{t: -100.0 for t in banned}})
 
     def prepare(self, batch: ScheduledBatch) -> tuple:
         """Host-side arrays for a batch, padded to its bucket."""
@@ -100,7 +112,7 @@ class ModelRunner:
             decode_only=n_tok == len(seqs),
         )
         rows = [
-            SamplingRow(params=sq.request.params, seed=sq.request.seed,
+            SamplingRow(params=self._row_params(sq.request), seed=sq.request.seed,
                         step=len(sq.request.output_token_ids),
                         prompt_ids=sq.request.prompt_token_ids,
                         output_ids=sq.request.output_token_ids)

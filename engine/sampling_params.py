@@ -12,7 +12,8 @@ class SamplingParams:
     max_tokens: int | None = 16
     """Tokens to generate at most; None means up to the context length."""
     min_tokens: int = 0
-    """Stop conditions other than max_tokens are ignored until this many tokens exist."""
+    """Until this many tokens exist, EOS and stop_token_ids are banned from sampling and
+    stop strings are not matched."""
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0

@@ -14,6 +14,17 @@ def test_chat_names_paris(default_llm):
     assert out.finish_reason == "stop"  # the model ends its turn with <|im_end|>
 
 
+def test_min_tokens_bans_eos_until_reached(default_llm):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    short = default_llm.chat(msgs, SamplingParams(max_tokens=40, temperature=0.0))[0]
+    assert short.finish_reason == "stop" and len(short.token_ids) < 20
+    eos = short.token_ids[-1]
+    out = default_llm.chat(msgs, SamplingParams(max_tokens=40, temperature=0.0,
+                                                min_tokens=20))[0]
+    assert len(out.token_ids) >= 20
+    assert eos not in out.token_ids[:19]
+
+
 def test_seeded_sampling_is_reproducible_across_batches(default_llm):
     sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
     alone = default_llm.generate("Tell me a story about", sp)[0]
