@@ -52,14 +52,14 @@ def tensors_of(model) -> dict[str, np.ndarray]:
 
 
 def our_logits(cfg: ModelConfig, params, ids: list[int], *, page_size: int = 4,
-               chunks: list[int] | None = None) -> np.ndarray:
+               chunks: list[int] | None = None, kv_dtype=jnp.float32) -> np.ndarray:
     """Run `ids` as one sequence through our model (optionally in prompt chunks) and
     return the logits of every position [len(ids), V]."""
     backend = CpuBackend()
     n = len(ids)
     num_pages = -(-n // page_size) + 1
     scan = isinstance(params["layers"], dict)
-    kv = backend.allocate_kv(cfg, num_pages, page_size, jnp.float32, scan=scan)
+    kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan)
     pages = np.arange(num_pages, dtype=np.int32)[None, :]
     attend = functools.partial(ragged_paged_attention, scale=cfg.head_dim**-0.5)
     fwd = jax.jit(functools.partial(forward, cfg=cfg, attend=attend))

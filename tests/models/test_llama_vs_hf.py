@@ -1,9 +1,18 @@
 """Our model's logits equal HF transformers' (torch, float32, same weights)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.models.hf_reference import TINY_CONFIGS, hf_logits, load_ours, make_hf_model, our_logits
+from engine.model.weights import params_from_hf
+from tests.models.hf_reference import (
+    TINY_CONFIGS,
+    hf_logits,
+    load_ours,
+    make_hf_model,
+    our_logits,
+    tensors_of,
+)
 
 IDS = [3, 17, 99, 254, 8, 8, 42, 1, 0, 77, 130, 5, 61, 200, 19, 23, 7, 88, 150, 31, 2]
 
@@ -25,3 +34,14 @@ def test_chunked_prefill_matches_hf(name):
     cfg, params = load_ours(model, scan=True)
     ours = our_logits(cfg, params, IDS, page_size=3, chunks=[5, 1, 9, 6])
     np.testing.assert_allclose(ours, hf_logits(model, IDS), atol=2e-4, rtol=1e-3)
+
+
+def test_bfloat16_weights_stay_close_to_hf_float32():
+    model = make_hf_model("llama3", seed=2)
+    cfg, _ = load_ours(model, scan=False)
+    params = params_from_hf(tensors_of(model), cfg, jnp.bfloat16, scan=False)
+    ref = hf_logits(model, IDS)
+    ours = our_logits(cfg, params, IDS, kv_dtype=jnp.bfloat16)
+    err = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    assert err < 3e-2, err
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
