@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @functools.partial(
@@ -53,6 +54,23 @@ class AttentionMetadata:
     @property
     def num_seqs_padded(self) -> int:
         return self.seq_lens.shape[0]
+
+    @classmethod
+    def one_sequence(cls, start: int, n: int, page_table: np.ndarray, page_size: int,
+                     num_pages: int) -> AttentionMetadata:
+        """Tokens [start, start + n) of one sequence whose pages are `page_table` [1, P]
+        (page p holds positions [p * page_size, ...)); tokens padded to a multiple of 16.
+        For references and scripts that drive the model without the scheduler."""
+        t = max(16, -(-n // 16) * 16)
+        pos = np.zeros(t, np.int32)
+        pos[:n] = np.arange(start, start + n)
+        pages = page_table[0, pos[:n] // page_size]
+        slots = np.full(t, num_pages * page_size, np.int32)
+        slots[:n] = pages * page_size + pos[:n] % page_size
+        return cls(positions=pos, slot_mapping=slots, token_seq=np.zeros(t, np.int32),
+                   query_start=np.array([0, n], np.int32),
+                   seq_lens=np.array([start + n], np.int32), page_table=page_table,
+                   num_tokens=np.int32(n), page_size=page_size, decode_only=n == 1)
 
 
 def write_kv(

@@ -65,17 +65,9 @@ def main() -> None:
     got = []
     chunks = [(0, n_prompt)] + [(n_prompt + i, 1) for i in range(n_decode)]
     for start, n in chunks:
-        t = max(16, -(-n // 16) * 16)
-        pos = np.zeros(t, np.int32)
-        pos[:n] = np.arange(start, start + n)
-        slots = np.full(t, num_pages * page, np.int32)
-        slots[:n] = pos[:n]
-        tok = np.zeros(t, np.int32)
+        md = AttentionMetadata.one_sequence(start, n, pt, page, num_pages)
+        tok = np.zeros(md.positions.shape[0], np.int32)
         tok[:n] = ids[start:start + n]
-        md = AttentionMetadata(
-            positions=pos, slot_mapping=slots, token_seq=np.zeros(t, np.int32),
-            query_start=np.array([0, n], np.int32), seq_lens=np.array([start + n], np.int32),
-            page_table=pt, num_tokens=np.int32(n), page_size=page, decode_only=n == 1)
         logits, kv = fwd(params, kv, tok, md, np.arange(n, dtype=np.int32))
         got.append(np.asarray(logits))
     got = np.concatenate(got)

@@ -65,17 +65,9 @@ def our_logits(cfg: ModelConfig, params, ids: list[int], *, page_size: int = 4,
     fwd = jax.jit(functools.partial(forward, cfg=cfg, attend=attend))
     out, start = [], 0
     for c in chunks or [n]:
-        t = -(-c // 16) * 16
-        pos = np.zeros(t, np.int32)
-        pos[:c] = np.arange(start, start + c)
-        slots = np.full(t, num_pages * page_size, np.int32)
-        slots[:c] = pos[:c]
-        tok = np.zeros(t, np.int32)
+        md = AttentionMetadata.one_sequence(start, c, pages, page_size, num_pages)
+        tok = np.zeros(md.positions.shape[0], np.int32)
         tok[:c] = ids[start:start + c]
-        md = AttentionMetadata(
-            positions=pos, slot_mapping=slots, token_seq=np.zeros(t, np.int32),
-            query_start=np.array([0, c], np.int32), seq_lens=np.array([start + c], np.int32),
-            page_table=pages, num_tokens=np.int32(c), page_size=page_size)
         logits, kv = fwd(params, kv, tok, md, np.arange(c, dtype=np.int32))
         out.append(np.asarray(logits))
         start += c
