@@ -39,23 +39,28 @@ def load_tokenizer(path: Path | str | None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def dummy_model(model: str | None, dtype: jnp.dtype, scan: bool, seed: int) -> LoadedModel:
+    """Random weights for a known shape name or a config.json (a file or its folder); the
+    folder's tokenizer is used when it has one."""
+    cfg = preset_config(model or "")
+    tokenizer = None
+    if cfg is None:
+        path = Path(model or "")
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "config.json").exists() and not path.is_file():
+            raise ValueError(f"--load-format dummy needs a config.json or a known shape name, "
+                             f"got {model!r}")
+        cfg = ModelConfig.from_json(path if path.is_file() else folder / "config.json")
+        if (folder / "tokenizer_config.json").exists():
+            tokenizer = load_tokenizer(folder)
+    params = random_params(cfg, dtype, scan=scan, seed=seed)
+    return LoadedModel(cfg, params, tokenizer, model or "dummy")
+
+
 def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: bool) -> LoadedModel:
     model = config.model.model
     if config.model.load_format == "dummy":
-        cfg = preset_config(model or "")
-        if cfg is None:
-            path = Path(model or "")
-            path = path / "config.json" if path.is_dir() else path
-            if not path.exists():
-                raise ValueError(f"--load-format dummy needs a config.json or a known shape name, "
-                                 f"got {model!r}")
-            cfg = ModelConfig.from_json(path)
-        params = random_params(cfg, dtype, scan=scan, seed=config.model.seed)
-        tok_dir = Path(model).parent if model and Path(model).is_file() else model
-        tokenizer = None
-        if tok_dir and (Path(tok_dir) / "tokenizer_config.json").exists():
-            tokenizer = load_tokenizer(tok_dir)
-        return LoadedModel(cfg, params, tokenizer, model or "dummy")
+        return dummy_model(model, dtype, scan, config.model.seed)
     from engine.loader.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(model)

@@ -1,13 +1,16 @@
-"""The `engine` command: generate, bench (and serve, once the server lands)."""
+"""The `engine` command: generate, serve, bench, precompile."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 
+from engine.bench.cli import register_bench
+from engine.loader.checkpoint import ModelLoadError
 from engine.model.config import ConfigError
+from engine.precompile import register_precompile
+from engine.server.cli import register_serve  # imports no FastAPI/uvicorn until it serves
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -67,36 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.set_defaults(func=cmd_generate)
-    for register in EXTRA_COMMANDS:
+    for register in (register_serve, register_bench, register_precompile):
         register(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     try:
         return args.func(args)
-    except (ValueError, ConfigError, FileNotFoundError) as e:
-        print(f"engine: error: {e}", file=sys.stderr)
+    except (ValueError, ConfigError, ModelLoadError, FileNotFoundError) as e:
+        print(f"engine: error: {e}", file=sys.stderr)  # one line a user can act on
         return 2
-    except Exception as e:  # loader errors carry one-line messages
-        if type(e).__name__ == "ModelLoadError":
-            print(f"engine: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
-
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-from engine.server.cli import register_serve  # noqa: E402 (imports no FastAPI/uvicorn)
-
-EXTRA_COMMANDS.append(register_serve)
-
-from engine.bench.cli import register_bench  # noqa: E402
-
-EXTRA_COMMANDS.append(register_bench)
-
-from engine.precompile import register_precompile  # noqa: E402
-
-EXTRA_COMMANDS.append(register_precompile)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,7 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self._groups: dict[str, _Group] = {}
-        self._owner: dict[str, str] = {}  # child request id -> user request id
+        self._owner: dict[str, tuple[str, int]] = {}  # child id -> (user request id, index)
         self._rng = random.Random(seed)
         self._ids = itertools.count()
 
@@ -75,9 +75,9 @@ class Engine:
         detoks = [self._detokenizer(prompt_token_ids, params) for _ in children]
         out = RequestOutput(request_id, prompt, list(prompt_token_ids),
                             [CompletionOutput(i) for i in range(params.n)])
-        for child in children:  # siblings are the same size: if one fits, all do
+        for i, child in enumerate(children):  # siblings are the same size: one fits, all do
             self.scheduler.add(child)
-            self._owner[child.request_id] = request_id
+            self._owner[child.request_id] = (request_id, i)
         self._groups[request_id] = _Group(out, children, detoks)
         return request_id
 
@@ -115,9 +115,8 @@ class Engine:
         for seq, s in zip(batch.seqs, samples, strict=True):
             if s is None or seq.request.finished:
                 continue
-            rid = self._owner[seq.request.request_id]
+            rid, idx = self._owner[seq.request.request_id]
             group = self._groups[rid]
-            idx = group.children.index(seq.request)
             self._append(seq.request, group, idx, s)
             touched[rid] = group.output
         for rid, out in touched.items():

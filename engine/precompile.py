@@ -212,7 +212,7 @@ def cmd_precompile(args: argparse.Namespace) -> int:
 
 
 def register_precompile(sub: argparse._SubParsersAction) -> None:
-    """`engine precompile ...`, for engine.cli.EXTRA_COMMANDS."""
+    """`engine precompile ...`: registered by engine.cli."""
     p = sub.add_parser("precompile", help="compile the bucket grid into the compilation cache",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_precompile_args(p)
