@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
@@ -327,7 +328,11 @@ def gguf_tokenizer_dir(path: Path, progress: bool = True) -> Path | None:
             shutil.rmtree(tmp, ignore_errors=True)
         if _built_from(out, source):  # a concurrent process won the rename race
             return out
-        warnings.warn(f"{path}: no tokenizer from the GGUF metadata ({e})", stacklevel=2)
+        hint = ""
+        if importlib.util.find_spec("torch") is None:
+            # transformers reads a GGUF's tokenizer through torch (built once, then cached).
+            hint = "; transformers needs torch for this: pip install 'engine[gguf]'"
+        warnings.warn(f"{path}: no tokenizer from the GGUF metadata ({e}){hint}", stacklevel=2)
         return None
     return out
 
