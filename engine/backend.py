@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,6 +48,8 @@ class Backend(abc.ABC):
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
+        self.mesh: Any = None
+        """The device mesh when the model is sharded (set by the builder), else None."""
 
     def devices(self) -> list[jax.Device]:
         return jax.devices(self.capabilities.platform)
@@ -61,14 +64,28 @@ class Backend(abc.ABC):
         """Shape of one layer's K (and V) cache. Default: [pages, page, Hkv, D]."""
         return (num_pages, page_size, num_kv_heads, head_dim)
 
+    def kv_cache_axes(self) -> tuple[str, ...]:
+        """Logical names of kv_cache_shape's axes (engine.model.axes), for sharding."""
+        return ("pages", "page", "kv_heads", "head_dim")
+
     def allocate_kv(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,
-                    *, scan: bool) -> Any:
-        """Zeroed K and V caches: per layer [(K, V), ...], or stacked (K [L,...], V [L,...])."""
+                    *, scan: bool, place: Callable[[tuple, tuple], Any] | None = None) -> Any:
+        """Zeroed K and V caches: per layer [(K, V), ...], or stacked (K [L,...], V [L,...]).
+
+        `place(shape, logical_axes)` gives the sharding of each array (None: default device);
+        the caches are made in place, never whole on one device first."""
         shape = self.kv_cache_shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        axes = self.kv_cache_axes()
         if scan:
-            full = (cfg.num_layers, *shape)
-            return (jnp.zeros(full, dtype), jnp.zeros(full, dtype))
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+            shape, axes = (cfg.num_layers, *shape), ("layers", *axes)
+        device = place(shape, axes) if place is not None else None
+
+        def zeros() -> jax.Array:
+            return jnp.zeros(shape, dtype, device=device)
+
+        if scan:
+            return (zeros(), zeros())
+        return [(zeros(), zeros()) for _ in range(cfg.num_layers)]
 
     def write_kv(self, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
                  slots: jax.Array, layer: jax.Array | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
 from engine.model.weights import params_from_hf, random_params
+from engine.parallel.mesh import init_distributed, make_mesh
+from engine.parallel.sharding import kv_sharding, kv_shards, make_rules, shard_params
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -70,25 +73,37 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
                        model or "smollm2-135m-instruct")
 
 
-def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int) -> int:
-    """KV pool size: explicit max_total_tokens, or a fraction of the free memory."""
+def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
+             shards: int = 1) -> int:
+    """KV pool size: explicit max_total_tokens, or a fraction of one device's free memory
+    (each device holds 1/shards of every page when KV heads are sharded)."""
     page = config.cache.page_size
     if config.cache.max_total_tokens is not None:
         return -(-config.cache.max_total_tokens // page)
-    per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize
+    per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize // shards
     budget = backend.memory_info().free_bytes * config.cache.kv_memory_fraction
     return max(1, int(budget // per_page))
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     backend = get_backend(config.backend.name, dict(config.backend.options))
+    init_distributed(config.parallel, backend.capabilities.platform)
     enable_persistent_cache(cache_dir() / "xla")
     caps = backend.capabilities
     dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
     scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
     loaded = load_model(config, backend, dtype, scan)
     cfg = loaded.cfg
-    num_pages = kv_pages(config, cfg, backend, dtype.itemsize)
+    mesh = make_mesh(config.parallel, backend.devices())
+    rules = make_rules(config.parallel.expert_parallel, dict(config.parallel.axis_rules))
+    kv_place = None
+    if mesh is not None:
+        loaded.params = shard_params(loaded.params, mesh, rules)
+        backend.mesh = mesh
+        kv_place = functools.partial(kv_sharding, mesh=mesh, rules=rules)
+        log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
+    num_pages = kv_pages(config, cfg, backend, dtype.itemsize,
+                         kv_shards(cfg.num_kv_heads, mesh, rules))
     page = config.cache.page_size
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
@@ -105,7 +120,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     runner = ModelRunner(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                          max_num_tokens=s.chunked_prefill_size,
                          max_num_seqs=s.max_running_requests, max_model_len=max_len,
-                         kv_dtype=dtype, eos_token_ids=eos)
+                         kv_dtype=dtype, eos_token_ids=eos, kv_place=kv_place)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed)
     return engine, loaded

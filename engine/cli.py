@@ -29,11 +29,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-policy", default=None, choices=["fcfs", "lpm"])
     p.add_argument("--disable-radix-cache", action="store_true", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
+                   default=None, help="devices to shard the model over (mesh axis 'tp')")
+    p.add_argument("--expert-parallel", action="store_true", default=None,
+                   help="MoE: shard whole experts over the tp devices")
+    p.add_argument("--dist-init-addr", dest="coordinator_address", default=None,
+                   help="multi-host: host:port of process 0 (jax.distributed)")
+    p.add_argument("--nnodes", dest="num_processes", type=int, default=None,
+                   help="multi-host: number of processes")
+    p.add_argument("--node-rank", dest="process_id", type=int, default=None,
+                   help="multi-host: this process's index")
 
 
 ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_total_tokens",
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
-                  "disable_radix_cache", "seed")
+                  "disable_radix_cache", "seed", "tensor_parallel_size", "expert_parallel",
+                  "coordinator_address", "num_processes", "process_id")
 
 
 def make_llm(args: argparse.Namespace):

@@ -6,6 +6,7 @@ A YAML preset in configs/ has sections named after the dataclasses below, e.g.
     backend: {name: cpu, scan_layers: true}
     cache: {page_size: 16, kv_memory_fraction: 0.1}
     scheduler: {chunked_prefill_size: 512, max_running_requests: 64}
+    parallel: {tensor_parallel_size: 4}
 """
 
 from __future__ import annotations
@@ -90,11 +91,38 @@ class SchedulingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelOptions:
+    tensor_parallel_size: int = 1
+    """Devices one model is sharded over (the mesh axis "tp"): heads, MLP width and vocab."""
+    expert_parallel: bool = False
+    """MoE models: shard whole experts over the "tp" axis instead of each expert's width."""
+    axis_rules: tuple[tuple[str, str | None], ...] = ()
+    """Overrides of the logical axis -> mesh axis rules (engine.parallel.sharding)."""
+    coordinator_address: str | None = None
+    """host:port of process 0 for multi-host (jax.distributed); None: one process."""
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"need 0 <= process_id < num_processes, got {self.process_id=}, "
+                             f"{self.num_processes=}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError(f"{self.num_processes=} needs a coordinator_address (host:port "
+                             f"of process 0)")
+        if isinstance(self.axis_rules, dict):
+            object.__setattr__(self, "axis_rules", tuple(sorted(self.axis_rules.items())))
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: ModelOptions = ModelOptions()
     backend: BackendOptions = BackendOptions()
     cache: CacheOptions = CacheOptions()
     scheduler: SchedulingOptions = SchedulingOptions()
+    parallel: ParallelOptions = ParallelOptions()
 
     @classmethod
     def build(cls, config_file: str | Path | None = None, **overrides: Any) -> EngineConfig:
@@ -125,7 +153,7 @@ class EngineConfig:
 
 
 _SECTION_TYPES = {"model": ModelOptions, "backend": BackendOptions, "cache": CacheOptions,
-                  "scheduler": SchedulingOptions}
+                  "scheduler": SchedulingOptions, "parallel": ParallelOptions}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from engine.compile import Buckets
 from engine.core.request import Request, ScheduledBatch
 from engine.model.config import ModelConfig
 from engine.model.llama import Params, forward
+from engine.parallel.sharding import to_host
 from engine.sampler import SamplingMode, SamplingRow, SamplingTensors, sample
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -54,12 +57,14 @@ class ModelRunner:
         self, cfg: ModelConfig, params: Params, backend: Backend, *, page_size: int,
         num_pages: int, max_num_tokens: int, max_num_seqs: int, max_model_len: int,
         kv_dtype: jnp.dtype, eos_token_ids: tuple[int, ...] = (),
+        kv_place: Callable[[tuple, tuple], Any] | None = None,
     ) -> None:
         self.eos_token_ids = eos_token_ids
         self.cfg, self.params, self.backend = cfg, params, backend
         self.page_size, self.num_pages = page_size, num_pages
         scan = isinstance(params["layers"], dict)
-        self.kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan)
+        self.kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan,
+                                      place=kv_place)
         max_pages = -(-max_model_len // page_size)
         self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages)
         self._step = make_step(cfg, backend)
@@ -132,7 +137,7 @@ class ModelRunner:
                  mode)
         t0 = time.perf_counter()
         out, self.kv = self._step(self.params, self.kv, tokens, md, logits_idx, st, mode)
-        out = jax.device_get(out)
+        out = to_host(out)  # also reads a replicated multi-process array
         if shape not in self.compiled_shapes:
             self.compiled_shapes.add(shape)
             log.debug("step shape %s first run %.2fs", shape, time.perf_counter() - t0)

@@ -36,6 +36,9 @@ class CudaBackend(Backend):
         limit = stats.get("bytes_limit", 0)
         return MemoryInfo(total_bytes=limit, free_bytes=limit - stats.get("bytes_in_use", 0))
 
+    def kv_cache_axes(self) -> tuple[str, ...]:
+        return ("kv_heads", "pages", "page", "head_dim")
+
     def kv_cache_shape(self, num_pages: int, page_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
         return (num_kv_heads, num_pages, page_size, head_dim)

@@ -101,6 +101,9 @@ class TpuBackend(Backend):
         total = int(stats.get("bytes_limit", 0))
         return MemoryInfo(total_bytes=total, free_bytes=total - int(stats.get("bytes_in_use", 0)))
 
+    def kv_cache_axes(self) -> tuple[str, ...]:
+        return ("pages", "kv_heads", "page", "head_dim")
+
     def kv_cache_shape(self, num_pages: int, page_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
         """Head-major pages: [pages, Hkv, page, D] (one head's page is a [page, D] slab)."""

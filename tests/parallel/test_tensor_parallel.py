@@ -1,0 +1,61 @@
+"""Tensor parallelism on 8 forced CPU devices: TP 2, 4 and 8 give TP 1's greedy tokens.
+
+Each case runs in a subprocess, because the device count is fixed when JAX starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
+"""8 query heads, 2 KV heads: TP 2 shards the KV cache, TP 4 and 8 replicate it."""
+
+
+def run_worker(model: str, load_format: str, sizes: list[int]) -> dict[int, dict]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.parallel.tp_worker", model, load_format,
+         *map(str, sizes)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["tp"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[int, dict]:
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "config.json").write_text(json.dumps(TINY))
+    return run_worker(str(folder / "config.json"), "dummy", [1, 2, 4, 8])
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tiny_model_same_tokens_as_tp1(tiny_runs, tp):
+    base, run = tiny_runs[1], tiny_runs[tp]
+    assert run["tokens"] == base["tokens"]
+    for a, b in zip(run["logprobs"], base["logprobs"], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_weights_and_kv_are_sharded_by_logical_axes(tiny_runs):
+    two, four = tiny_runs[2], tiny_runs[4]
+    assert two["wq"] == [None, "tp", None]  # heads split
+    assert two["w_down"] == ["tp", None]  # row-parallel MLP output
+    assert two["wk"] == [None, "tp", None] and two["kv_devices"] == 2
+    assert two["kv"] == [None, None, "tp", None]  # [pages, page, Hkv, D]: heads split
+    # 2 KV heads on 4 devices: K/V projections and the cache are replicated.
+    assert four["wk"] == [None, None, None] and four["kv"] == [None, None, None, None]
+    assert four["wq"] == [None, "tp", None] and four["kv_devices"] == 4
+
+
+def test_default_model_tp4_same_tokens(default_gguf):
+    runs = run_worker(str(default_gguf), "auto", [1, 4])
+    assert runs[4]["tokens"] == runs[1]["tokens"]

@@ -1,0 +1,47 @@
+"""Run in a subprocess with several (forced) CPU devices: generate greedily at the given
+tensor-parallel sizes and print one JSON line per size (tokens, logprobs, shardings).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.parallel.tp_worker \
+        MODEL LOAD_FORMAT TP [TP ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 29, 3, 11, 8, 40, 2, 9, 13, 21, 34], [7, 7, 1, 19], list(range(30, 60))]
+
+
+def spec(a) -> list:
+    """The array's PartitionSpec, one entry per dimension (jit drops trailing Nones)."""
+    parts = [s if s is None or isinstance(s, str) else list(s) for s in a.sharding.spec]
+    return parts + [None] * (a.ndim - len(parts))
+
+
+def main(model: str, load_format: str, sizes: list[int]) -> None:
+    for tp in sizes:
+        llm = LLM(model, backend="cpu", dtype="float32", load_format=load_format,
+                  tensor_parallel_size=tp, max_total_tokens=1024, max_running_requests=4,
+                  chunked_prefill_size=64)
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, logprobs=1))
+        runner = llm.engine.runner
+        layer = runner.params["layers"][0]
+        k_cache = runner.kv[0][0]
+        print(json.dumps({
+            "tp": tp,
+            "tokens": [o.outputs[0].token_ids for o in outs],
+            "logprobs": [[lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids,
+                                                 strict=True)] for o in outs],
+            "wq": spec(layer["wq"]) if tp > 1 else None,
+            "wk": spec(layer["wk"]) if tp > 1 else None,
+            "w_down": spec(layer["w_down"]) if tp > 1 else None,
+            "kv": spec(k_cache) if tp > 1 else None,
+            "kv_devices": len(k_cache.sharding.device_set),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3:]])
