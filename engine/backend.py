@@ -34,6 +34,9 @@ class Capabilities:
     """Default for the model's layer loop: lax.scan (constant compile time) or unrolled."""
     own_model_runner: bool = False
     """True for backends that do not run the JAX model (they supply a runner)."""
+    spmd_attention: bool = True
+    """The attention is plain JAX that XLA's SPMD partitioner can shard. False for custom
+    kernels: under tensor parallelism they run per device over their heads (shard_map)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Backend(abc.ABC):
         self.options = dict(options or {})
         self.mesh: Any = None
         """The device mesh when the model is sharded (set by the builder), else None."""
+        self.mesh_rules: dict[str, str | None] = {}
+        """Logical axis -> mesh axis rules the weights and KV cache were placed by."""
 
     def devices(self) -> list[jax.Device]:
         return jax.devices(self.capabilities.platform)
@@ -109,6 +114,15 @@ class Backend(abc.ABC):
 
         The caches are one layer's, or (under scan) every layer's stacked, with `layer` the
         index of the one to read."""
+
+    def attention_fn(self) -> Callable[..., jax.Array]:
+        """`attention` as the model should call it: per device over its heads when the model
+        is sharded and the kernel is opaque to the SPMD partitioner."""
+        if self.mesh is None or self.capabilities.spmd_attention:
+            return self.attention
+        from engine.parallel.sharding import shard_heads
+
+        return shard_heads(self.attention, self.mesh, self.kv_cache_axes(), self.mesh_rules)
 
     def compile_options(self) -> dict[str, Any]:
         return {}

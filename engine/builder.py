@@ -99,7 +99,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     kv_place = None
     if mesh is not None:
         loaded.params = shard_params(loaded.params, mesh, rules)
-        backend.mesh = mesh
+        backend.mesh, backend.mesh_rules = mesh, rules
         kv_place = functools.partial(kv_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     num_pages = kv_pages(config, cfg, backend, dtype.itemsize,

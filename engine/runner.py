@@ -42,7 +42,7 @@ class TokenSample:
 def make_step(cfg: ModelConfig, backend: Backend):
     """The jitted step (forward + sample, KV cache donated). Precompilation builds the same
     function, so its programs are the ones the runner later finds in the compilation cache."""
-    attend = functools.partial(backend.attention, scale=cfg.head_dim**-0.5)
+    attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
     fwd = functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv)
 
     def step(params, kv, tokens, md, logits_idx, st, mode):

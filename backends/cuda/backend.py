@@ -29,7 +29,7 @@ class CudaBackend(Backend):
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
-                                         scan_layers=False)
+                                         scan_layers=False, spmd_attention=False)
 
     def memory_info(self) -> MemoryInfo:
         stats = self.devices()[0].memory_stats() or {}

@@ -86,6 +86,7 @@ class TpuBackend(Backend):
             # temporaries scanned, 0.15 GB unrolled). The kernel still reads [L, ...] caches
             # at a layer index when scan_layers is asked for.
             scan_layers=False,
+            spmd_attention=False,
         )
         chip = self.options.get("chip")
         if chip is None:

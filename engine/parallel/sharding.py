@@ -8,6 +8,7 @@ device keeps both, as vLLM does when KV heads < TP), so every rule is safe to ap
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -84,3 +85,39 @@ def to_host(tree: Any) -> Any:
         return a
 
     return jax.device_get(jax.tree.map(get, tree))
+
+
+def shard_heads(attend: Callable[..., jax.Array], mesh: Mesh, kv_axes: Axes,
+                rules: Rules) -> Callable[..., jax.Array]:
+    """Run an attention kernel on each device over its own query heads (shard_map).
+
+    Custom kernels (Pallas) are opaque to XLA's SPMD partitioner, so a backend whose
+    attention is one runs it through this. `attend(q [T, Hq, D], k_cache, v_cache, md, **kw)`
+    with caches laid out as `kv_axes`. When the KV cache is replicated (KV heads do not
+    divide the devices), each device slices the one KV head its query heads read."""
+    tp = mesh.shape[TP]
+    head_axis = kv_axes.index("kv_heads")
+    q_spec = PartitionSpec(None, TP, None)
+
+    def wrapped(q, k_cache, v_cache, md, **kw):
+        hq, hkv = q.shape[1], k_cache.shape[head_axis]
+        q_per_dev, group = hq // tp, hq // hkv
+        sharded_kv = kv_shards(hkv, mesh, rules) == tp
+        if hq % tp or not (sharded_kv or group % q_per_dev == 0):
+            raise ValueError(f"tensor_parallel_size={tp} must divide the {hq} query heads, "
+                             f"and the {hkv} KV heads or the heads per KV head ({group})")
+        kv_spec = PartitionSpec(*(TP if i == head_axis and sharded_kv else None
+                                  for i in range(len(kv_axes))))
+
+        def local(q, k_cache, v_cache, md):
+            if not sharded_kv:  # replicated cache: keep the KV head of this device's q heads
+                first = jax.lax.axis_index(TP) * q_per_dev // group
+                k_cache, v_cache = (jax.lax.dynamic_slice_in_dim(c, first, 1, head_axis)
+                                    for c in (k_cache, v_cache))
+            return attend(q, k_cache, v_cache, md, **kw)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
+                                                         PartitionSpec()),
+                             out_specs=q_spec, check_vma=False)(q, k_cache, v_cache, md)
+
+    return wrapped

@@ -19,9 +19,10 @@ TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermedia
 """8 query heads, 2 KV heads: TP 2 shards the KV cache, TP 4 and 8 replicate it."""
 
 
-def run_worker(model: str, load_format: str, sizes: list[int]) -> dict[int, dict]:
+def run_worker(model: str, load_format: str, sizes: list[int], backend: str = "cpu"
+               ) -> dict[int, dict]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", "ENGINE_TEST_BACKEND": backend}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.parallel.tp_worker", model, load_format,
          *map(str, sizes)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -54,6 +55,19 @@ def test_weights_and_kv_are_sharded_by_logical_axes(tiny_runs):
     # 2 KV heads on 4 devices: K/V projections and the cache are replicated.
     assert four["wk"] == [None, None, None] and four["kv"] == [None, None, None, None]
     assert four["wq"] == [None, "tp", None] and four["kv_devices"] == 4
+
+
+def test_kernel_backend_runs_attention_per_device(tiny_runs, tmp_path):
+    """The CUDA backend's Pallas kernels (interpreted here) are opaque to the SPMD
+    partitioner: under TP they run per device on their heads (shard_map), with the KV cache
+    sharded (TP 2) or replicated and sliced per device (TP 4)."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    runs = run_worker(str(tmp_path / "config.json"), "dummy", [2, 4], backend="cuda")
+    for tp in (2, 4):
+        assert runs[tp]["per_device_attention"]
+        assert runs[tp]["tokens"] == tiny_runs[1]["tokens"]
+    assert not tiny_runs[2]["per_device_attention"]  # the CPU oracle is partitioned by XLA
+    assert runs[2]["kv"] == ["tp", None, None, None]  # head-major [Hkv, pages, page, D]
 
 
 def test_default_model_tp4_same_tokens(default_gguf):

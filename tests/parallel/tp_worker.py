@@ -3,11 +3,16 @@ tensor-parallel sizes and print one JSON line per size (tokens, logprobs, shardi
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.parallel.tp_worker \
         MODEL LOAD_FORMAT TP [TP ...]
+
+With ENGINE_TEST_DIST=host:port,num_processes,process_id the process joins a multi-host
+group (jax.distributed) and its mesh spans every process's devices. ENGINE_TEST_BACKEND
+picks the backend (default cpu; cuda runs its Pallas kernels in the interpreter here).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from engine import LLM, SamplingParams
@@ -22,10 +27,15 @@ def spec(a) -> list:
 
 
 def main(model: str, load_format: str, sizes: list[int]) -> None:
+    dist = {}
+    if os.environ.get("ENGINE_TEST_DIST"):
+        addr, n, pid = os.environ["ENGINE_TEST_DIST"].split(",")
+        dist = {"coordinator_address": addr, "num_processes": int(n), "process_id": int(pid)}
+    backend = os.environ.get("ENGINE_TEST_BACKEND", "cpu")
     for tp in sizes:
-        llm = LLM(model, backend="cpu", dtype="float32", load_format=load_format,
+        llm = LLM(model, backend=backend, dtype="float32", load_format=load_format,
                   tensor_parallel_size=tp, max_total_tokens=1024, max_running_requests=4,
-                  chunked_prefill_size=64)
+                  chunked_prefill_size=64, **dist)
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, logprobs=1))
         runner = llm.engine.runner
         layer = runner.params["layers"][0]
@@ -40,6 +50,7 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
             "w_down": spec(layer["w_down"]) if tp > 1 else None,
             "kv": spec(k_cache) if tp > 1 else None,
             "kv_devices": len(k_cache.sharding.device_set),
+            "per_device_attention": runner.backend.attention_fn() != runner.backend.attention,
         }), flush=True)
 
 
