@@ -1,6 +1,9 @@
 """A JAX/XLA LLM inference and serving engine with pluggable hardware backends."""
 
+from engine.envs import default_gpu_memory_fraction
 from engine.sampling_params import SamplingParams
+
+default_gpu_memory_fraction()  # before anything starts JAX's GPU client
 
 __all__ = ["LLM", "SamplingParams"]
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from engine.backend import Backend, get_backend
-from engine.compile import enable_persistent_cache
+from engine.compile import Buckets, enable_persistent_cache
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine import Engine
@@ -74,15 +76,57 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
 
 
 def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
-             shards: int = 1) -> int:
+             shards: int = 1, activation_bytes: int = 0) -> int:
     """KV pool size: explicit max_total_tokens, or a fraction of one device's free memory
-    (each device holds 1/shards of every page when KV heads are sharded)."""
+    after the weights and the step's activation peak (each device holds 1/shards of every
+    page when KV heads are sharded)."""
     page = config.cache.page_size
     if config.cache.max_total_tokens is not None:
         return -(-config.cache.max_total_tokens // page)
     per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize // shards
-    budget = backend.memory_info().free_bytes * config.cache.kv_memory_fraction
-    return max(1, int(budget // per_page))
+    free = backend.memory_info().free_bytes - activation_bytes
+    if free < per_page:
+        raise ValueError(f"no memory left for a KV cache: {free / 2**30:.2f} GiB free after the "
+                         f"weights and {activation_bytes / 2**30:.2f} GiB of activations; lower "
+                         f"chunked_prefill_size or max_running_requests, or use more devices")
+    return max(1, int(free * config.cache.kv_memory_fraction // per_page))
+
+
+PROBE_PAGES = 256
+"""KV pool of the activation probe: fixed, so its program is found in the persistent cache
+on the next start (the scratch size does not depend on the pool: the cache is donated)."""
+
+
+def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend: Backend,
+                    dtype: jnp.dtype, scan: bool, kv_place: Any) -> int:
+    """Device bytes the largest step program needs besides weights and KV cache: XLA's
+    scratch plus unaliased outputs, read from the compiled program (compiled over abstract
+    inputs at the largest token, sequence and page buckets, with every sampling feature on)."""
+    from engine.precompile import abstract_batch
+    from engine.runner import make_step
+    from engine.sampler import SamplingMode
+
+    page, s = config.cache.page_size, config.scheduler
+    max_len = config.model.max_model_len or cfg.max_position_embeddings
+    buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page))
+    shape = backend.kv_cache_shape(PROBE_PAGES, page, cfg.num_kv_heads, cfg.head_dim)
+    axes = backend.kv_cache_axes()
+    if scan:
+        shape, axes = (cfg.num_layers, *shape), ("layers", *axes)
+    sds = jax.ShapeDtypeStruct(shape, dtype, sharding=kv_place(shape, axes) if kv_place else None)
+    kv = (sds, sds) if scan else [(sds, sds)] * cfg.num_layers
+    mode = SamplingMode(all_greedy=False, filters=True, penalties=True, logit_bias=True,
+                        num_logprobs=20)
+    batch = abstract_batch(buckets.tokens[-1], buckets.seqs[-1], buckets.pages[-1], False,
+                           page, cfg.vocab_size, mode, None)
+    t0 = time.perf_counter()
+    mem = make_step(cfg, backend).trace(params, kv, *batch, mode).lower().compile() \
+        .memory_analysis()
+    peak = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    log.info("activation peak %.2f GiB (largest step: %d tokens, %d seqs, %d pages/seq; "
+             "measured in %.1fs)", peak / 2**30, buckets.tokens[-1], buckets.seqs[-1],
+             buckets.pages[-1], time.perf_counter() - t0)
+    return int(peak)
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
@@ -102,8 +146,11 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         backend.mesh, backend.mesh_rules = mesh, rules
         kv_place = functools.partial(kv_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
+    peak = 0  # host memory (the CPU backend) is ample next to a step's activations
+    if config.cache.max_total_tokens is None and caps.platform != "cpu":
+        peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, kv_place)
     num_pages = kv_pages(config, cfg, backend, dtype.itemsize,
-                         kv_shards(cfg.num_kv_heads, mesh, rules))
+                         kv_shards(cfg.num_kv_heads, mesh, rules), peak)
     page = config.cache.page_size
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)

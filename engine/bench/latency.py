@@ -2,6 +2,8 @@
 
 The memory roofline of a decode step is (weight bytes + K/V bytes read) / copy bandwidth,
 with the bandwidth measured on the same device in the same run (bytes read + written).
+Under tensor parallelism over N devices the roofline is that over N (each device reading
+its share), which replicated KV heads and the all-reduces keep a sharded step from reaching.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def measure(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> 
     step = statistics.median(times)
     kv_read = batch * (input_len + output_len // 2) * 2 * cfg.num_layers * cfg.num_kv_heads \
         * cfg.head_dim * jnp.dtype(eng.runner.kv[0][0].dtype).itemsize
-    return {"batch": batch, "input_len": input_len, "prefill_s": prefill,
+    devices = len(eng.runner.kv[0][0].sharding.device_set)
+    return {"batch": batch, "input_len": input_len, "prefill_s": prefill, "devices": devices,
             "decode_step_s": step, "decode_step_p90_s": sorted(times)[int(0.9 * len(times))],
             "kv_bytes_read": kv_read, "weight_bytes": param_bytes(eng.runner.params)}
 
@@ -76,7 +79,8 @@ HEADER = (f"{'batch':>6} {'ctx':>6} {'prefill ms':>11} {'prefill tok/s':>13} {'s
 
 
 def row_line(r: dict, bandwidth: float) -> str:
-    roof = (r["weight_bytes"] + r["kv_bytes_read"]) / bandwidth
+    # With N devices the ideal is each reading 1/N of the bytes at the same bandwidth.
+    roof = (r["weight_bytes"] + r["kv_bytes_read"]) / (bandwidth * r.get("devices", 1))
     r["roofline_s"] = roof
     return (f"{r['batch']:>6} {r['input_len']:>6} {r['prefill_s'] * 1e3:>11.1f} "
             f"{r['batch'] * r['input_len'] / r['prefill_s']:>13.0f} "
