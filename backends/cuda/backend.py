@@ -1,11 +1,13 @@
-"""The CUDA backend: bf16, head-major paged KV cache, a Pallas (Triton) decode kernel.
+"""The CUDA backend: bf16, head-major paged KV cache, Pallas (Triton) attention kernels.
 
-Decode-only steps take the Pallas paged-attention kernel; steps with prompt chunks take
-the plain-JAX ragged attention (correct for any mixed batch; slow for long prompts: a
-ragged prefill kernel is the next step, see the CUDA issue's notes).
+Decode-only steps take the Pallas paged-decode kernel; steps with prompt chunks (mixed
+with decodes or not) take the ragged paged-attention kernel (kernels/ragged_prefill.py).
+Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
+ragged attention, which is correct for any mixed batch but slow for long prompts.
 
-Options (YAML `backend:` section): interpret (run the Pallas kernel in the interpreter:
-tests on a host without a GPU), decode_kernel (false: plain JAX for decodes too).
+Options (YAML `backend:` section): interpret (run the Pallas kernels in the interpreter:
+tests on a host without a GPU), decode_kernel (false: plain JAX for decodes),
+prefill_kernel (false: plain JAX for steps with prompt tokens).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import jax
 
 from backends.cpu.attention import ragged_paged_attention
+from backends.cuda.kernels import ragged_prefill
 from backends.cuda.kernels.paged_decode import paged_decode_attention
 from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo
@@ -27,6 +30,7 @@ class CudaBackend(Backend):
         super().__init__(options)
         self.interpret = bool(self.options.get("interpret", jax.default_backend() != "gpu"))
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
+        self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
                                          scan_layers=False, spmd_attention=False)
@@ -60,7 +64,9 @@ class CudaBackend(Backend):
         if md.decode_only and self.decode_kernel:
             return paged_decode_attention(q, k_cache, v_cache, md, scale=scale,
                                           interpret=self.interpret)
+        _, _, page, d = k_cache.shape
+        if (not md.decode_only and self.prefill_kernel
+                and ragged_prefill.supported(d, page)):
+            return ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
+                                                         interpret=self.interpret)
         return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, head_major=True)
-
-
-
