@@ -1,21 +1,68 @@
 #!/usr/bin/env bash
-# Run on an NVIDIA GPU machine from the repo root: the CUDA tests, then the decode latency
-# grid for the Llama-3.1-8B shape (random weights). Results go to $OUT (or ./.out).
-# Usage: scripts/cuda_suite.sh [tests|latency|all] [batch sizes...]
+# Run on an NVIDIA GPU machine from the repo root. Results go to $OUT (or ./.out).
+# Usage: scripts/cuda_suite.sh STAGE...   (stages run in order; each prints a short table)
+#   tests      CUDA + CPU kernel tests on the GPU
+#   latency    decode step vs roofline, Llama-3.1-8B shape, batches $BATCHES at ctx $INPUT_LEN
+#   prefill    one 8k-token prompt through the whole model (prefill time, tok/s, TFLOP/s)
+#   offline    1000 random prompts 1024 in / 1024 out; HF generate on $HF_PROMPTS of them
+#   serve      engine serve --backend cuda, one curl completion, engine bench serving
+#   tp         decode latency at TP $TP_SIZES (needs that many GPUs)
+# Wheels the image lacks (fastapi, uvicorn, pydantic, ...) are installed from
+# .whl/ when present (see the device notes in docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
-what=${1:-all}; shift || true
-BATCHES=${*:-1 8 32 128 256}
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/backends/cuda tests/backends/cpu 2>&1 | tee "$OUT/tests.txt" | tail -5
-fi
-if [[ $what == latency || $what == all ]]; then
-  python3 -m engine.cli bench latency --backend cuda --load-format dummy --model llama-3.1-8b \
-    --batch-size $BATCHES --input-len ${INPUT_LEN:-1024} --output-len ${OUTPUT_LEN:-32} \
-    --max-total-tokens ${MAX_TOTAL_TOKENS:-300000} --output-json "$OUT/latency.json" 2>&1 \
-    | grep -v -E "INFO|Warning|warn" | tee "$OUT/latency.txt"
-fi
+MODEL=(--backend cuda --load-format dummy --model llama-3.1-8b)
+BATCHES=${BATCHES:-1 8 32 128 256}
+TP_SIZES=${TP_SIZES:-2 4}
+quiet() { grep -v -E "INFO|Warning|warn|deprecat" ; }
+if [[ -d .whl && ! -d /tmp/site ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+elif [[ -d /tmp/site ]]; then export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
+head -3 "$OUT/gpu.txt"
+for stage in "$@"; do
+  echo "== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/backends/cuda tests/backends/cpu 2>&1 \
+      | tee "$OUT/tests.txt" | tail -3 ;;
+  latency)
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench latency "${MODEL[@]}" \
+      --batch-size $BATCHES --input-len ${INPUT_LEN:-1024} --output-len ${OUTPUT_LEN:-32} \
+      --output-json "$OUT/latency.json" 2>&1 | quiet | tee "$OUT/latency.txt" ;;
+  prefill)
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench latency "${MODEL[@]}" \
+      --batch-size 1 --input-len 8192 --output-len 8 --chunked-prefill-size 8192 \
+      --output-json "$OUT/prefill8k.json" 2>&1 | quiet | tee "$OUT/prefill8k.txt" ;;
+  offline)
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench offline "${MODEL[@]}" \
+      --dataset random --num-prompts ${NUM_PROMPTS:-1000} --random-input-len 1024 \
+      --random-output-len 1024 --random-range-ratio 1.0 --warmup-runs 0 \
+      ${HF_PROMPTS:+--baseline hf --hf-num-prompts $HF_PROMPTS --hf-batch-size ${HF_BATCH:-64}} \
+      --output-json "$OUT/offline.json" 2>&1 | quiet | tee "$OUT/offline.txt" | tail -40 ;;
+  serve)
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli serve "${MODEL[@]}" --port 30000 \
+      > "$OUT/serve.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 300); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done
+    curl -s localhost:30000/v1/completions -H 'content-type: application/json' \
+      -d '{"prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 8, "temperature": 0}' \
+      | tee "$OUT/serve_curl.json"; echo
+    [[ -f engine/bench/serving.py ]] && python3 -m engine.cli bench serving --port 30000 --dataset random --num-prompts 200 \
+      --random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5 \
+      --request-rate ${RATE:-inf} --vocab-size 128256 --output-json "$OUT/serving.json" \
+      2>&1 | quiet | tee "$OUT/serving.txt" | tail -30
+    kill -TERM $pid; wait $pid; echo "serve exit $?" ;;
+  tp)
+    for tp in $TP_SIZES; do
+      python3 -m engine.cli bench latency "${MODEL[@]}" --tp $tp --batch-size 1 32 128 \
+        --input-len 1024 --output-len 32 --output-json "$OUT/latency_tp$tp.json" 2>&1 \
+        | quiet | tee "$OUT/latency_tp$tp.txt"
+    done ;;
+  *) echo "unknown stage $stage" ;;
+  esac
+done

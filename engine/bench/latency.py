@@ -49,11 +49,14 @@ def _prefill(eng, batch: int, input_len: int, max_tokens: int, rng) -> tuple[set
 
 def measure(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
     """Prefill `batch` prompts of `input_len` tokens, then time `output_len` decode steps.
-    A first untimed prefill (then aborted) and 3 untimed decode steps compile the shapes."""
+    A first untimed prefill (then aborted) and 3 untimed decode steps compile the shapes.
+    The prefill time counts until every prompt has its first token."""
     eng = llm.engine
     cfg = llm.model_config
     rng = np.random.default_rng(seed)
-    for rid in _prefill(eng, batch, input_len, 2, rng)[0]:
+    # The warm-up's requests must outlive their prefill like the timed ones, so that every
+    # step mixes the same decodes and chunks (the same buckets) and nothing compiles later.
+    for rid in _prefill(eng, batch, input_len, output_len + 5, rng)[0]:
         eng.abort(rid)
     ids, prefill = _prefill(eng, batch, input_len, output_len + 5, rng)
     for _ in range(3):
