@@ -14,6 +14,7 @@ model has a single weight-mapping to maintain:
     model.layers.{i}.post_attention_layernorm.weight [E]
     model.layers.{i}.mlp.{gate,up}_proj.weight     [F, E]
     model.layers.{i}.mlp.down_proj.weight          [E, F]
+    (MoE layers instead: a router and experts, in one of three layouts; see _expert_shapes)
     model.norm.weight                              [E]
     lm_head.weight                                 [V, E]      (absent when tied)
 
@@ -54,8 +55,29 @@ class Checkpoint:
     """What was loaded: the HF folder or the .gguf file."""
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter the model needs, with its HF shape (see the module docstring)."""
+def _expert_shapes(config: ModelConfig, p: str, names: set[str]) -> dict[str, tuple[int, ...]]:
+    """One MoE layer's router and experts, in whichever of the three HF layouts `names` use:
+    transformers' fused tensors, Mixtral's block_sparse_moe.experts.{j}.w1/w3/w2, or
+    per-expert mlp.experts.{j}.{gate,up,down}_proj (Qwen3-MoE)."""
+    x, e, f = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    if p + "mlp.experts.gate_up_proj" in names:
+        return {p + "mlp.gate.weight": (x, e), p + "mlp.experts.gate_up_proj": (x, 2 * f, e),
+                p + "mlp.experts.down_proj": (x, e, f)}
+    if p + "block_sparse_moe.gate.weight" in names:
+        m, parts = p + "block_sparse_moe.", (("w1", (f, e)), ("w3", (f, e)), ("w2", (e, f)))
+    else:
+        m, parts = p + "mlp.", (("gate_proj", (f, e)), ("up_proj", (f, e)),
+                                ("down_proj", (e, f)))
+    shapes = {m + "gate.weight": (x, e)}
+    for j in range(x):
+        shapes |= {f"{m}experts.{j}.{n}.weight": shape for n, shape in parts}
+    return shapes
+
+
+def expected_shapes(config: ModelConfig, names: set[str] = frozenset()
+                    ) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model needs, with its HF shape (see the module docstring).
+    `names`: the checkpoint's tensor names, which pick the layout of MoE experts."""
     e, f, d = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.num_heads * d, config.num_kv_heads * d
     shapes: dict[str, tuple[int, ...]] = {
@@ -73,10 +95,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv, e),
             p + "self_attn.v_proj.weight": (kv, e),
             p + "self_attn.o_proj.weight": (e, q),
-            p + "mlp.gate_proj.weight": (f, e),
-            p + "mlp.up_proj.weight": (f, e),
-            p + "mlp.down_proj.weight": (e, f),
         }
+        if config.is_moe:
+            shapes |= _expert_shapes(config, p, names)
+        else:
+            shapes |= {p + "mlp.gate_proj.weight": (f, e), p + "mlp.up_proj.weight": (f, e),
+                       p + "mlp.down_proj.weight": (e, f)}
         if config.qkv_bias:
             shapes |= {
                 p + "self_attn.q_proj.bias": (q,),
@@ -90,7 +114,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(path: Path, config: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
     """Raise ModelLoadError unless `tensors` holds exactly the parameters `config` needs."""
-    want = expected_shapes(config)
+    want = expected_shapes(config, set(tensors))
     missing = [n for n in want if n not in tensors]
     extra = [n for n in tensors if n not in want]
     for kind, names in (("missing", missing), ("unexpected", extra)):

@@ -32,6 +32,11 @@ PARAM_AXES: dict[str, Axes] = {
     "w_gate": ("embed", "mlp"),
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
+    # per layer, MoE (the router's expert axis stays whole: every device routes every token)
+    "router": ("embed", None),
+    "expert_gate": ("expert", "embed", "expert_mlp"),
+    "expert_up": ("expert", "embed", "expert_mlp"),
+    "expert_down": ("expert", "expert_mlp", "embed"),
 }
 """Parameter name -> the logical name of each of its axes."""
 

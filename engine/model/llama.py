@@ -1,10 +1,11 @@
-"""The one model definition for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+"""The one model definition for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2)
+and its mixture-of-experts variants (Mixtral, Qwen3-MoE: engine.model.moe).
 
 Backend-neutral JAX: attention goes through the `attend` callable the runner passes in
 (the backend's kernel for a mixed ragged batch over the paged KV cache).
 
 Einsum letters: t = token, e = hidden (E), h = head, k = kv head, g = query heads per kv
-head, d = head dim (D), f = MLP width (F), v = vocab.
+head, d = head dim (D), f = MLP width (F), v = vocab, x = expert (X).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from engine.attention import AttentionMetadata, write_kv
 from engine.model.config import ModelConfig
+from engine.model.moe import moe_ffn
 
 Params = dict[str, Any]
 KVCache = Any  # list of (K, V) per layer, or a stacked (K [L,...], V [L,...]) under scan
@@ -90,32 +92,42 @@ def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return x + jnp.einsum("tf,fe->te", jax.nn.silu(gate) * up, lp["w_down"])
 
 
+def moe_block(lp: Params, x: jax.Array, cfg: ModelConfig, expert_axis: str | None = None
+              ) -> jax.Array:
+    return x + moe_ffn(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps), cfg, expert_axis)
+
+
 def decoder_layer(
     lp: Params, x: jax.Array, kv: tuple[jax.Array, jax.Array],
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None = None,
-    write: WriteKV = write_kv,
+    write: WriteKV = write_kv, expert_axis: str | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`kv` is this layer's (K, V), or all layers' stacked caches with `layer` the index."""
     x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer, write)
+    if cfg.is_moe:
+        return moe_block(lp, x, cfg, expert_axis), (k_cache, v_cache)
     return mlp_block(lp, x, cfg), (k_cache, v_cache)
 
 
 def forward(
     params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
     logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend, write: WriteKV = write_kv,
+    expert_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """tokens [T] -> (logits f32 [S, V] at rows `logits_idx` [S], updated KV cache).
 
     `write` puts this step's K/V into the cache (the backend's, for its own KV layout).
     `params["layers"]` is a list of per-layer dicts (unrolled loop) or one dict of arrays
     stacked on a leading layer axis (lax.scan); the KV cache has the matching form.
+    `expert_axis` names the mesh axis the MoE expert weights are split over, for the
+    shard_map expert-parallel path (engine.model.moe); None leaves partitioning to XLA.
     """
     x = params["embed"][tokens]  # x: [T, E]
     if isinstance(params["layers"], dict):
         def body(carry, lp_and_l):
             x, kv_all = carry
             lp, li = lp_and_l
-            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li, write)
+            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li, write, expert_axis)
             return (x, kv_all), None
 
         layer_ids = jnp.arange(cfg.num_layers)
@@ -123,7 +135,8 @@ def forward(
     else:
         new_kv = []
         for lp, layer_kv in zip(params["layers"], kv, strict=True):
-            x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend, write=write)
+            x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend, write=write,
+                                        expert_axis=expert_axis)
             new_kv.append(layer_kv)
         kv = new_kv
     x = rms_norm(x[logits_idx], params["norm"], cfg.rms_norm_eps)  # x: [S, E]

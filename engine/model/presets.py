@@ -25,6 +25,19 @@ PRESETS: dict[str, dict] = {
                          num_key_value_heads=3, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True,
                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    # Mixture of experts: every expert counted in the weights, K of X active per token.
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, rope_theta=1000000.0,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6,
+                          bos_token_id=151643, eos_token_id=151645),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         rope_theta=1000000.0, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
 }
 
 

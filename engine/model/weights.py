@@ -4,7 +4,15 @@ Layouts (the model's einsums read these):
   embed [V, E]; lm_head [E, V] (absent when tied); norm [E]
   per layer: attn_norm [E], wq [E, Hq, D], wk/wv [E, Hkv, D], wo [Hq, D, E],
              bq [Hq, D], bk/bv [Hkv, D] (Qwen2), q_norm/k_norm [D] (Qwen3),
-             mlp_norm [E], w_gate/w_up [E, F], w_down [F, E]
+             mlp_norm [E], then a dense MLP: w_gate/w_up [E, F], w_down [F, E]
+             or an MoE block: router [E, X], expert_gate/expert_up [X, E, F],
+             expert_down [X, F, E] (experts stacked on a leading axis, F their width)
+
+HF expert names: fused `mlp.experts.gate_up_proj` [X, 2F, E] (gate rows first) and
+`mlp.experts.down_proj` [X, E, F] with router `mlp.gate.weight` [X, E] (transformers' own
+state_dict, both archs); per expert `mlp.experts.{j}.{gate,up,down}_proj.weight` (Qwen3-MoE
+checkpoints) or `block_sparse_moe.experts.{j}.{w1,w3,w2}.weight` with router
+`block_sparse_moe.gate.weight` (Mixtral checkpoints).
 """
 
 from __future__ import annotations
@@ -19,6 +27,26 @@ from engine.model.config import ModelConfig
 from engine.model.llama import Params
 
 
+def _experts_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig
+                     ) -> dict[str, np.ndarray]:
+    """One layer's router and stacked experts (prefix p = "model.layers.{i}.")."""
+    x, f = cfg.num_experts, cfg.moe_intermediate_size
+    if p + "mlp.experts.gate_up_proj" in t:
+        gate_up = t[p + "mlp.experts.gate_up_proj"]  # gate_up: [X, 2F, E]
+        router, gate, up = t[p + "mlp.gate.weight"], gate_up[:, :f], gate_up[:, f:]
+        down = t[p + "mlp.experts.down_proj"]  # down: [X, E, F]
+    else:
+        m, names = ((p + "block_sparse_moe.", ("w1", "w3", "w2"))
+                    if p + "block_sparse_moe.gate.weight" in t
+                    else (p + "mlp.", ("gate_proj", "up_proj", "down_proj")))
+        # gate/up: [X, F, E], down: [X, E, F]
+        gate, up, down = (np.stack([t[f"{m}experts.{j}.{n}.weight"] for j in range(x)])
+                          for n in names)
+        router = t[m + "gate.weight"]  # router: [X, E]
+    return {"router": router.T, "expert_gate": gate.transpose(0, 2, 1),
+            "expert_up": up.transpose(0, 2, 1), "expert_down": down.transpose(0, 2, 1)}
+
+
 def _layer_from_hf(t: Mapping[str, np.ndarray], i: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
     e, d, hq, hk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     p = f"model.layers.{i}."
@@ -30,10 +58,12 @@ def _layer_from_hf(t: Mapping[str, np.ndarray], i: int, cfg: ModelConfig) -> dic
         "wv": t[a + "v_proj.weight"].T.reshape(e, hk, d),
         "wo": t[a + "o_proj.weight"].T.reshape(hq, d, e),
         "mlp_norm": t[p + "post_attention_layernorm.weight"],
-        "w_gate": t[m + "gate_proj.weight"].T,
-        "w_up": t[m + "up_proj.weight"].T,
-        "w_down": t[m + "down_proj.weight"].T,
     }
+    if cfg.is_moe:
+        lp.update(_experts_from_hf(t, p, cfg))
+    else:
+        lp.update(w_gate=t[m + "gate_proj.weight"].T, w_up=t[m + "up_proj.weight"].T,
+                  w_down=t[m + "down_proj.weight"].T)
     if cfg.qkv_bias:
         lp["bq"] = t[a + "q_proj.bias"].reshape(hq, d)
         lp["bk"] = t[a + "k_proj.bias"].reshape(hk, d)
@@ -68,8 +98,13 @@ def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int =
     """Random weights made on the device (`--load-format dummy`): no checkpoint needed."""
     e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hk, v = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
-    shapes = {"wq": (e, hq, d), "wk": (e, hk, d), "wv": (e, hk, d), "wo": (hq, d, e),
-              "w_gate": (e, f), "w_up": (e, f), "w_down": (f, e)}
+    shapes = {"wq": (e, hq, d), "wk": (e, hk, d), "wv": (e, hk, d), "wo": (hq, d, e)}
+    if cfg.is_moe:
+        x, fx = cfg.num_experts, cfg.moe_intermediate_size
+        shapes.update(router=(e, x), expert_gate=(x, e, fx), expert_up=(x, e, fx),
+                      expert_down=(x, fx, e))
+    else:
+        shapes.update(w_gate=(e, f), w_up=(e, f), w_down=(f, e))
     if cfg.qkv_bias:
         shapes.update(bq=(hq, d), bk=(hk, d), bv=(hk, d))
     key = jax.random.key(seed)
