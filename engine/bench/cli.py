@@ -31,8 +31,9 @@ def cmd_offline(args: argparse.Namespace) -> int:
         dtype = llm.config.model.dtype or llm.engine.runner.backend.capabilities.default_dtype
         device = "cuda" if llm.engine.runner.backend.capabilities.platform == "gpu" else "cpu"
         model = load_hf_model(args.model, args.load_format or "auto", dtype, device)
-        run_hf(model, reqs[:args.hf_batch_size], args.hf_batch_size, device)  # warm-up
-        results.append(run_hf(model, reqs, args.hf_batch_size, device))
+        hf_reqs = reqs[:args.hf_num_prompts] if args.hf_num_prompts else reqs
+        run_hf(model, hf_reqs[:args.hf_batch_size], args.hf_batch_size, device)  # warm-up
+        results.append(run_hf(model, hf_reqs, args.hf_batch_size, device))
     for r in results:
         print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{r.report()}")
     if len(results) > 1:
@@ -66,6 +67,40 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serving(args: argparse.Namespace) -> int:
+    from engine.bench.serving import main
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
+    return main(args)
+
+
+def cmd_structured(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.bench.structured import HEADER, compare, compile_time, row_line
+    from engine.cli import make_llm
+
+    llm = make_llm(args)
+    if llm.tokenizer is None:
+        raise SystemExit("structured outputs need a tokenizer: with --load-format dummy, give "
+                         "--model a folder holding config.json and the tokenizer files")
+    limit = llm.engine.scheduler.config.max_running_requests
+    if max(args.batch_size) > limit:
+        raise SystemExit(f"batch size {max(args.batch_size)} exceeds --max-running-requests "
+                         f"{limit}")
+    out: dict = {"backend": llm.engine.grammar_backend,
+                 "compile_s": compile_time(llm), "rows": []}
+    print(f"grammar backend: {out['backend']}; JSON schema compile: "
+          f"{out['compile_s'] * 1e3:.2f} ms\n{HEADER}", flush=True)
+    for b in args.batch_size:
+        out["rows"].append(compare(llm, b, args.output_len))
+        print(row_line(out["rows"][-1]), flush=True)
+        if args.output_json:  # rewritten after every row: a cut-off run keeps what it had
+            with open(args.output_json, "w") as f:
+                json.dump(out, f, indent=2)
+    return 0
+
+
 def register_bench(sub: argparse._SubParsersAction) -> None:
     from engine.cli import add_engine_args
 
@@ -76,6 +111,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", choices=["hf"], default=None,
                    help="also run the workload through HF transformers generate")
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--hf-num-prompts", type=int, default=None,
+                   help="run HF on the first N prompts only (its throughput is per second, "
+                   "so a subset compares; HF is too slow for 1000 long prompts)")
     p.add_argument("--compare-cache-off", action="store_true",
                    help="also run with the radix cache disabled, side by side")
     p.add_argument("--warmup-runs", type=int, default=1)
@@ -90,3 +128,29 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_latency)
 
+    p = bench.add_parser("serving", help="a workload against a running server: throughput, "
+                         "TTFT, TPOT, ITL, E2E latency")
+    p.add_argument("--base-url", default=None, help="default: http://HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--model", default=None, help="the model name to send (default: none, "
+                   "which the server accepts as its own)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (inf: all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--warmup-requests", type=int, default=1)
+    p.add_argument("--vocab-size", type=int, default=32000,
+                   help="prompt ids are drawn below half of this (32000 suits most models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    add_dataset_args(p)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_serving)
+
+    p = bench.add_parser("structured", help="ITL with and without a JSON schema, and the "
+                         "host time of the grammar token masks")
+    add_engine_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 32])
+    p.add_argument("--output-len", type=int, default=32, help="decode steps timed")
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_structured)

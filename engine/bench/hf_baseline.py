@@ -55,6 +55,7 @@ def run_hf(model, reqs: list[BenchRequest], batch_size: int, device: str) -> Off
         useful += sum(r.output_len for r in chunk)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return OfflineResult(name=f"hf transformers (batch {batch_size})", requests=len(reqs),
+    return OfflineResult(name=f"hf transformers (batch {batch_size}, {len(reqs)} prompts)",
+                         requests=len(reqs),
                          elapsed_s=time.perf_counter() - t0,
                          input_tokens=sum(len(r.prompt_ids) for r in reqs), output_tokens=useful)

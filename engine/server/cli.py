@@ -41,6 +41,11 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM, seconds in-flight requests may finish before an abort")
     p.add_argument("--log-interval", type=float, default=10.0,
                    help="seconds between status lines in the log (0: none)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data parallelism: N engine replicas (processes) behind a router")
+    p.add_argument("--router-policy", default="cache_aware",
+                   choices=["cache_aware", "round_robin"],
+                   help="with --dp > 1: how the router picks a replica")
     p.set_defaults(func=cmd_serve)
 
 
@@ -56,6 +61,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = args.model_path or args.model
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.dp < 1:
+        raise ValueError(f"--dp must be >= 1, got {args.dp}")
+    if args.dp > 1:
+        from engine.server.router import serve_dp
+
+        return serve_dp(args)
     opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
     config = EngineConfig.build(args.config or default_preset(args.backend), model=model,
                                 backend=None if args.backend == "auto" else args.backend,
