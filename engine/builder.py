@@ -118,10 +118,10 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
     mode = SamplingMode(all_greedy=False, filters=True, penalties=True, logit_bias=True,
                         num_logprobs=20)
     batch = abstract_batch(buckets.tokens[-1], buckets.seqs[-1], buckets.pages[-1], False,
-                           page, cfg.vocab_size, mode, None)
+                           page, cfg.vocab_size, mode, None, buckets.seqs[-1])
     t0 = time.perf_counter()
-    mem = make_step(cfg, backend).trace(params, kv, *batch, mode).lower().compile() \
-        .memory_analysis()
+    step = make_step(cfg, backend, buckets.seqs[-1])
+    mem = step.trace(params, kv, *batch, mode).lower().compile().memory_analysis()
     peak = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     log.info("activation peak %.2f GiB (largest step: %d tokens, %d seqs, %d pages/seq; "
              "measured in %.1fs)", peak / 2**30, buckets.tokens[-1], buckets.seqs[-1],
@@ -169,7 +169,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                          max_num_seqs=s.max_running_requests, max_model_len=max_len,
                          kv_dtype=dtype, eos_token_ids=eos, kv_place=kv_place)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
-                    vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed)
+                    vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
+                    overlap=s.overlap_schedule)
     return engine, loaded
 
 

@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=None, choices=["fcfs", "lpm"])
     p.add_argument("--disable-radix-cache", action="store_true", default=None)
+    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare the next step on the host while the device runs this one")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                    default=None, help="devices to shard the model over (mesh axis 'tp')")
@@ -43,8 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_total_tokens",
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
-                  "disable_radix_cache", "seed", "tensor_parallel_size", "expert_parallel",
-                  "coordinator_address", "num_processes", "process_id")
+                  "disable_radix_cache", "overlap_schedule", "seed", "tensor_parallel_size",
+                  "expert_parallel", "coordinator_address", "num_processes", "process_id")
 
 
 def make_llm(args: argparse.Namespace):

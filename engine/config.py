@@ -79,6 +79,9 @@ class SchedulingOptions:
     schedule_policy: str = "fcfs"
     """'fcfs' or 'lpm' (longest prefix match first)."""
     disable_radix_cache: bool = False
+    overlap_schedule: bool = False
+    """Schedule and prepare step N+1 while the device runs step N (sampled tokens stay on
+    the device until the host needs them); on in the accelerator presets."""
 
     def __post_init__(self) -> None:
         if self.max_running_requests < 1:

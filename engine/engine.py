@@ -2,6 +2,9 @@
 
 Works on token ids; stop strings need text, so each request's incremental detokenizer
 lives here too. The scheduler decides everything about pages; the runner computes.
+Structured outputs: each sequence (each of n siblings) owns a grammar matcher, held here by
+request id, so it survives preemption (which recomputes K/V but never resamples) and is
+untouched by prefix caching; it advances exactly with the tokens appended to the output.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from engine.core.request import Request, ScheduledBatch
 from engine.core.scheduler import Scheduler
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.runner import ModelRunner, TokenSample
+from engine.runner import PLACEHOLDER, GrammarMasks, Launched, ModelRunner, TokenSample
 from engine.sampling_params import SamplingParams
+from engine.structured import DEFAULT_BACKEND, GrammarCompiler, Matcher, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,8 @@ class _Group:
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any,
                  *, eos_token_ids: tuple[int, ...], vocab_size: int, max_model_len: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, grammar_backend: str = DEFAULT_BACKEND,
+                 overlap: bool = False) -> None:
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
@@ -43,6 +48,13 @@ class Engine:
         self._owner: dict[str, tuple[str, int]] = {}  # child id -> (user request id, index)
         self._rng = random.Random(seed)
         self._ids = itertools.count()
+        self.grammar_backend = grammar_backend
+        self._grammars: GrammarCompiler | None = None  # made on the first constraint
+        self._matchers: dict[str, Matcher] = {}  # child request id -> its grammar state
+        self.overlap = overlap
+        # The launched step whose tokens are unread, and where each request's PLACEHOLDER
+        # for its token sits in output_token_ids (overlap scheduling).
+        self._inflight: tuple[Launched, dict[str, int]] | None = None
 
     # -- receive -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -63,6 +75,10 @@ class Engine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
+        spec = params.grammar
+        # Compiled here, so that a bad constraint is the caller's ValueError, never a failure
+        # inside the step loop.
+        compiled = self.grammar_compiler().compile(spec) if spec is not None else None
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = [
             Request(request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
@@ -78,8 +94,21 @@ class Engine:
         for i, child in enumerate(children):  # siblings are the same size: one fits, all do
             self.scheduler.add(child)
             self._owner[child.request_id] = (request_id, i)
+            if compiled is not None:
+                self._matchers[child.request_id] = compiled.matcher()
         self._groups[request_id] = _Group(out, children, detoks)
         return request_id
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of constraints (the grammar library is loaded on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer, and this "
+                                 "model has none")
+            backend = make_backend(self.grammar_backend, self.tokenizer, self.vocab_size,
+                                   sorted(self.eos_token_ids))
+            self._grammars = GrammarCompiler(backend)
+        return self._grammars
 
     def _detokenizer(self, prompt_ids: list[int], p: SamplingParams):
         if self.tokenizer is None:
@@ -94,6 +123,7 @@ class Engine:
             return None
         for child, comp in zip(group.children, group.output.outputs, strict=True):
             self._owner.pop(child.request_id, None)
+            self._matchers.pop(child.request_id, None)
             if self.scheduler.abort(child.request_id) is not None or comp.finish_reason is None:
                 comp.finish_reason = comp.finish_reason or "abort"
         return group.output
@@ -104,20 +134,85 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the outputs of user requests that made progress."""
+        if self.overlap:
+            return self._step_overlapped()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        samples = self.runner.execute(batch)
+        return self._run_now(batch)
+
+    def _run_now(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        masks = self._grammar_masks(batch)
+        # Unconstrained batches make the same one-argument call as before structured outputs.
+        samples = self.runner.execute(batch) if masks is None else \
+            self.runner.execute(batch, masks)
         return self._process(batch, samples)
 
-    def _process(self, batch: ScheduledBatch, samples: list[TokenSample | None]) -> list:
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Overlap scheduling: launch step N+1 before reading step N's tokens, so the host
+        schedules and prepares while the device computes. Until read, N's tokens are
+        PLACEHOLDERs in the requests, which the device fills in. A batch that needs them on
+        the host (grammar masks, penalties) waits for them and runs synchronously."""
+        prev, self._inflight = self._inflight, None
+        batch = self.scheduler.schedule()
+        if batch and not any(self._needs_host_tokens(sq.request) for sq in batch.seqs):
+            launched = self.runner.launch(batch, prev[0] if prev else None)
+            self._inflight = (launched, self._add_placeholders(batch))
+            batch = ScheduledBatch([])
+        outs = self._process(prev[0].batch, self.runner.collect(prev[0]), prev[1]) if prev else []
+        batch = self._resolve(batch)
+        if batch:
+            outs += self._run_now(batch)
+        return list({id(o): o for o in outs}.values())
+
+    def _needs_host_tokens(self, req: Request) -> bool:
+        return req.request_id in self._matchers or req.params.uses_penalties
+
+    @staticmethod
+    def _add_placeholders(batch: ScheduledBatch) -> dict[str, int]:
+        where = {}
+        for sq in batch.seqs:
+            if sq.sample:
+                where[sq.request.request_id] = len(sq.request.output_token_ids)
+                sq.request.output_token_ids.append(PLACEHOLDER)
+        return where
+
+    @staticmethod
+    def _resolve(batch: ScheduledBatch) -> ScheduledBatch:
+        """The batch once the previous step's tokens are read: placeholders replaced, and
+        requests that finished meanwhile (their pages are released) dropped."""
+        seqs = []
+        for sq in batch.seqs:
+            if sq.request.finished:
+                continue
+            if PLACEHOLDER in sq.token_ids:
+                sq.token_ids = sq.request.all_token_ids[sq.start_pos:
+                                                        sq.start_pos + len(sq.token_ids)]
+            seqs.append(sq)
+        return ScheduledBatch(seqs, batch.preempted)
+
+    def _grammar_masks(self, batch: ScheduledBatch) -> GrammarMasks | None:
+        """The constrained rows that sample this step, or None when there are none."""
+        if not self._matchers:
+            return None
+        rows = [(m, i) for i, seq in enumerate(batch.seqs)
+                if seq.sample and (m := self._matchers.get(seq.request.request_id)) is not None]
+        if not rows:
+            return None
+        backend = self.grammar_compiler().backend
+        return GrammarMasks([i for _, i in rows], backend.mask_words,
+                            lambda bitmask: backend.fill_masks(rows, bitmask))
+
+    def _process(self, batch: ScheduledBatch, samples: list[TokenSample | None],
+                 placeholders: dict[str, int] | None = None) -> list:
         touched: dict[str, RequestOutput] = {}
         for seq, s in zip(batch.seqs, samples, strict=True):
             if s is None or seq.request.finished:
                 continue
             rid, idx = self._owner[seq.request.request_id]
             group = self._groups[rid]
-            self._append(seq.request, group, idx, s)
+            at = placeholders.get(seq.request.request_id) if placeholders else None
+            self._append(seq.request, group, idx, s, at)
             touched[rid] = group.output
         for rid, out in touched.items():
             out.num_cached_tokens = max(c.num_cached_tokens for c in self._groups[rid].children)
@@ -126,18 +221,30 @@ class Engine:
                     self._owner.pop(child.request_id, None)
         return list(touched.values())
 
-    def _append(self, req: Request, group: _Group, idx: int, s: TokenSample) -> None:
+    def _append(self, req: Request, group: _Group, idx: int, s: TokenSample,
+                at: int | None = None) -> None:
+        """Record a sampled token: appended, or written over its PLACEHOLDER at index `at`."""
         p, comp, detok = req.params, group.output.outputs[idx], group.detoks[idx]
-        req.output_token_ids.append(s.token)
+        if at is None:
+            req.output_token_ids.append(s.token)
+        else:
+            req.output_token_ids[at] = s.token
         comp.token_ids.append(s.token)
         if p.logprobs is not None:
             comp.logprobs = comp.logprobs or []
             comp.logprobs.append({s.token: s.logprob, **dict(s.top)})
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + s.logprob
-        n_out = len(req.output_token_ids)
+        n_out = len(req.output_token_ids) if at is None else at + 1
         reason, stop_reason = None, None
         past_min = n_out >= p.min_tokens
-        if past_min and not p.ignore_eos and s.token in self.eos_token_ids:
+        matcher = self._matchers.get(req.request_id)
+        accepted = matcher is None or matcher.accept(s.token)
+        if not accepted:
+            # The mask allowed only what the grammar accepts, so this is a bug, not the user's.
+            log.error("request %s: the grammar rejected sampled token %d (%s)", req.request_id,
+                      s.token, matcher.error())
+            reason = "abort"
+        elif past_min and not p.ignore_eos and s.token in self.eos_token_ids:
             reason = "stop"
         elif past_min and s.token in p.stop_token_ids:
             reason, stop_reason = "stop", s.token
@@ -145,10 +252,14 @@ class Engine:
             comp.text += detok.add([s.token])
             if past_min and detok.stopped is not None:
                 reason, stop_reason = "stop", detok.stopped
+        if reason is None and matcher is not None and matcher.is_terminated():
+            reason = "stop"  # the grammar is complete: only EOS could follow
         if reason is None and (n_out >= req.max_total_tokens - req.num_prompt_tokens):
             reason = "length"
         if reason is not None:
+            self._matchers.pop(req.request_id, None)
             if detok is not None and detok.stopped is None:
                 comp.text += detok.finish()
             comp.finish_reason, comp.stop_reason = reason, stop_reason
+            del req.output_token_ids[n_out:]  # a later step's placeholder, already launched
             self.scheduler.finish(req, reason)

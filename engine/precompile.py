@@ -95,8 +95,9 @@ def model_config(config: EngineConfig) -> ModelConfig:
 
 
 def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
-                   mode: SamplingMode, sharding: Any) -> tuple:
-    """ShapeDtypeStructs of (tokens, md, logits_idx, st) as ModelRunner.prepare makes them."""
+                   mode: SamplingMode, sharding: Any, max_seqs: int | None = None) -> tuple:
+    """ShapeDtypeStructs of the step's (tokens, md, logits_idx, st, prev_tokens, src) as
+    ModelRunner.launch makes them; prev_tokens has the runner's largest sequence bucket."""
     i32 = np.int32
     md = AttentionMetadata(
         positions=np.zeros(t, i32), slot_mapping=np.zeros(t, i32), token_seq=np.zeros(t, i32),
@@ -104,7 +105,8 @@ def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: 
         page_table=np.zeros((s, p), i32), num_tokens=i32(0), page_size=page,
         decode_only=decode_only)
     st = SamplingTensors.from_rows([], vocab, pad_to=s, mode=mode)
-    concrete = (np.zeros(t, i32), md, np.zeros(s, i32), st)
+    concrete = (np.zeros(t, i32), md, np.zeros(s, i32), st, np.zeros(max_seqs or s, i32),
+                np.zeros(t, i32))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                                        sharding=sharding), concrete)
 
@@ -166,11 +168,12 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     log.info("%s on %s: %d pages x %d, max_model_len %d, %d buckets x %d sampling modes",
              config.model.model, target or backend.name, num_pages, page, max_len, len(grid),
              len(modes))
-    step = make_step(cfg, backend)
+    step = make_step(cfg, backend, buckets.seqs[-1])
     times = []
     for mode in modes:
         for t, n, p, dec in grid:
-            batch = abstract_batch(t, n, p, dec, page, cfg.vocab_size, mode, sharding)
+            batch = abstract_batch(t, n, p, dec, page, cfg.vocab_size, mode, sharding,
+                                   buckets.seqs[-1])
             t0 = time.perf_counter()
             lowered = step.trace(params, kv, *batch, mode).lower()
             t1 = time.perf_counter()

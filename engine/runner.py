@@ -1,7 +1,9 @@
 """The model runner: turns a ScheduledBatch into device arrays, runs the jitted step, samples.
 
 One jitted entry point (`_step`): forward + sample, with the KV cache donated so it is
-updated in place. All shapes are bucketed (engine.compile.Buckets).
+updated in place. All shapes are bucketed (engine.compile.Buckets). Batches with
+grammar-constrained rows (structured outputs) run the same step in two halves instead, so that
+the host computes the token masks while the device runs the forward.
 """
 
 from __future__ import annotations
@@ -39,20 +41,78 @@ class TokenSample:
     top: list[tuple[int, float]]
 
 
-def make_step(cfg: ModelConfig, backend: Backend):
+PLACEHOLDER = -1
+"""A token id that stands for a token the previous step sampled and the host has not read
+yet (overlap scheduling); the step takes it from `prev_tokens` on the device."""
+
+
+def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int):
     """The jitted step (forward + sample, KV cache donated). Precompilation builds the same
-    function, so its programs are the ones the runner later finds in the compilation cache."""
+    function, so its programs are the ones the runner later finds in the compilation cache.
+
+    Token i with src[i] >= 0 is a placeholder for prev_tokens[src[i]], the previous step's
+    sampled token of that row, still on the device. The step returns its own sampled tokens
+    padded to [max_seqs] for the next step, so that input has one shape."""
     attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
     fwd = functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv)
 
-    def step(params, kv, tokens, md, logits_idx, st, mode):
+    def step(params, kv, tokens, md, logits_idx, st, prev_tokens, src, mode):
+        tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], tokens)
         logits, kv = fwd(params, kv, tokens, md, logits_idx)
-        return sample(logits, st, mode), kv
+        out = sample(logits, st, mode)
+        next_tokens = jnp.zeros(max_seqs, jnp.int32).at[:out.tokens.shape[0]].set(out.tokens)
+        return out, kv, next_tokens
 
     return jax.jit(step, static_argnames=("mode",), donate_argnums=(1,))
 
 
+@dataclasses.dataclass
+class Launched:
+    """A step dispatched to the device whose sampled tokens the host has not read yet."""
+
+    batch: ScheduledBatch
+    out: Any
+    """The sampler's output on the device (read by ModelRunner.collect)."""
+    next_tokens: jax.Array | None
+    """[max_seqs] the sampled token of each row, for the next step's placeholders."""
+    rows: dict[str, int]
+    """Request id -> its row, for each sequence that samples."""
+    shape: tuple
+
+
+def make_split_step(cfg: ModelConfig, backend: Backend) -> tuple[Callable, Callable]:
+    """The step in two jitted halves, for batches with grammar-constrained rows: the forward
+    (KV cache donated) returns the logits on device, so the host fills the token bitmasks
+    while the device computes; then the sample applies them."""
+    attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
+    fwd = functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv)
+
+    def masked_sample(logits, st, bitmask, mode):
+        return sample(logits, st, mode, bitmask)
+
+    return (jax.jit(fwd, donate_argnums=(1,)),
+            jax.jit(masked_sample, static_argnames=("mode",)))
+
+
+@dataclasses.dataclass
+class GrammarMasks:
+    """The constrained rows of one batch and how to fill their bitmasks (structured outputs).
+
+    `fill(bitmask)` writes the allowed next tokens of row i for each i in `rows` into
+    bitmask[i] (int32 [S, words]); every other row stays all ones (unconstrained).
+    """
+
+    rows: list[int]
+    words: int
+    fill: Callable[[np.ndarray], None]
+
+
 class ModelRunner:
+    # Host time spent filling grammar bitmasks, and rows filled (engine bench structured).
+    mask_time_s: float = 0.0
+    mask_rows: int = 0
+    _split: tuple[Callable, Callable] | None = None  # built on the first constrained batch
+
     def __init__(
         self, cfg: ModelConfig, params: Params, backend: Backend, *, page_size: int,
         num_pages: int, max_num_tokens: int, max_num_seqs: int, max_model_len: int,
@@ -67,7 +127,8 @@ class ModelRunner:
                                       place=kv_place)
         max_pages = -(-max_model_len // page_size)
         self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages)
-        self._step = make_step(cfg, backend)
+        self._step = make_step(cfg, backend, self.buckets.seqs[-1])
+        self._no_prev = np.zeros(self.buckets.seqs[-1], np.int32)
         self.compiled_shapes: set[tuple] = set()
 
     def _row_params(self, req: Request) -> SamplingParams:
@@ -130,19 +191,47 @@ class ModelRunner:
         st = SamplingTensors.from_rows(rows, self.cfg.vocab_size, pad_to=s_pad, mode=mode)
         return tokens, md, logits_idx, st, mode
 
-    def execute(self, batch: ScheduledBatch) -> list[TokenSample | None]:
-        """Run one step; one entry per scheduled seq (None where the seq does not sample)."""
+    def execute(self, batch: ScheduledBatch,
+                masks: GrammarMasks | None = None) -> list[TokenSample | None]:
+        """Run one step; one entry per scheduled seq (None where the seq does not sample).
+        `masks`: the grammar-constrained rows, if any (else the fused step runs)."""
+        return self.collect(self.launch(batch, masks=masks))
+
+    def launch(self, batch: ScheduledBatch, prev: Launched | None = None,
+               masks: GrammarMasks | None = None) -> Launched:
+        """Dispatch one step without waiting for it. PLACEHOLDER tokens in the batch stand
+        for the tokens `prev` sampled (overlap scheduling); a constrained step has none."""
         tokens, md, logits_idx, st, mode = self.prepare(batch)
+        src = np.full(tokens.shape, -1, np.int32)
+        if prev is not None:
+            off = 0
+            for sq in batch.seqs:
+                for j, tok in enumerate(sq.token_ids):
+                    if tok == PLACEHOLDER:
+                        src[off + j] = prev.rows[sq.request.request_id]
+                off += len(sq.token_ids)
         shape = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], md.decode_only,
-                 mode)
+                 mode, masks is not None)
+        next_tokens = None
+        if masks is None:
+            prev_tokens = self._no_prev if prev is None else prev.next_tokens
+            out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md, logits_idx,
+                                                   st, prev_tokens, src, mode)
+        else:
+            out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
+        rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
+        return Launched(batch, out, next_tokens, rows, shape)
+
+    def collect(self, launched: Launched) -> list[TokenSample | None]:
+        """Wait for a launched step and read its samples (one entry per scheduled seq)."""
         t0 = time.perf_counter()
-        out, self.kv = self._step(self.params, self.kv, tokens, md, logits_idx, st, mode)
-        out = to_host(out)  # also reads a replicated multi-process array
-        if shape not in self.compiled_shapes:
-            self.compiled_shapes.add(shape)
-            log.debug("step shape %s first run %.2fs", shape, time.perf_counter() - t0)
+        out = to_host(launched.out)  # also reads a replicated multi-process array
+        if launched.shape not in self.compiled_shapes:
+            self.compiled_shapes.add(launched.shape)
+            log.debug("step shape %s first run (wait %.2fs)", launched.shape,
+                      time.perf_counter() - t0)
         results: list[TokenSample | None] = []
-        for i, sq in enumerate(batch.seqs):
+        for i, sq in enumerate(launched.batch.seqs):
             if not sq.sample:
                 results.append(None)
                 continue
@@ -151,3 +240,19 @@ class ModelRunner:
                                                       strict=True)]
             results.append(TokenSample(int(out.tokens[i]), float(out.logprobs[i]), top))
         return results
+
+    def _constrained_step(self, tokens: np.ndarray, md: AttentionMetadata,
+                          logits_idx: np.ndarray, st: SamplingTensors, mode: SamplingMode,
+                          masks: GrammarMasks) -> Any:
+        if self._split is None:
+            self._split = make_split_step(self.cfg, self.backend)
+        fwd, masked_sample = self._split
+        # Dispatch is asynchronous: the forward runs on the device while the host fills the
+        # bitmasks, which the sample (queued after it) then waits for.
+        logits, self.kv = fwd(self.params, self.kv, tokens, md, logits_idx)  # [S, V]
+        bitmask = np.full((logits_idx.shape[0], masks.words), -1, np.int32)  # [S, W]
+        t0 = time.perf_counter()
+        masks.fill(bitmask)
+        self.mask_time_s += time.perf_counter() - t0
+        self.mask_rows += len(masks.rows)
+        return masked_sample(logits, st, bitmask, mode)

@@ -1,14 +1,16 @@
 """Token sampling on device, run inside the jitted model step on the logits of the rows to sample.
 
-Order (as vLLM): logit_bias, penalties, temperature; greedy rows take the argmax; the other rows
-mask with min-p, top-k and top-p and draw with the Gumbel-max trick. Logprobs are the
-log_softmax of the raw logits (before bias, penalties, temperature and filters).
+Order (as vLLM): grammar bitmask, logit_bias, penalties, temperature; greedy rows take the
+argmax; the other rows mask with min-p, top-k and top-p and draw with the Gumbel-max trick.
+Logprobs are the log_softmax of the raw logits (before the grammar mask, bias, penalties,
+temperature and filters): what the model thinks, also of tokens the grammar forbids.
 
 Batch invariance: each row draws its noise from its own key, fold_in(key(seed), step), over
 token ids (not sorted ranks), so a seeded request yields the same tokens whatever else is in
 the batch, wherever its row sits, and whichever compiled variant (sorted or not) runs.
 
-Shape letters: S rows (padded to a bucket), V vocab, B logit-bias entries per row, K logprobs.
+Shape letters: S rows (padded to a bucket), V vocab, B logit-bias entries per row, K logprobs,
+W int32 words of a grammar bitmask row (32 tokens each).
 """
 
 from __future__ import annotations
@@ -231,12 +233,33 @@ def _gumbel(t: SamplingTensors, V: int) -> jax.Array:
     return jax.vmap(row)(t.key, t.step)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, mode: SamplingMode) -> SampleOutput:
-    """Sample one token per row of logits (f32 [S, V]); `mode` must be static under jit."""
+def unpack_bitmask(bitmask: jax.Array, V: int) -> jax.Array:
+    """Allowed tokens (bool [S, V]) from an int32 bitmask [S, W]: token t is bit t % 32 of word
+    t // 32. Tokens past 32 * W (a vocab wider than the mask) are not allowed."""
+    S, W = bitmask.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)  # [32]
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [S, W, 32]; arithmetic shift, then bit 0
+    bits = bits.reshape(S, W * 32).astype(jnp.bool_)  # [S, 32W]
+    if W * 32 >= V:
+        return bits[:, :V]
+    return jnp.pad(bits, ((0, 0), (0, V - W * 32)))
+
+
+def sample(logits: jax.Array, t: SamplingTensors, mode: SamplingMode,
+           bitmask: jax.Array | None = None) -> SampleOutput:
+    """Sample one token per row of logits (f32 [S, V]); `mode` must be static under jit.
+
+    `bitmask` (int32 [S, W], optional): the tokens each row may take (structured outputs);
+    unconstrained rows are all ones. A row whose mask allows nothing yields token 0.
+    """
     logits = logits.astype(jnp.float32)
     S, V = logits.shape
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V]
     x = logits
+    if bitmask is not None:
+        # -inf stays -inf through bias, penalties and temperature; greedy and Gumbel argmax
+        # then never pick a forbidden token.
+        x = jnp.where(unpack_bitmask(bitmask, V), x, -jnp.inf)
     if mode.logit_bias:
         x = x.at[jnp.arange(S)[:, None], t.bias_ids].add(t.bias_values)  # small [S, B] scatter
     if mode.penalties:

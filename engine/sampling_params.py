@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Any
+
+from engine.structured.base import KINDS, GrammarSpec
 
 MAX_LOGPROBS = 20
 
@@ -34,6 +38,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    # Structured outputs: at most one constraint; the output then matches it and ends
+    # (finish_reason "stop") as soon as the grammar is complete.
+    json_schema: str | dict[str, Any] | None = None
+    """A JSON schema (object or its JSON text); {"type": "object"} is any JSON object."""
+    regex: str | None = None
+    """The whole output matches this regular expression (Rust `regex` syntax)."""
+    ebnf: str | None = None
+    """A context-free grammar: GBNF (`root ::= ...`) or Lark (`start: ...`)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,10 +93,51 @@ class SamplingParams:
         for tok, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]} cannot be combined with {given[0]}: give at most one "
+                             "of json_schema, regex, ebnf and choice")
+        schema = self.json_schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        if schema is not None and not isinstance(schema, dict | bool):
+            raise ValueError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+        for field in ("regex", "ebnf"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{field} must be a non-empty string, got {value!r}")
+        if self.choice is not None and (
+                not isinstance(self.choice, list) or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        """The constraint in canonical form (None when unconstrained)."""
+        if self.json_schema is not None:
+            schema = self.json_schema
+            if isinstance(schema, str):
+                schema = json.loads(schema)
+            # Key order kept: properties are generated in the schema's order.
+            return GrammarSpec("json_schema", json.dumps(schema))
+        if self.regex is not None:
+            return GrammarSpec("regex", self.regex)
+        if self.ebnf is not None:
+            return GrammarSpec("ebnf", self.ebnf)
+        if self.choice is not None:
+            return GrammarSpec("choice", json.dumps(self.choice))
+        return None
 
     @property
     def uses_penalties(self) -> bool:

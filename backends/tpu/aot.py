@@ -104,7 +104,8 @@ def step_memory(chip: str, model: str, *, num_pages: int, page: int, scan: bool,
     kv = jax.tree.map(sds, jax.eval_shape(
         lambda: backend.allocate_kv(cfg, num_pages, page, dt, scan=scan)))
     batch = abstract_batch(64, 8, 16, False, page, cfg.vocab_size, SamplingMode(), sharding)
-    compiled = make_step(cfg, backend).trace(params, kv, *batch, SamplingMode()).lower().compile()
+    step = make_step(cfg, backend, 8)  # 8: the batch's sequences (prev_tokens' length)
+    compiled = step.trace(params, kv, *batch, SamplingMode()).lower().compile()
     kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kv))
     return kv_bytes, compiled.memory_analysis().temp_size_in_bytes
 

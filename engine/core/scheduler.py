@@ -330,6 +330,9 @@ class Scheduler:
     def _end(self, req: Request, reason: str, keep: bool) -> None:
         if self._requests.pop(req.request_id, None) is None:
             raise ValueError(f"request {req.request_id!r} is not scheduled")
+        # With overlap scheduling a step may already compute past the final token (the
+        # engine drops that step's placeholder): only real tokens' pages may be cached.
+        req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
         if req.request_id in self._slots:
             self._leave_running(req, keep)
         else:

@@ -44,15 +44,11 @@ def _given(v: Any) -> bool:
 
 
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: _given(v) and not (isinstance(v, dict)
-                                                     and v.get("type") == "text"),
     "tool_choice": lambda v: v not in (None, "none"),
     "function_call": lambda v: v not in (None, "none"),
     "best_of": lambda v: v not in (None, 1),
-    **{k: _given for k in ("tools", "functions", "regex", "json_schema", "ebnf",
-                           "structural_tag", "guided_json", "guided_regex", "guided_choice",
-                           "guided_grammar", "structured_outputs", "prompt_logprobs", "echo",
-                           "suffix")},
+    **{k: _given for k in ("tools", "functions", "structural_tag", "structured_outputs",
+                           "prompt_logprobs", "echo", "suffix")},
 }
 """Field -> whether its value asks for something we do not implement yet."""
 
@@ -107,6 +103,16 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # Structured outputs: OpenAI's response_format, SGLang's fields and vLLM's guided_* aliases.
+    response_format: dict[str, Any] | None = None
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    choice: list[str] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -190,7 +196,50 @@ def _common(req: _Sampling) -> dict[str, Any]:
                 top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                 min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
                 stop_token_ids=req.stop_token_ids, skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                **_constraint(req))
+
+
+GUIDED_ALIASES = {"guided_json": "json_schema", "guided_regex": "regex",
+                  "guided_choice": "choice", "guided_grammar": "ebnf"}
+"""vLLM's older names of the structured-output fields -> ours (SGLang's)."""
+
+
+def _constraint(req: _Sampling) -> dict[str, Any]:
+    """The structured-output fields of SamplingParams; SamplingParams rejects two kinds."""
+    out: dict[str, Any] = {}
+    given = [(k, getattr(req, k)) for k in ("json_schema", "regex", "ebnf", "choice")]
+    given += [(GUIDED_ALIASES[k], getattr(req, k)) for k in GUIDED_ALIASES]
+    given += list(_response_format(req.response_format).items())
+    for field, value in given:
+        if value is None:
+            continue
+        if field in out:
+            raise ApiError(400, f"{field} is given twice (response_format, {field} and "
+                           "guided_* name the same constraint): give it once", field)
+        out[field] = value
+    return out
+
+
+def _response_format(rf: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's response_format as a constraint: json_object is any JSON object."""
+    if rf is None:
+        return {}
+    kind = rf.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if schema is None:
+            raise ApiError(400, "response_format.json_schema.schema is required (the JSON "
+                           "schema the output must follow)", "response_format.json_schema")
+        return {"json_schema": schema}
+    raise ApiError(400, f"response_format type {kind!r} is not supported; use 'text', "
+                   "'json_object' or 'json_schema'", "response_format.type",
+                   "unsupported_parameter")
 
 
 NATIVE_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",

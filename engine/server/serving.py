@@ -108,7 +108,8 @@ class Serving:
             return await self.aeng.submit(gid, prompts, params, arrival)
         except ValueError as e:
             code = "context_length_exceeded" if "maximum context length" in str(e) else None
-            raise ApiError(400, str(e), param, code) from None
+            # A constraint that does not compile names its field (GrammarError.param).
+            raise ApiError(400, str(e), getattr(e, "param", None) or param, code) from None
         except (QueueFullError, EngineDeadError) as e:
             raise ApiError(503, str(e)) from None
 

@@ -201,13 +201,14 @@ ERROR_CASES = [
      "prompt", "vocabulary"),
     ("negative token", "/v1/completions", {**COMP_OK, "prompt": [-1]}, 400, "prompt",
      "vocabulary"),
-    ("response_format", "/v1/chat/completions",
-     {**CHAT_OK, "response_format": {"type": "json_object"}}, 400, "response_format",
-     "not supported yet"),
+    ("response_format type", "/v1/chat/completions",
+     {**CHAT_OK, "response_format": {"type": "xml"}}, 400, "response_format.type",
+     "not supported"),
     ("tools", "/v1/chat/completions",
      {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "not supported yet"),
-    ("regex", "/v1/completions", {**COMP_OK, "regex": "a+"}, 400, "regex", "not supported yet"),
+    ("invalid regex", "/v1/completions", {**COMP_OK, "regex": "a(b"}, 400, "regex",
+     "invalid regex"),
     ("image content", "/v1/chat/completions",
      {**CHAT_OK, "messages": [{"role": "user", "content": [
          {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
@@ -247,7 +248,7 @@ def test_openai_client_errors(client) -> None:
         client.chat.completions.create(model="gpt-nope", messages=CHAT, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="not supported yet"):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
-                                       extra_body={"guided_json": {"type": "object"}})
+                                       extra_body={"structured_outputs": {"json": {}}})
     succeeds(client)
 
 

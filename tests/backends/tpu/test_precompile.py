@@ -45,9 +45,11 @@ def test_abstract_batch_matches_prepare():
                 for i, n in enumerate(lens)]
         tokens, md, logits_idx, st, mode = runner.prepare(ScheduledBatch(seqs))
         assert md.decode_only == decode
-        want = (tokens, md, logits_idx, st)
+        max_seqs = runner.buckets.seqs[-1]
+        src = np.full(tokens.shape, -1, np.int32)  # as ModelRunner.launch makes it
+        want = (tokens, md, logits_idx, st, np.zeros(max_seqs, np.int32), src)
         got = abstract_batch(tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1],
-                             md.decode_only, md.page_size, cfg.vocab_size, mode, None)
+                             md.decode_only, md.page_size, cfg.vocab_size, mode, None, max_seqs)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert (a.shape, a.dtype) == (np.shape(b), np.asarray(b).dtype)
