@@ -103,7 +103,7 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
     scratch plus unaliased outputs, read from the compiled program (compiled over abstract
     inputs at the largest token, sequence and page buckets, with every sampling feature on)."""
     from engine.precompile import abstract_batch
-    from engine.runner import make_step
+    from engine.runner import make_step, mesh_context
     from engine.sampler import SamplingMode
 
     page, s = config.cache.page_size, config.scheduler
@@ -121,7 +121,8 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
                            page, cfg.vocab_size, mode, None, buckets.seqs[-1])
     t0 = time.perf_counter()
     step = make_step(cfg, backend, buckets.seqs[-1])
-    mem = step.trace(params, kv, *batch, mode).lower().compile().memory_analysis()
+    with mesh_context(backend):
+        mem = step.trace(params, kv, *batch, mode).lower().compile().memory_analysis()
     peak = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     log.info("activation peak %.2f GiB (largest step: %d tokens, %d seqs, %d pages/seq; "
              "measured in %.1fs)", peak / 2**30, buckets.tokens[-1], buckets.seqs[-1],

@@ -8,6 +8,7 @@ the host computes the token masks while the device runs the forward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -46,6 +47,21 @@ PLACEHOLDER = -1
 yet (overlap scheduling); the step takes it from `prev_tokens` on the device."""
 
 
+def model_forward(cfg: ModelConfig, backend: Backend) -> Callable:
+    """The model's forward bound to the backend's attention and KV write. MoE experts split
+    over a mesh axis (expert parallelism) take the shard_map path over that axis, which
+    needs the mesh in context when traced (`mesh_context`)."""
+    attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
+    expert_axis = backend.mesh_rules.get("expert") if backend.mesh is not None else None
+    return functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv,
+                             expert_axis=expert_axis if cfg.is_moe else None)
+
+
+def mesh_context(backend: Backend) -> contextlib.AbstractContextManager:
+    """jax.set_mesh(the backend's mesh) while a step is traced, or nothing without one."""
+    return jax.set_mesh(backend.mesh) if backend.mesh is not None else contextlib.nullcontext()
+
+
 def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int):
     """The jitted step (forward + sample, KV cache donated). Precompilation builds the same
     function, so its programs are the ones the runner later finds in the compilation cache.
@@ -53,8 +69,7 @@ def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int):
     Token i with src[i] >= 0 is a placeholder for prev_tokens[src[i]], the previous step's
     sampled token of that row, still on the device. The step returns its own sampled tokens
     padded to [max_seqs] for the next step, so that input has one shape."""
-    attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
-    fwd = functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv)
+    fwd = model_forward(cfg, backend)
 
     def step(params, kv, tokens, md, logits_idx, st, prev_tokens, src, mode):
         tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], tokens)
@@ -84,8 +99,7 @@ def make_split_step(cfg: ModelConfig, backend: Backend) -> tuple[Callable, Calla
     """The step in two jitted halves, for batches with grammar-constrained rows: the forward
     (KV cache donated) returns the logits on device, so the host fills the token bitmasks
     while the device computes; then the sample applies them."""
-    attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
-    fwd = functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv)
+    fwd = model_forward(cfg, backend)
 
     def masked_sample(logits, st, bitmask, mode):
         return sample(logits, st, mode, bitmask)
@@ -215,10 +229,12 @@ class ModelRunner:
         next_tokens = None
         if masks is None:
             prev_tokens = self._no_prev if prev is None else prev.next_tokens
-            out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md, logits_idx,
-                                                   st, prev_tokens, src, mode)
+            with mesh_context(self.backend):
+                out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md,
+                                                       logits_idx, st, prev_tokens, src, mode)
         else:
-            out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
+            with mesh_context(self.backend):
+                out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
         rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
         return Launched(batch, out, next_tokens, rows, shape)
 

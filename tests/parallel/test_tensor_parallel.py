@@ -19,10 +19,16 @@ TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermedia
 """8 query heads, 2 KV heads: TP 2 shards the KV cache, TP 4 and 8 replicate it."""
 
 
-def run_worker(model: str, load_format: str, sizes: list[int], backend: str = "cpu"
-               ) -> dict[int, dict]:
+TINY_MOE = {**TINY, "model_type": "qwen3_moe", "head_dim": 16, "num_experts": 8,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}
+"""8 experts, 2 per token: expert parallelism puts 4, 2 or 1 whole experts on a device."""
+
+
+def run_worker(model: str, load_format: str, sizes: list[int], backend: str = "cpu",
+               expert_parallel: bool = False) -> dict[int, dict]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "ENGINE_TEST_BACKEND": backend}
+           "JAX_PLATFORMS": "cpu", "ENGINE_TEST_BACKEND": backend,
+           "ENGINE_TEST_EP": "1" if expert_parallel else ""}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.parallel.tp_worker", model, load_format,
          *map(str, sizes)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -68,6 +74,23 @@ def test_kernel_backend_runs_attention_per_device(tiny_runs, tmp_path):
         assert runs[tp]["tokens"] == tiny_runs[1]["tokens"]
     assert not tiny_runs[2]["per_device_attention"]  # the CPU oracle is partitioned by XLA
     assert runs[2]["kv"] == ["tp", None, None, None]  # head-major [Hkv, pages, page, D]
+
+
+def test_moe_expert_parallel_same_tokens_as_one_device(tmp_path):
+    """Whole experts per device (shard_map over the tp axis) or each expert's width split
+    (XLA's partitioner): both give the unsharded model's tokens."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MOE))
+    model = str(tmp_path / "config.json")
+    base = run_worker(model, "dummy", [1])[1]
+    ep = run_worker(model, "dummy", [2, 8], expert_parallel=True)
+    width = run_worker(model, "dummy", [4])[4]
+    for run in (ep[2], ep[8], width):
+        assert run["tokens"] == base["tokens"]
+        for a, b in zip(run["logprobs"], base["logprobs"], strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert ep[2]["expert_gate"] == ["tp", None, None]  # [X, E, F]: experts split
+    assert ep[2]["expert_axis"] == "tp" and width["expert_axis"] is None  # shard_map or XLA
+    assert width["expert_gate"] == [None, None, "tp"]  # each expert's width split
 
 
 def test_default_model_tp4_same_tokens(default_gguf):

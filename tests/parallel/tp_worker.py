@@ -6,7 +6,8 @@ tensor-parallel sizes and print one JSON line per size (tokens, logprobs, shardi
 
 With ENGINE_TEST_DIST=host:port,num_processes,process_id the process joins a multi-host
 group (jax.distributed) and its mesh spans every process's devices. ENGINE_TEST_BACKEND
-picks the backend (default cpu; cuda runs its Pallas kernels in the interpreter here).
+picks the backend (default cpu; cuda runs its Pallas kernels in the interpreter here);
+ENGINE_TEST_EP=1 turns on expert parallelism.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 
 from engine import LLM, SamplingParams
+from engine.runner import model_forward
 
 PROMPTS = [[5, 17, 29, 3, 11, 8, 40, 2, 9, 13, 21, 34], [7, 7, 1, 19], list(range(30, 60))]
 
@@ -32,6 +34,8 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
         addr, n, pid = os.environ["ENGINE_TEST_DIST"].split(",")
         dist = {"coordinator_address": addr, "num_processes": int(n), "process_id": int(pid)}
     backend = os.environ.get("ENGINE_TEST_BACKEND", "cpu")
+    if os.environ.get("ENGINE_TEST_EP"):
+        dist["expert_parallel"] = True
     for tp in sizes:
         llm = LLM(model, backend=backend, dtype="float32", load_format=load_format,
                   tensor_parallel_size=tp, max_total_tokens=1024, max_running_requests=4,
@@ -47,10 +51,13 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
                                                  strict=True)] for o in outs],
             "wq": spec(layer["wq"]) if tp > 1 else None,
             "wk": spec(layer["wk"]) if tp > 1 else None,
-            "w_down": spec(layer["w_down"]) if tp > 1 else None,
+            "w_down": spec(layer["w_down"]) if tp > 1 and "w_down" in layer else None,
+            "expert_gate": spec(layer["expert_gate"]) if tp > 1 and "expert_gate" in layer
+            else None,
             "kv": spec(k_cache) if tp > 1 else None,
             "kv_devices": len(k_cache.sharding.device_set),
             "per_device_attention": runner.backend.attention_fn() != runner.backend.attention,
+            "expert_axis": model_forward(runner.cfg, runner.backend).keywords["expert_axis"],
         }), flush=True)
 
 
