@@ -16,6 +16,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.sampler import SamplingMode, SamplingRow, SamplingTensors, sample, unpack_bitmask
 from engine.structured import GrammarCompiler, GrammarSpec, make_backend, mask_words
+from tests.schemas import WEATHER
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -44,13 +45,6 @@ SHOPPING = {
                   "required": ["fruit", "count"], "additionalProperties": False},
     }},
     "required": ["items"], "additionalProperties": False,
-}
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 20},
-                   "celsius": {"type": "number", "minimum": -40, "maximum": 50},
-                   "sky": {"enum": ["sunny", "cloudy", "rainy"]}},
-    "required": ["city", "celsius", "sky"], "additionalProperties": False,
 }
 TAGS = {"type": "array", "items": {"type": "string", "maxLength": 15}, "minItems": 2,
         "maxItems": 4}

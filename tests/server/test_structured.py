@@ -11,6 +11,7 @@ import re
 import httpx
 import pytest
 
+from tests.schemas import WEATHER
 from tests.server.conftest import MODEL, sse_events
 
 pytest.importorskip("fastapi")
@@ -19,13 +20,6 @@ pytest.importorskip("llguidance")
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 20},
-                   "celsius": {"type": "number", "minimum": -40, "maximum": 50},
-                   "sky": {"enum": ["sunny", "cloudy", "rainy"]}},
-    "required": ["city", "celsius", "sky"], "additionalProperties": False,
-}
 ASK_WEATHER = [{"role": "user", "content": "Report the weather in Paris as JSON."}]
 PHONE = r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"
 
