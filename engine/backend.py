@@ -45,6 +45,16 @@ class MemoryInfo:
     free_bytes: int
 
 
+def device_memory(devices: list[jax.Device]) -> MemoryInfo:
+    """XLA's allocator limit and free bytes of the device with the least free memory."""
+    infos = []
+    for d in devices:
+        stats = d.memory_stats() or {}
+        limit = int(stats.get("bytes_limit", 0))
+        infos.append(MemoryInfo(limit, limit - int(stats.get("bytes_in_use", 0))))
+    return min(infos, key=lambda m: m.free_bytes)
+
+
 class Backend(abc.ABC):
     name: str = "base"
     capabilities: Capabilities = Capabilities()
@@ -59,9 +69,16 @@ class Backend(abc.ABC):
     def devices(self) -> list[jax.Device]:
         return jax.devices(self.capabilities.platform)
 
+    def model_devices(self) -> list[jax.Device]:
+        """This process's devices that hold the model: the mesh's, or the first device."""
+        if self.mesh is None:
+            return self.devices()[:1]
+        return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+
     @abc.abstractmethod
     def memory_info(self) -> MemoryInfo:
-        """Memory available to weights, activations and the KV cache on one device."""
+        """Memory available to weights, activations and the KV cache on one device (the
+        fullest of model_devices() where the backend has device memory)."""
 
     def kv_cache_shape(
         self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int

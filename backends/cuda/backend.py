@@ -20,7 +20,7 @@ from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.kernels import ragged_prefill
 from backends.cuda.kernels.paged_decode import paged_decode_attention
 from engine.attention import AttentionMetadata
-from engine.backend import Backend, Capabilities, MemoryInfo
+from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
 
 
 class CudaBackend(Backend):
@@ -36,9 +36,7 @@ class CudaBackend(Backend):
                                          scan_layers=False, spmd_attention=False)
 
     def memory_info(self) -> MemoryInfo:
-        stats = self.devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit", 0)
-        return MemoryInfo(total_bytes=limit, free_bytes=limit - stats.get("bytes_in_use", 0))
+        return device_memory(self.model_devices())
 
     def kv_cache_axes(self) -> tuple[str, ...]:
         return ("kv_heads", "pages", "page", "head_dim")

@@ -30,7 +30,7 @@ from backends.tpu.kernels.ragged_paged_attention import (
 from backends.tpu.kernels.ragged_paged_attention.kernel import Interpret, sublane_tile
 from backends.tpu.kernels.ragged_paged_attention.tuned_block_sizes import chip_name
 from engine.attention import AttentionMetadata
-from engine.backend import Backend, Capabilities, MemoryInfo
+from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
 
 BLOCK_OPTIONS = ("kv_pages_per_block", "queries_per_block", "kv_heads_per_block")
 KNOWN_OPTIONS = ("interpret", "mesh", "chip", "vmem_limit_bytes", *BLOCK_OPTIONS)
@@ -98,9 +98,7 @@ class TpuBackend(Backend):
             page = os.sysconf("SC_PAGE_SIZE")
             return MemoryInfo(total_bytes=page * os.sysconf("SC_PHYS_PAGES"),
                               free_bytes=page * os.sysconf("SC_AVPHYS_PAGES"))
-        stats = self.devices()[0].memory_stats() or {}
-        total = int(stats.get("bytes_limit", 0))
-        return MemoryInfo(total_bytes=total, free_bytes=total - int(stats.get("bytes_in_use", 0)))
+        return device_memory(self.model_devices())
 
     def kv_cache_axes(self) -> tuple[str, ...]:
         return ("pages", "kv_heads", "page", "head_dim")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from backends.cpu.backend import CpuBackend
-from engine.backend import MemoryInfo
+from engine.backend import MemoryInfo, device_memory
 from engine.builder import activation_peak, kv_pages
 from engine.config import EngineConfig
 from engine.model.config import ModelConfig
@@ -54,3 +54,18 @@ def test_activation_peak_is_read_from_the_compiled_step():
              for n in (32, 512)]
     # At least the MLP intermediate [T, F] in float32 for the 512-token step.
     assert peaks[1] > max(peaks[0], 512 * CFG.intermediate_size * 4)
+
+
+class FakeDevice:
+    def __init__(self, limit: int, in_use: int) -> None:
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self) -> dict:
+        return self.stats
+
+
+def test_the_fullest_model_device_sizes_the_pool():
+    """Under tensor parallelism every device holds its share of each page: the device with
+    the least free memory decides how many pages fit."""
+    info = device_memory([FakeDevice(100, 10), FakeDevice(100, 40), FakeDevice(90, 5)])
+    assert (info.total_bytes, info.free_bytes) == (100, 60)
