@@ -4,6 +4,10 @@ One jitted entry point (`_step`): forward + sample, with the KV cache donated so
 updated in place. All shapes are bucketed (engine.compile.Buckets). Batches with
 grammar-constrained rows (structured outputs) run the same step in two halves instead, so that
 the host computes the token masks while the device runs the forward.
+
+`launch` dispatches a step and returns at once; `collect` waits for it and reads its tokens.
+Overlap scheduling launches step N+1 (whose inputs may name step N's tokens as PLACEHOLDERs,
+filled in on the device) before collecting step N.
 """
 
 from __future__ import annotations
