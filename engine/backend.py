@@ -70,10 +70,10 @@ class Backend(abc.ABC):
         return jax.devices(self.capabilities.platform)
 
     def model_devices(self) -> list[jax.Device]:
-        """This process's devices that hold the model: the mesh's, or the first device."""
-        if self.mesh is None:
-            return self.devices()[:1]
-        return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        """This process's devices that hold the model: the mesh's, or its first device."""
+        devices = self.devices() if self.mesh is None else list(self.mesh.devices.flat)
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        return local if self.mesh is not None else local[:1]
 
     @abc.abstractmethod
     def memory_info(self) -> MemoryInfo:

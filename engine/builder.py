@@ -69,7 +69,7 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
     from engine.loader.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(model)
-    with jax.default_device(backend.devices()[0]):
+    with jax.default_device(backend.model_devices()[0]):
         params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan)
     return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
                        model or "smollm2-135m-instruct")

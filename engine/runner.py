@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
@@ -66,6 +67,14 @@ def mesh_context(backend: Backend) -> contextlib.AbstractContextManager:
     return jax.set_mesh(backend.mesh) if backend.mesh is not None else contextlib.nullcontext()
 
 
+def replicated(tree: Any, backend: Backend) -> Any:
+    """Step outputs whole on every device of the mesh: reading them then needs no collective
+    (under multi-host serving only the leader reads them)."""
+    if backend.mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(backend.mesh, PartitionSpec()))
+
+
 def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int):
     """The jitted step (forward + sample, KV cache donated). Precompilation builds the same
     function, so its programs are the ones the runner later finds in the compilation cache.
@@ -80,7 +89,7 @@ def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int):
         logits, kv = fwd(params, kv, tokens, md, logits_idx)
         out = sample(logits, st, mode)
         next_tokens = jnp.zeros(max_seqs, jnp.int32).at[:out.tokens.shape[0]].set(out.tokens)
-        return out, kv, next_tokens
+        return replicated(out, backend), kv, replicated(next_tokens, backend)
 
     return jax.jit(step, static_argnames=("mode",), donate_argnums=(1,))
 
@@ -106,7 +115,7 @@ def make_split_step(cfg: ModelConfig, backend: Backend) -> tuple[Callable, Calla
     fwd = model_forward(cfg, backend)
 
     def masked_sample(logits, st, bitmask, mode):
-        return sample(logits, st, mode, bitmask)
+        return replicated(sample(logits, st, mode, bitmask), backend)
 
     return (jax.jit(fwd, donate_argnums=(1,)),
             jax.jit(masked_sample, static_argnames=("mode",)))
@@ -130,6 +139,8 @@ class ModelRunner:
     mask_time_s: float = 0.0
     mask_rows: int = 0
     _split: tuple[Callable, Callable] | None = None  # built on the first constrained batch
+    mirror: Any = None
+    """Multi-host serving, on the leader: sends each step's inputs to the followers."""
 
     def __init__(
         self, cfg: ModelConfig, params: Params, backend: Backend, *, page_size: int,
@@ -231,6 +242,9 @@ class ModelRunner:
         shape = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], md.decode_only,
                  mode, masks is not None)
         next_tokens = None
+        if self.mirror is not None:  # multi-host serving: the followers run it too
+            self.mirror.send(("step", (tokens, md, logits_idx, st, mode, src, prev is not None))
+                             if masks is None else ("fwd", (tokens, md, logits_idx)))
         if masks is None:
             prev_tokens = self._no_prev if prev is None else prev.next_tokens
             with mesh_context(self.backend):
@@ -275,4 +289,27 @@ class ModelRunner:
         masks.fill(bitmask)
         self.mask_time_s += time.perf_counter() - t0
         self.mask_rows += len(masks.rows)
+        if self.mirror is not None:
+            self.mirror.send(("sample", (st, bitmask, mode)))
         return masked_sample(logits, st, bitmask, mode)
+
+    def replay(self, msg: tuple, prev: Launched | None) -> Launched | None:
+        """A follower's side of one of the leader's steps (engine.parallel.mirror): the same
+        programs on the same inputs; the outputs are left unread. Returns the step the next
+        one's placeholders refer to."""
+        kind, args = msg
+        with mesh_context(self.backend):
+            if kind == "step":
+                tokens, md, logits_idx, st, mode, src, use_prev = args
+                prev_tokens = prev.next_tokens if use_prev and prev else self._no_prev
+                out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md,
+                                                       logits_idx, st, prev_tokens, src, mode)
+                return Launched(ScheduledBatch([]), out, next_tokens, {}, ())
+            if self._split is None:
+                self._split = make_split_step(self.cfg, self.backend)
+            fwd, masked_sample = self._split
+            if kind == "fwd":
+                self._replay_logits, self.kv = fwd(self.params, self.kv, *args)
+            else:
+                masked_sample(self._replay_logits, *args)
+        return prev

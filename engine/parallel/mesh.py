@@ -33,6 +33,8 @@ def init_distributed(opts: ParallelOptions, platform: str) -> None:
         return
     if platform == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service would take SIGTERM, which the server needs for its drain.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(coordinator_address=opts.coordinator_address,
                                num_processes=opts.num_processes, process_id=opts.process_id)
     _initialized = True

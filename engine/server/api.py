@@ -81,6 +81,10 @@ class ServerState:
     def _load(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             engine, model = build_engine(self.config)
+            if self.config.parallel.num_processes > 1:  # multi-host: followers replay steps
+                from engine.parallel.mirror import StepMirror
+
+                engine.runner.mirror = StepMirror(self.config.parallel)
             aeng = AsyncEngine(engine, loop, self.metrics,
                                max_queued_requests=self.options.max_queued_requests,
                                log_interval=self.options.log_interval,
@@ -118,6 +122,9 @@ class ServerState:
         self._closing = True
         if self.aeng is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.aeng.stop, 10.0)
+            mirror = self.aeng.engine.runner.mirror
+            if mirror is not None:  # the followers exit
+                mirror.close()
 
     def ready(self) -> Serving:
         if self.failure is not None:

@@ -63,6 +63,11 @@ class AsyncEngine:
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- event-loop side -----------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        """The engine; only its own thread may step it."""
+        return self._engine
+
     def start(self) -> None:
         self.thread.start()
 

@@ -71,6 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig.build(args.config or default_preset(args.backend), model=model,
                                 backend=None if args.backend == "auto" else args.backend,
                                 **opts)
+    if config.parallel.process_id > 0:  # multi-host: a follower replays process 0's steps
+        from engine.builder import build_engine
+        from engine.parallel.mirror import follow
+
+        engine, _ = build_engine(config)
+        return follow(engine.runner, config.parallel)
     options = ServerOptions(
         host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name or model or DEFAULT_MODEL,
