@@ -232,13 +232,12 @@ class ModelRunner:
         for the tokens `prev` sampled (overlap scheduling); a constrained step has none."""
         tokens, md, logits_idx, st, mode = self.prepare(batch)
         src = np.full(tokens.shape, -1, np.int32)
-        if prev is not None:
+        if prev is not None:  # a placeholder is only ever a sequence's newest (last) token
             off = 0
             for sq in batch.seqs:
-                for j, tok in enumerate(sq.token_ids):
-                    if tok == PLACEHOLDER:
-                        src[off + j] = prev.rows[sq.request.request_id]
                 off += len(sq.token_ids)
+                if sq.token_ids[-1] == PLACEHOLDER:
+                    src[off - 1] = prev.rows[sq.request.request_id]
         shape = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], md.decode_only,
                  mode, masks is not None)
         next_tokens = None

@@ -57,8 +57,7 @@ def shard_params(params: Any, mesh: Mesh, rules: Rules) -> Any:
         # Across processes, each one places its own (identical) host copy's shards.
         return jax.device_put(np.asarray(a) if multi_process else a, sharding)
 
-    placed = jax.tree.map(put, params, axes, is_leaf=lambda x: isinstance(x, jax.Array))
-    return placed
+    return jax.tree.map(put, params, axes)  # params' leaves pair with whole Axes tuples
 
 
 def kv_sharding(shape: tuple[int, ...], axes: Axes, *, mesh: Mesh, rules: Rules
