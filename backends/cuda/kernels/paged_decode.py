@@ -15,15 +15,20 @@ from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
 from engine.attention import AttentionMetadata
 
-# Block sizes as data (H100, Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16).
+# Block sizes as data (Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16), from the
+# sweep in scripts/cuda_probe.py on an H200 (2026-12-01): one pipeline stage beat two by
+# 10-20% at batch 32-256, and splitting each sequence's pages over k_splits programs pays only
+# until about TARGET_PROGRAMS programs are running (batch 128, ctx 1024: 0.188 ms per layer
+# with 1 split and 1 stage, 2.86 TB/s, against 0.280 ms with 16 splits and 2 stages).
 MIN_BLOCK_K = 16
 """Triton's dot needs K/V blocks of at least 16 tokens: smaller blocks gave wrong results
 on an H100 (page 4 with 2 pages a block came out 2x too large)."""
 BLOCK_H = 16
 PAGES_PER_COMPUTE_BLOCK = 8
 MAX_K_SPLITS = 16
+TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 1
 
 
 def check_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -54,8 +59,10 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if p < min_pages:
         page_table = jnp.pad(page_table, ((0, 0), (0, min_pages - p)))
         p = min_pages
-    k_splits = max(k for k in (1, 2, 4, 8, 16)
-                   if k <= MAX_K_SPLITS and p % k == 0 and (p // k) * page >= MIN_BLOCK_K)
+    hkv = k_cache.shape[0]
+    fits = [k for k in (1, 2, 4, 8, 16)
+            if k <= MAX_K_SPLITS and p % k == 0 and (p // k) * page >= MIN_BLOCK_K]
+    k_splits = next((k for k in fits if hkv * s * k >= TARGET_PROGRAMS), fits[-1])
     per_split = p // k_splits
     c_max = min(per_split, max(PAGES_PER_COMPUTE_BLOCK, min_pages))
     ppcb = max((c for c in range(1, c_max + 1) if per_split % c == 0 and c * page >= MIN_BLOCK_K),
