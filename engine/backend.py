@@ -34,6 +34,9 @@ class Capabilities:
     """Default for the model's layer loop: lax.scan (constant compile time) or unrolled."""
     own_model_runner: bool = False
     """True for backends that do not run the JAX model (they supply a runner)."""
+    min_seq_bucket: int = 4
+    """Smallest sequence bucket. A kernel whose decode step wants one query row per token
+    (T == S, no pad or slice around it) sets the smallest token bucket, 16."""
     spmd_attention: bool = True
     """The attention is plain JAX that XLA's SPMD partitioner can shard. False for custom
     kernels: under tensor parallelism they run per device over their heads (shard_map)."""

@@ -163,7 +163,8 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
     s = config.scheduler
-    buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page))
+    buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page),
+                           min_seqs=backend.capabilities.min_seq_bucket)
     grid = reachable(buckets)[:limit]
     log.info("%s on %s: %d pages x %d, max_model_len %d, %d buckets x %d sampling modes",
              config.model.model, target or backend.name, num_pages, page, max_len, len(grid),

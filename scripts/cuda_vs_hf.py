@@ -9,7 +9,10 @@ Usage: PYTHONPATH=. python3 scripts/cuda_vs_hf.py [preset] [num_layers] [prompt_
 from __future__ import annotations
 
 import functools
+import os
 import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
 import jax
 import jax.numpy as jnp

@@ -33,7 +33,8 @@ class CudaBackend(Backend):
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
-                                         scan_layers=False, spmd_attention=False)
+                                         scan_layers=False, spmd_attention=False,
+                                         min_seq_bucket=16)
 
     def memory_info(self) -> MemoryInfo:
         return device_memory(self.model_devices())
