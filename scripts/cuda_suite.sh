@@ -6,6 +6,8 @@
 #   prefill    one 8k-token prompt through the whole model (prefill time, tok/s, TFLOP/s)
 #   offline    1000 random prompts 1024 in / 1024 out; HF generate on $HF_PROMPTS of them
 #   serve      engine serve --backend cuda, one curl completion, engine bench serving
+#   shared     generated-shared-prefix workload offline, radix cache on vs off
+#   vs_hf      8B-shape logits vs HF transformers in float32 (scripts/cuda_vs_hf.py)
 #   tp         decode latency at TP $TP_SIZES (needs that many GPUs)
 # Wheels the image lacks (fastapi, uvicorn, pydantic, ...) are installed from
 # .whl/ when present (see the device notes in docs/benchmarks.md).
@@ -57,6 +59,15 @@ for stage in "$@"; do
       --request-rate ${RATE:-inf} --vocab-size 128256 --output-json "$OUT/serving.json" \
       2>&1 | quiet | tee "$OUT/serving.txt" | tail -30
     kill -TERM $pid; wait $pid; echo "serve exit $?" ;;
+  shared)
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench offline "${MODEL[@]}" \
+      --max-total-tokens 200000 --dataset generated-shared-prefix --gsp-num-groups 16 \
+      --gsp-prompts-per-group 32 --gsp-system-prompt-len 2048 --gsp-question-len 128 \
+      --gsp-output-len 256 --compare-cache-off --warmup-runs 1 \
+      --output-json "$OUT/shared.json" 2>&1 | quiet | tee "$OUT/shared.txt" | tail -45 ;;
+  vs_hf)
+    CUDA_VISIBLE_DEVICES=${GPU:-0} python3 scripts/cuda_vs_hf.py llama-3.1-8b 32 256 2>&1 \
+      | quiet | tee "$OUT/vs_hf.txt" | tail -4 ;;
   tp)
     for tp in $TP_SIZES; do
       python3 -m engine.cli bench latency "${MODEL[@]}" --tp $tp --batch-size 1 32 128 \

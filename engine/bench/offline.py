@@ -6,6 +6,8 @@ import dataclasses
 import json
 import time
 
+import jax
+
 from engine.bench.datasets import BenchRequest
 from engine.sampling_params import SamplingParams
 
@@ -21,6 +23,11 @@ class OfflineResult:
     """Tokens the model computed (prompt tokens served by the prefix cache are not)."""
     cache_hit_rate: float | None = None
     preemptions: int | None = None
+    steps: int | None = None
+    compile_s: float | None = None
+    """Seconds inside the timed run spent tracing, lowering and compiling step programs (or
+    loading them from the persistent cache): the run waits for them."""
+    compiles: int | None = None
 
     @property
     def output_throughput(self) -> float:
@@ -48,20 +55,48 @@ class OfflineResult:
         if self.computed_tokens is not None:
             rows += [("Tokens computed", self.computed_tokens),
                      ("Prefix cache hit rate", f"{self.cache_hit_rate:.3f}"),
-                     ("Preemptions", self.preemptions)]
+                     ("Preemptions", self.preemptions), ("Engine steps", self.steps)]
+        if self.compile_s is not None:
+            warm = self.elapsed_s - self.compile_s
+            rows += [("Compilations (XLA)", self.compiles),
+                     ("Compile time in the run (s)", f"{self.compile_s:.2f}"),
+                     ("Output tok/s without it", f"{self.output_tokens / warm:.2f}")]
         width = max(len(k) for k, _ in rows) + 2
         return "\n".join(f"{k + ':':<{width}}{v}" for k, v in rows)
 
 
+class CompileClock:
+    """Sums JAX's trace, lower and compile durations (jax.monitoring events) while active."""
+
+    def __init__(self) -> None:
+        self.seconds, self.compiles, self.active = 0.0, 0, False
+        jax.monitoring.register_event_duration_secs_listener(self._event)
+
+    def _event(self, event: str, duration: float, **_: object) -> None:
+        if self.active and (event.startswith("/jax/core/compile/")
+                            or event == "/jax/compilation_cache/cache_retrieval_time_sec"):
+            self.seconds += duration
+            self.compiles += event.endswith("backend_compile_duration")
+
+
+_clock: CompileClock | None = None
+
+
 def run_engine(llm, reqs: list[BenchRequest], name: str) -> OfflineResult:
     """Submit every request at once (offline), run to completion, read the scheduler stats."""
+    global _clock
+    _clock = _clock or CompileClock()
     sched = llm.engine.scheduler
     sched.flush_cache()
     before = sched.stats()
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
               for r in reqs]
+    _clock.seconds, _clock.compiles, _clock.active = 0.0, 0, True
     t0 = time.perf_counter()
-    outs = llm.generate([r.prompt_ids for r in reqs], params)
+    try:
+        outs = llm.generate([r.prompt_ids for r in reqs], params)
+    finally:
+        _clock.active = False
     elapsed = time.perf_counter() - t0
     after = sched.stats()
     prompt_seen = after.prompt_tokens - before.prompt_tokens
@@ -72,7 +107,9 @@ def run_engine(llm, reqs: list[BenchRequest], name: str) -> OfflineResult:
         output_tokens=sum(len(o.token_ids) for o in outs),
         computed_tokens=after.num_computed_tokens - before.num_computed_tokens,
         cache_hit_rate=hits / prompt_seen if prompt_seen else 0.0,
-        preemptions=after.num_preemptions - before.num_preemptions)
+        preemptions=after.num_preemptions - before.num_preemptions,
+        steps=after.num_steps - before.num_steps, compile_s=_clock.seconds,
+        compiles=_clock.compiles)
 
 
 def write_json(path: str, results: list[OfflineResult], args: dict) -> None:
