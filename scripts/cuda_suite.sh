@@ -61,7 +61,7 @@ for stage in "$@"; do
     kill -TERM $pid; wait $pid; echo "serve exit $?" ;;
   shared)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench offline "${MODEL[@]}" \
-      --max-total-tokens 200000 --dataset generated-shared-prefix --gsp-num-groups 16 \
+      --max-total-tokens 300000 --dataset generated-shared-prefix --gsp-num-groups 8 \
       --gsp-prompts-per-group 32 --gsp-system-prompt-len 2048 --gsp-question-len 128 \
       --gsp-output-len 256 --compare-cache-off --warmup-runs 1 \
       --output-json "$OUT/shared.json" 2>&1 | quiet | tee "$OUT/shared.txt" | tail -45 ;;
