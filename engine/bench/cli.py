@@ -25,6 +25,8 @@ def cmd_offline(args: argparse.Namespace) -> int:
         for _ in range(args.warmup_runs):  # compiles every shape the workload meets
             run_engine(engine_llm, reqs, name)
         results.append(run_engine(engine_llm, reqs, name))
+        print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{results[-1].report()}",
+              flush=True)  # now: a later failure (the baseline's) must not lose it
     if args.baseline == "hf":
         from engine.bench.hf_baseline import load_hf_model, run_hf
 
@@ -34,8 +36,7 @@ def cmd_offline(args: argparse.Namespace) -> int:
         hf_reqs = reqs[:args.hf_num_prompts] if args.hf_num_prompts else reqs
         run_hf(model, hf_reqs[:args.hf_batch_size], args.hf_batch_size, device)  # warm-up
         results.append(run_hf(model, hf_reqs, args.hf_batch_size, device))
-    for r in results:
-        print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{r.report()}")
+        print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{results[-1].report()}")
     if len(results) > 1:
         base = results[0].output_throughput
         print("\n" + "\n".join(f"{r.name}: {base / r.output_throughput:.2f}x slower than "
