@@ -14,6 +14,12 @@ def cmd_offline(args: argparse.Namespace) -> int:
     from engine.bench.offline import run_engine, write_json
     from engine.cli import make_llm
 
+    hf = None
+    if args.baseline == "hf":  # first: see engine.bench.hf_baseline.baseline
+        from engine.bench.hf_baseline import baseline
+
+        hf = baseline(args)
+        print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{hf.report()}", flush=True)
     llm = make_llm(args)
     reqs = make_requests(args, llm.model_config.vocab_size)
     runs = [("engine", llm)]
@@ -26,17 +32,8 @@ def cmd_offline(args: argparse.Namespace) -> int:
             run_engine(engine_llm, reqs, name)
         results.append(run_engine(engine_llm, reqs, name))
         print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{results[-1].report()}",
-              flush=True)  # now: a later failure (the baseline's) must not lose it
-    if args.baseline == "hf":
-        from engine.bench.hf_baseline import load_hf_model, run_hf
-
-        dtype = llm.config.model.dtype or llm.engine.runner.backend.capabilities.default_dtype
-        device = "cuda" if llm.engine.runner.backend.capabilities.platform == "gpu" else "cpu"
-        model = load_hf_model(args.model, args.load_format or "auto", dtype, device)
-        hf_reqs = reqs[:args.hf_num_prompts] if args.hf_num_prompts else reqs
-        run_hf(model, hf_reqs[:args.hf_batch_size], args.hf_batch_size, device)  # warm-up
-        results.append(run_hf(model, hf_reqs, args.hf_batch_size, device))
-        print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{results[-1].report()}")
+              flush=True)
+    results += [hf] if hf else []
     if len(results) > 1:
         base = results[0].output_throughput
         print("\n" + "\n".join(f"{r.name}: {base / r.output_throughput:.2f}x slower than "

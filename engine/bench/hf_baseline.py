@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import argparse
+import gc
 import time
 from pathlib import Path
 
-from engine.bench.datasets import BenchRequest
+from engine.bench.datasets import BenchRequest, make_requests
 from engine.bench.offline import OfflineResult
+
+
+def baseline(args: argparse.Namespace) -> OfflineResult:
+    """The workload's first --hf-num-prompts requests through HF generate (after a warm-up
+    batch). Run before the engine starts, and its GPU memory freed after: once JAX has taken
+    its share of the card, HF's model would not fit beside it."""
+    import torch
+
+    gpu = args.backend in ("cuda", "auto") and torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    model = load_hf_model(args.model, args.load_format or "auto", dtype, device)
+    reqs = make_requests(args, model.config.vocab_size)
+    reqs = reqs[:args.hf_num_prompts] if args.hf_num_prompts else reqs
+    run_hf(model, reqs[:args.hf_batch_size], args.hf_batch_size, device)  # warm-up
+    result = run_hf(model, reqs, args.hf_batch_size, device)
+    del model
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    return result
 
 
 def load_hf_model(model: str | None, load_format: str, dtype: str, device: str):

@@ -67,7 +67,7 @@ async def send_request(client: httpx.AsyncClient, model: str | None,
                     return out
                 if event.get("usage"):
                     out.output_len = event["usage"]["completion_tokens"]
-                if any(c.get("text") for c in event.get("choices", [])):
+                if event.get("choices"):  # a chunk per step with new tokens (text may be empty)
                     now = time.perf_counter()
                     if out.ttft == 0.0:
                         out.ttft = now - t0
@@ -80,7 +80,7 @@ async def send_request(client: httpx.AsyncClient, model: str | None,
     out.latency = time.perf_counter() - t0
     out.success = out.ttft > 0.0
     if not out.success:
-        out.error = "the stream ended without text"
+        out.error = "the stream ended without tokens"
     return out
 
 

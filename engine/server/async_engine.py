@@ -255,6 +255,8 @@ class AsyncEngine:
     def _die(self, exc: BaseException) -> None:
         log.critical("the engine loop died: %s: %s", type(exc).__name__, exc, exc_info=exc)
         self.dead = True  # before draining: a submit that misses the drain sees it
+        if self.on_death is not None:  # first: a client told of a failed request that then
+            self.on_death(exc)  # asks /health must find the failure already recorded
         err = EngineDeadError(f"the engine died ({type(exc).__name__}: {exc})")
         for group in self._groups.values():
             self._post(group._fail, err)
@@ -269,8 +271,6 @@ class AsyncEngine:
                 self._post(arg._fail, err)
             elif kind == "call":
                 self._post(_resolve, arg[1], None, err)
-        if self.on_death is not None:
-            self.on_death(exc)
 
     def _maybe_log(self) -> None:
         """One status line every log_interval seconds while there is anything to say."""

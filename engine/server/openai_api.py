@@ -49,7 +49,7 @@ async def chat(s: Serving, request: Request, body: dict[str, Any], arrival: floa
             results.add(d)
             choices = [{"index": c.index, "delta": {"content": c.text} if c.text else {},
                         "logprobs": logprobs(c), "finish_reason": c.finish_reason}
-                       for c in d.choices if c.text or c.finish_reason or want_lp]
+                       for c in d.choices if c.text or c.token_ids or c.finish_reason or want_lp]
             if choices:
                 yield {**head, "choices": choices, **usage_field}
         if req.include_usage:
@@ -85,7 +85,7 @@ async def completions(s: Serving, request: Request, body: dict[str, Any],
             results.add(d)
             choices = []
             for c in d.choices:
-                if not (c.text or c.finish_reason or want_lp):
+                if not (c.text or c.token_ids or c.finish_reason or want_lp):
                     continue
                 i, lp = d.prompt_index * n + c.index, None
                 if want_lp:

@@ -59,3 +59,22 @@ def test_cli_prints_the_report_and_writes_json(server: ServerProcess, tmp_path: 
         assert 0 < s[key]["median"] <= s[key]["p99"]
     assert s["ttft_ms"]["mean"] <= s["e2e_latency_ms"]["mean"]
     assert s["ttft_ms"]["p99"] <= s["e2e_latency_ms"]["p99"]
+
+
+def test_a_model_without_tokenizer_streams_a_chunk_per_step(tmp_path: Path) -> None:
+    """Random weights from a config.json have no tokenizer: every chunk's text is empty, and
+    the benchmark still times each token step (the server sends chunks with new tokens)."""
+    from tests.bench.test_offline_bench import TINY
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    args = ["--backend", "cpu", "--load-format", "dummy", "--model", str(config),
+            "--max-total-tokens", "2048", "--max-running-requests", "4"]
+    reqs = random_requests(3, 16, 6, 1.0, TINY["vocab_size"], seed=1)
+    with running_server(tmp_path, args, name="tokenless") as s:
+        results, _, _ = asyncio.run(run(s.url, None, reqs, request_rate=float("inf"),
+                                        max_concurrency=None, warmup=reqs[:1]))
+    assert [r.error for r in results] == [""] * 3
+    assert [r.output_len for r in results] == [6] * 3
+    for r in results:
+        assert 0 < r.ttft <= r.latency and 1 <= len(r.itl) <= 5
