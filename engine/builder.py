@@ -20,9 +20,9 @@ from engine.engine import Engine
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import params_from_hf, random_params
+from engine.model.weights import Place, params_from_hf, random_params
 from engine.parallel.mesh import init_distributed, make_mesh
-from engine.parallel.sharding import kv_sharding, kv_shards, make_rules, shard_params
+from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def load_tokenizer(path: Path | str | None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def dummy_model(model: str | None, dtype: jnp.dtype, scan: bool, seed: int) -> LoadedModel:
+def dummy_model(model: str | None, dtype: jnp.dtype, scan: bool, seed: int,
+                place: Place | None = None) -> LoadedModel:
     """Random weights for a known shape name or a config.json (a file or its folder); the
     folder's tokenizer is used when it has one."""
     cfg = preset_config(model or "")
@@ -58,19 +59,21 @@ def dummy_model(model: str | None, dtype: jnp.dtype, scan: bool, seed: int) -> L
         cfg = ModelConfig.from_json(path if path.is_file() else folder / "config.json")
         if (folder / "tokenizer_config.json").exists():
             tokenizer = load_tokenizer(folder)
-    params = random_params(cfg, dtype, scan=scan, seed=seed)
+    params = random_params(cfg, dtype, scan=scan, seed=seed, place=place)
     return LoadedModel(cfg, params, tokenizer, model or "dummy")
 
 
-def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: bool) -> LoadedModel:
+def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: bool,
+               place: Place | None = None) -> LoadedModel:
+    """The model's weights on the device, or on their shards of the mesh with `place`."""
     model = config.model.model
     if config.model.load_format == "dummy":
-        return dummy_model(model, dtype, scan, config.model.seed)
+        return dummy_model(model, dtype, scan, config.model.seed, place)
     from engine.loader.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(model)
     with jax.default_device(backend.model_devices()[0]):
-        params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan)
+        params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan, place=place)
     return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
                        model or "smollm2-135m-instruct")
 
@@ -137,19 +140,18 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     caps = backend.capabilities
     dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
     scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
-    loaded = load_model(config, backend, dtype, scan)
-    cfg = loaded.cfg
     mesh = make_mesh(config.parallel, backend.devices())
     rules = make_rules(config.parallel.expert_parallel, dict(config.parallel.axis_rules))
-    kv_place = None
-    if mesh is not None:
-        loaded.params = shard_params(loaded.params, mesh, rules)
+    place = None
+    if mesh is not None:  # weights are made (or put) on their shards as they load
         backend.mesh, backend.mesh_rules = mesh, rules
-        kv_place = functools.partial(kv_sharding, mesh=mesh, rules=rules)
+        place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
+    loaded = load_model(config, backend, dtype, scan, place)
+    cfg = loaded.cfg
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform != "cpu":
-        peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, kv_place)
+        peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)
     num_pages = kv_pages(config, cfg, backend, dtype.itemsize,
                          kv_shards(cfg.num_kv_heads, mesh, rules), peak)
     page = config.cache.page_size
@@ -168,7 +170,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     runner = ModelRunner(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                          max_num_tokens=s.chunked_prefill_size,
                          max_num_seqs=s.max_running_requests, max_model_len=max_len,
-                         kv_dtype=dtype, eos_token_ids=eos, kv_place=kv_place)
+                         kv_dtype=dtype, eos_token_ids=eos, kv_place=place)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule)

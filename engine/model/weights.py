@@ -17,12 +17,14 @@ checkpoints) or `block_sparse_moe.experts.{j}.{w1,w3,w2}.weight` with router
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.model.axes import PARAM_AXES, Axes, param_axes
 from engine.model.config import ModelConfig
 from engine.model.llama import Params
 
@@ -78,24 +80,52 @@ def stack_layers(layers: list[dict]) -> dict:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
+Place = Callable[[tuple[int, ...], Axes], Any]
+"""(shape, logical axes) -> the sharding a parameter is made or put on (tensor parallelism)."""
+
+
+def _sharding(place: Place | None, name: str, shape: tuple[int, ...]) -> Any:
+    return place(shape, PARAM_AXES[name]) if place is not None else None
+
+
 def params_from_hf(
-    tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool
+    tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool,
+    place: Place | None = None,
 ) -> Params:
-    """Convert HF-named tensors; weights are cast to `dtype` as they move to the device."""
-    put = lambda x: jnp.asarray(np.ascontiguousarray(x), dtype=dtype)
-    layers = [jax.tree.map(put, _layer_from_hf(tensors, i, cfg)) for i in range(cfg.num_layers)]
+    """Convert HF-named tensors; weights are cast to `dtype` on the host, then put on the
+    device, or straight onto their shards with `place` (each device receives only its
+    share: a model larger than one device never exists whole on one)."""
+    def put(x: np.ndarray, name: str) -> jax.Array:
+        x = np.ascontiguousarray(x).astype(dtype)
+        sharding = _sharding(place, name, x.shape)
+        return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+    layers = [{n: put(x, n) for n, x in _layer_from_hf(tensors, i, cfg).items()}
+              for i in range(cfg.num_layers)]
     params: Params = {
-        "embed": put(tensors["model.embed_tokens.weight"]),
-        "norm": put(tensors["model.norm.weight"]),
+        "embed": put(tensors["model.embed_tokens.weight"], "embed"),
+        "norm": put(tensors["model.norm.weight"], "norm"),
         "layers": stack_layers(layers) if scan else layers,
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = put(tensors["lm_head.weight"].T)
+        params["lm_head"] = put(tensors["lm_head.weight"].T, "lm_head")
+    return _place_stacked(params, place)
+
+
+def _place_stacked(params: Params, place: Place | None) -> Params:
+    """Stacked (scan) layers on their shardings too (stacking may not keep them)."""
+    if place is None or not isinstance(params["layers"], dict):
+        return params
+    axes = param_axes({"layers": params["layers"]})["layers"]
+    params["layers"] = jax.tree.map(lambda a, ax: jax.device_put(a, place(a.shape, ax)),
+                                    params["layers"], axes)
     return params
 
 
-def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int = 0) -> Params:
-    """Random weights made on the device (`--load-format dummy`): no checkpoint needed."""
+def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int = 0,
+                  place: Place | None = None) -> Params:
+    """Random weights made on the device (`--load-format dummy`): no checkpoint needed.
+    With `place`, each device generates only its own shard of every parameter."""
     e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hk, v = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
     shapes = {"wq": (e, hq, d), "wk": (e, hk, d), "wv": (e, hk, d), "wo": (hq, d, e)}
@@ -107,26 +137,33 @@ def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int =
         shapes.update(w_gate=(e, f), w_up=(e, f), w_down=(f, e))
     if cfg.qkv_bias:
         shapes.update(bq=(hq, d), bk=(hk, d), bv=(hk, d))
+    ones = {"attn_norm": (e,), "mlp_norm": (e,)}
+    if cfg.qk_norm:
+        ones.update(q_norm=(d,), k_norm=(d,))
     key = jax.random.key(seed)
 
-    @jax.jit
+    def normal(k: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return (0.02 * jax.random.normal(k, shape)).astype(dtype)
+
     def make_layer(k):
         keys = jax.random.split(k, len(shapes))
-        lp = {n: (0.02 * jax.random.normal(kk, s)).astype(dtype)
-              for (n, s), kk in zip(shapes.items(), keys, strict=True)}
-        ones = {"attn_norm": e, "mlp_norm": e}
-        if cfg.qk_norm:
-            ones.update(q_norm=d, k_norm=d)
-        lp.update({n: jnp.ones((s,), dtype) for n, s in ones.items()})
+        lp = {n: normal(kk, s) for (n, s), kk in zip(shapes.items(), keys, strict=True)}
+        lp.update({n: jnp.ones(s, dtype) for n, s in ones.items()})
         return lp
 
+    out = {n: _sharding(place, n, s) for n, s in {**shapes, **ones}.items()}
+    make_layer = jax.jit(make_layer, out_shardings=out if place is not None else None)
     keys = jax.random.split(key, cfg.num_layers + 2)
     layers = [make_layer(keys[i]) for i in range(cfg.num_layers)]
+
+    def made(name: str, shape: tuple[int, ...], fn: Callable[[], jax.Array]) -> jax.Array:
+        return jax.jit(fn, out_shardings=_sharding(place, name, shape))()
+
     params: Params = {
-        "embed": (0.02 * jax.random.normal(keys[-1], (v, e))).astype(dtype),
-        "norm": jnp.ones((e,), dtype),
+        "embed": made("embed", (v, e), lambda: normal(keys[-1], (v, e))),
+        "norm": made("norm", (e,), lambda: jnp.ones((e,), dtype)),
         "layers": stack_layers(layers) if scan else layers,
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = (0.02 * jax.random.normal(keys[-2], (e, v))).astype(dtype)
-    return params
+        params["lm_head"] = made("lm_head", (e, v), lambda: normal(keys[-2], (e, v)))
+    return _place_stacked(params, place)

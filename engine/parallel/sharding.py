@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from engine.model.axes import Axes, param_axes
+from engine.model.axes import Axes
 from engine.parallel.mesh import TP
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,9 @@ def spec_for(axes: Axes, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> Pa
     return PartitionSpec(*out)
 
 
-def shard_params(params: Any, mesh: Mesh, rules: Rules) -> Any:
-    """Place every parameter on the mesh by its logical axes."""
-    axes = param_axes(params)
-
-    multi_process = jax.process_count() > 1
-
-    def put(a: jax.Array, ax: Axes) -> jax.Array:
-        sharding = NamedSharding(mesh, spec_for(ax, a.shape, mesh, rules))
-        # Across processes, each one places its own (identical) host copy's shards.
-        return jax.device_put(np.asarray(a) if multi_process else a, sharding)
-
-    return jax.tree.map(put, params, axes)  # params' leaves pair with whole Axes tuples
-
-
-def kv_sharding(shape: tuple[int, ...], axes: Axes, *, mesh: Mesh, rules: Rules
-                ) -> NamedSharding:
+def named_sharding(shape: tuple[int, ...], axes: Axes, *, mesh: Mesh, rules: Rules
+                   ) -> NamedSharding:
+    """Where an array with these logical axes lives on the mesh (weights, the KV pool)."""
     return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
 
 
