@@ -45,6 +45,23 @@ def check_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         raise ValueError("paged_decode_attention needs a decode-only batch")
 
 
+def partition(num_kv_heads: int, num_seqs: int, table_pages: int, page: int
+              ) -> tuple[int, int]:
+    """(k_splits, pages_per_compute_block) for a page table `table_pages` wide: the fewest
+    splits of each sequence's pages that keep TARGET_PROGRAMS programs (kv heads x
+    sequences x splits) running, and blocks of up to PAGES_PER_COMPUTE_BLOCK pages, at least
+    MIN_BLOCK_K tokens, that divide a split."""
+    fits = [k for k in (1, 2, 4, 8, 16) if k <= MAX_K_SPLITS and table_pages % k == 0
+            and (table_pages // k) * page >= MIN_BLOCK_K]
+    k_splits = next((k for k in fits if num_kv_heads * num_seqs * k >= TARGET_PROGRAMS),
+                    fits[-1])
+    per_split = table_pages // k_splits
+    c_max = min(per_split, max(PAGES_PER_COMPUTE_BLOCK, -(-MIN_BLOCK_K // page)))
+    ppcb = max((c for c in range(1, c_max + 1) if per_split % c == 0 and c * page >= MIN_BLOCK_K),
+               default=per_split)
+    return k_splits, ppcb
+
+
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            md: AttentionMetadata, *, scale: float,
                            interpret: bool = False) -> jax.Array:
@@ -59,14 +76,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if p < min_pages:
         page_table = jnp.pad(page_table, ((0, 0), (0, min_pages - p)))
         p = min_pages
-    hkv = k_cache.shape[0]
-    fits = [k for k in (1, 2, 4, 8, 16)
-            if k <= MAX_K_SPLITS and p % k == 0 and (p // k) * page >= MIN_BLOCK_K]
-    k_splits = next((k for k in fits if hkv * s * k >= TARGET_PROGRAMS), fits[-1])
-    per_split = p // k_splits
-    c_max = min(per_split, max(PAGES_PER_COMPUTE_BLOCK, min_pages))
-    ppcb = max((c for c in range(1, c_max + 1) if per_split % c == 0 and c * page >= MIN_BLOCK_K),
-               default=per_split)
+    k_splits, ppcb = partition(k_cache.shape[0], s, p, page)
     qs = (q[:s] if t >= s else jnp.pad(q, ((0, s - t), (0, 0), (0, 0)))) * scale
     o = paged_attention(
         qs.astype(k_cache.dtype), k_cache, v_cache, page_table, jnp.asarray(md.seq_lens),

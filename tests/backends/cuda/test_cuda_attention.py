@@ -10,7 +10,7 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.backend import CudaBackend
-from backends.cuda.kernels.paged_decode import paged_decode_attention
+from backends.cuda.kernels.paged_decode import paged_decode_attention, partition
 from tests.backends.ragged_batches import make_case
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -55,6 +55,25 @@ def test_decode_kernel_matches_oracle(seed, n_seqs, page_size, hq, hkv, d):
     n = case.num_tokens
     assert_close(got[:n], want[:n])
     assert_close(want[:n], case.expected[:n])
+
+
+@pytest.mark.parametrize("seqs, table_pages, expected", [
+    (1, 128, (16, 8)),    # batch 1: as many splits as allowed, 8-page (128-token) blocks
+    (8, 64, (16, 4)),     # 8 x 8 x 16 = 1024 programs; a split holds 4 pages
+    (32, 64, (4, 8)),     # 8 x 32 x 4 = 1024 (the H200 sweep's best split count here)
+    (128, 128, (1, 8)),   # enough sequences: no split
+    (256, 64, (1, 8)),
+])
+def test_decode_partition_follows_the_tuned_rule(seqs, table_pages, expected):
+    """8 KV heads, page 16: the rule the H200 sweep chose (see paged_decode.py)."""
+    assert partition(8, seqs, table_pages, 16) == expected
+
+
+def test_decode_partition_keeps_blocks_of_16_tokens():
+    for page in (4, 8, 16, 32):
+        for width in (4, 8, 16, 64):
+            ks, ppcb = partition(2, 1, width, page)
+            assert width % ks == 0 and (width // ks) % ppcb == 0 and ppcb * page >= 16
 
 
 def test_mixed_batch_and_kv_writes_match_oracle():
