@@ -171,6 +171,11 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                          max_num_tokens=s.chunked_prefill_size,
                          max_num_seqs=s.max_running_requests, max_model_len=max_len,
                          kv_dtype=dtype, eos_token_ids=eos, kv_place=place)
+    if s.warmup_decode_len:
+        if jax.process_count() > 1:
+            log.warning("warmup_decode_len is single-process only: skipped")
+        else:
+            runner.warmup_decode(s.warmup_decode_len)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule)

@@ -82,6 +82,12 @@ class SchedulingOptions:
     overlap_schedule: bool = False
     """Schedule and prepare step N+1 while the device runs step N (sampled tokens stay on
     the device until the host needs them); on in the accelerator presets."""
+    warmup_decode_len: int = 0
+    """At start-up, compile (by running it on idle rows) the decode-only step for every
+    sequence bucket and every page bucket up to this context length, greedy and sampling,
+    so that decoding meets no compilation later; progress is logged. 0: programs compile
+    when first needed. Either way they land in the persistent cache (a second start loads
+    them). Single-process only."""
 
     def __post_init__(self) -> None:
         if self.max_running_requests < 1:
@@ -89,6 +95,8 @@ class SchedulingOptions:
         if self.chunked_prefill_size < self.max_running_requests:
             raise ValueError(f"{self.chunked_prefill_size=} must be at least "
                              f"{self.max_running_requests=} (one decode token each)")
+        if self.warmup_decode_len < 0:
+            raise ValueError(f"warmup_decode_len must be >= 0, got {self.warmup_decode_len}")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be fcfs or lpm, got {self.schedule_policy!r}")
 

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
-from engine.compile import Buckets
+from engine.compile import Buckets, round_up
 from engine.core.request import Request, ScheduledBatch
 from engine.model.config import ModelConfig
 from engine.model.llama import Params, forward
@@ -159,8 +159,43 @@ class ModelRunner:
         self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages,
                                     min_seqs=backend.capabilities.min_seq_bucket)
         self._step = make_step(cfg, backend, self.buckets.seqs[-1])
-        self._no_prev = np.zeros(self.buckets.seqs[-1], np.int32)
+        # Placed like the step's own next_tokens output, so that a step after an idle engine
+        # and an overlapped one (fed the previous step's output) are one program, not two.
+        where = (NamedSharding(backend.mesh, PartitionSpec()) if backend.mesh is not None
+                 else jax.sharding.SingleDeviceSharding(backend.model_devices()[0]))
+        self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()
+
+    def warmup_decode(self, max_len: int,
+                      modes: tuple[SamplingMode, ...] = (SamplingMode(),
+                                                         SamplingMode(all_greedy=False)),
+                      ) -> int:
+        """Compile the decode-only step for every (sequence, page) bucket up to `max_len`
+        tokens of context, by running it once on idle rows (no tokens, nothing written to
+        the KV cache: every slot is the dropped padding slot). Returns the programs run."""
+        from engine.precompile import reachable  # (precompile imports this module)
+
+        ps, drop, b = self.page_size, self.num_pages * self.page_size, self.buckets
+        top = round_up(min(-(-max_len // ps), b.pages[-1]), b.pages)
+        grid = [(t, s, p) for t, s, p, dec in reachable(b) if dec and p <= top]
+        n, t0 = 0, time.perf_counter()
+        for mode in modes:
+            for t, s, p in grid:
+                md = AttentionMetadata(
+                    positions=np.zeros(t, np.int32), slot_mapping=np.full(t, drop, np.int32),
+                    token_seq=np.zeros(t, np.int32), query_start=np.zeros(s + 1, np.int32),
+                    seq_lens=np.zeros(s, np.int32), page_table=np.zeros((s, p), np.int32),
+                    num_tokens=np.int32(0), page_size=ps, decode_only=True)
+                st = SamplingTensors.from_rows([], self.cfg.vocab_size, pad_to=s, mode=mode)
+                with mesh_context(self.backend):
+                    out, self.kv, _ = self._step(self.params, self.kv, np.zeros(t, np.int32), md,
+                                                 np.zeros(s, np.int32), st, self._no_prev,
+                                                 np.full(t, -1, np.int32), mode)
+                jax.block_until_ready(out)
+                n += 1
+                log.info("warm-up %d/%d: decode step, %d sequences x %d pages (%.1fs)", n,
+                         len(grid) * len(modes), s, p, time.perf_counter() - t0)
+        return n
 
     def _row_params(self, req: Request) -> SamplingParams:
         """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does."""

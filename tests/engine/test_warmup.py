@@ -1,0 +1,53 @@
+"""Start-up warm-up (`warmup_decode_len`): decode steps compile nothing after it, and the
+warm-up writes nothing into the KV cache (the engine's outputs are unchanged)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from tests.bench.test_offline_bench import TINY
+
+
+def make(tmp_path: Path, **kw) -> LLM:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    return LLM(str(config), backend="cpu", load_format="dummy", max_total_tokens=2048,
+               max_running_requests=8, chunked_prefill_size=64, **kw)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_decode_meets_no_compilation_after_warmup(tmp_path: Path, overlap: bool) -> None:
+    llm = make(tmp_path, warmup_decode_len=100, overlap_schedule=overlap)
+    step = llm.engine.runner._step
+    warmed = step._cache_size()
+    # 7 page buckets up to 100 tokens (4, 8: pages of 16 tokens) x sequence buckets, x 2
+    # sampling modes (greedy, sampling): at least the 4 x 2 programs of 1..8 sequences.
+    assert warmed >= 8
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 500, size=int(n)).tolist() for n in (20, 33, 5)]
+    eng = llm.engine
+    for p in prompts:
+        eng.add_request(p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    eng.add_request(prompts[0], SamplingParams(max_tokens=40, temperature=0.8, seed=1,
+                                               ignore_eos=True))
+    reqs = list(eng.scheduler._requests.values())
+    while not all(r.output_token_ids for r in reqs):  # the prompts: mixed steps compile
+        eng.step()
+    after_prefill = step._cache_size()
+    while eng.has_unfinished():  # decodes only, up to 73 tokens of context
+        eng.step()
+    assert step._cache_size() == after_prefill
+
+
+def test_warmup_changes_no_output(tmp_path: Path) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9] * 4, [11, 12, 13]]
+    cold = [o.token_ids for o in make(tmp_path).generate(prompts, params)]
+    warm = [o.token_ids for o in make(tmp_path, warmup_decode_len=64).generate(prompts, params)]
+    assert warm == cold
