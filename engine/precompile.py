@@ -94,19 +94,27 @@ def model_config(config: EngineConfig) -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
-def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
-                   mode: SamplingMode, sharding: Any, max_seqs: int | None = None) -> tuple:
-    """ShapeDtypeStructs of the step's (tokens, md, logits_idx, st, prev_tokens, src) as
-    ModelRunner.launch makes them; prev_tokens has the runner's largest sequence bucket."""
+def idle_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
+               mode: SamplingMode, max_seqs: int | None = None, drop_slot: int = 0) -> tuple:
+    """A step's (tokens, md, logits_idx, st, prev_tokens, src) as ModelRunner.launch makes
+    them, for idle rows: no sequence has a token, and every K/V write goes to `drop_slot`
+    (the runner's padding slot, which the write drops). prev_tokens has the runner's largest
+    sequence bucket."""
     i32 = np.int32
     md = AttentionMetadata(
-        positions=np.zeros(t, i32), slot_mapping=np.zeros(t, i32), token_seq=np.zeros(t, i32),
-        query_start=np.zeros(s + 1, i32), seq_lens=np.zeros(s, i32),
+        positions=np.zeros(t, i32), slot_mapping=np.full(t, drop_slot, i32),
+        token_seq=np.zeros(t, i32), query_start=np.zeros(s + 1, i32), seq_lens=np.zeros(s, i32),
         page_table=np.zeros((s, p), i32), num_tokens=i32(0), page_size=page,
         decode_only=decode_only)
     st = SamplingTensors.from_rows([], vocab, pad_to=s, mode=mode)
-    concrete = (np.zeros(t, i32), md, np.zeros(s, i32), st, np.zeros(max_seqs or s, i32),
-                np.zeros(t, i32))
+    return (np.zeros(t, i32), md, np.zeros(s, i32), st, np.zeros(max_seqs or s, i32),
+            np.full(t, -1, i32))
+
+
+def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
+                   mode: SamplingMode, sharding: Any, max_seqs: int | None = None) -> tuple:
+    """ShapeDtypeStructs of idle_batch's arrays (what precompilation lowers against)."""
+    concrete = idle_batch(t, s, p, decode_only, page, vocab, mode, max_seqs)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                                        sharding=sharding), concrete)
 

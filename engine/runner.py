@@ -173,24 +173,19 @@ class ModelRunner:
         """Compile the decode-only step for every (sequence, page) bucket up to `max_len`
         tokens of context, by running it once on idle rows (no tokens, nothing written to
         the KV cache: every slot is the dropped padding slot). Returns the programs run."""
-        from engine.precompile import reachable  # (precompile imports this module)
+        from engine.precompile import idle_batch, reachable  # (they import this module)
 
-        ps, drop, b = self.page_size, self.num_pages * self.page_size, self.buckets
+        ps, b = self.page_size, self.buckets
         top = round_up(min(-(-max_len // ps), b.pages[-1]), b.pages)
         grid = [(t, s, p) for t, s, p, dec in reachable(b) if dec and p <= top]
         n, t0 = 0, time.perf_counter()
         for mode in modes:
             for t, s, p in grid:
-                md = AttentionMetadata(
-                    positions=np.zeros(t, np.int32), slot_mapping=np.full(t, drop, np.int32),
-                    token_seq=np.zeros(t, np.int32), query_start=np.zeros(s + 1, np.int32),
-                    seq_lens=np.zeros(s, np.int32), page_table=np.zeros((s, p), np.int32),
-                    num_tokens=np.int32(0), page_size=ps, decode_only=True)
-                st = SamplingTensors.from_rows([], self.cfg.vocab_size, pad_to=s, mode=mode)
+                tokens, md, logits_idx, st, _, src = idle_batch(
+                    t, s, p, True, ps, self.cfg.vocab_size, mode, drop_slot=self.num_pages * ps)
                 with mesh_context(self.backend):
-                    out, self.kv, _ = self._step(self.params, self.kv, np.zeros(t, np.int32), md,
-                                                 np.zeros(s, np.int32), st, self._no_prev,
-                                                 np.full(t, -1, np.int32), mode)
+                    out, self.kv, _ = self._step(self.params, self.kv, tokens, md, logits_idx, st,
+                                                 self._no_prev, src, mode)
                 jax.block_until_ready(out)
                 n += 1
                 log.info("warm-up %d/%d: decode step, %d sequences x %d pages (%.1fs)", n,
