@@ -20,7 +20,7 @@ from engine.engine import Engine
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import Place, params_from_hf, random_params
+from engine.model.weights import Place, fuse_qkv, params_from_hf, random_params
 from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner
@@ -76,6 +76,17 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
         params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan, place=place)
     return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
                        model or "smollm2-135m-instruct")
+
+
+def qkv_fusable(cfg: ModelConfig, mesh: Any, rules: dict[str, Any]) -> bool:
+    """Fused q/k/v weights are split by whole KV heads: fine unless the mesh splits the
+    query heads but replicates the KV heads (fewer KV heads than devices)."""
+    if mesh is None:
+        return True
+    def shards(axis: str, n_heads: int) -> int:
+        m = rules.get(axis)
+        return mesh.shape[m] if m is not None and n_heads % mesh.shape[m] == 0 else 1
+    return shards("heads", cfg.num_heads) == shards("kv_heads", cfg.num_kv_heads)
 
 
 def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
@@ -149,6 +160,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_model(config, backend, dtype, scan, place)
     cfg = loaded.cfg
+    if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules):
+        fuse_qkv(loaded.params, place)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform != "cpu":
         peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)

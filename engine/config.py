@@ -26,6 +26,10 @@ class ModelOptions:
     """HF directory, .gguf file or alias; None is the default model (SmolLM2-135M-Instruct)."""
     dtype: str | None = None
     """'float32' or 'bfloat16'; None takes the backend's default."""
+    fuse_qkv: bool = True
+    """One weight for the q/k/v projections once loaded: one GEMM per layer, not three
+    (engine.model.weights.fuse_qkv). Kept apart when tensor parallelism replicates the KV
+    heads but splits the query heads."""
     load_format: str = "auto"
     """'auto' reads the checkpoint; 'dummy' makes random weights from the config only."""
     max_model_len: int | None = None

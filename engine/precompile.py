@@ -35,7 +35,7 @@ from engine.config import EngineConfig
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import random_params
+from engine.model.weights import fuse_qkv, random_params
 from engine.runner import make_step
 from engine.sampler import SamplingMode, SamplingTensors
 
@@ -161,8 +161,9 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     cfg = model_config(config)
     sharding = target_sharding(target)
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    made = lambda: random_params(cfg, dtype, scan=scan, seed=0)  # noqa: E731
     params = jax.tree.map(sds, jax.eval_shape(
-        lambda: random_params(cfg, dtype, scan=scan, seed=0)))
+        lambda: fuse_qkv(made()) if config.model.fuse_qkv else made()))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     num_pages = kv_num_pages(config, cfg, backend, dtype, param_bytes, target)
     page = config.cache.page_size

@@ -90,7 +90,7 @@ def step_memory(chip: str, model: str, *, num_pages: int, page: int, scan: bool,
 
     from backends.tpu.backend import TpuBackend
     from engine.config import EngineConfig
-    from engine.model.weights import random_params
+    from engine.model.weights import fuse_qkv, random_params
     from engine.precompile import abstract_batch, model_config, target_sharding
     from engine.runner import make_step
     from engine.sampler import SamplingMode
@@ -100,7 +100,7 @@ def step_memory(chip: str, model: str, *, num_pages: int, page: int, scan: bool,
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     dt = jnp.dtype(dtype)
     backend = TpuBackend({"interpret": False, "chip": chip})
-    params = jax.tree.map(sds, jax.eval_shape(lambda: random_params(cfg, dt, scan=scan)))
+    params = jax.tree.map(sds, jax.eval_shape(lambda: fuse_qkv(random_params(cfg, dt, scan=scan))))
     kv = jax.tree.map(sds, jax.eval_shape(
         lambda: backend.allocate_kv(cfg, num_pages, page, dt, scan=scan)))
     batch = abstract_batch(64, 8, 16, False, page, cfg.vocab_size, SamplingMode(), sharding)

@@ -27,6 +27,9 @@ PARAM_AXES: dict[str, Axes] = {
     "bq": ("heads", "head_dim"),
     "bk": ("kv_heads", "head_dim"),
     "bv": ("kv_heads", "head_dim"),
+    # q/k/v fused (engine.model.weights.fuse_qkv): per KV head, its query heads, K, then V
+    "wqkv": ("embed", "kv_heads", None, "head_dim"),
+    "bqkv": ("kv_heads", None, "head_dim"),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
     "w_gate": ("embed", "mlp"),

@@ -5,7 +5,8 @@ Backend-neutral JAX: attention goes through the `attend` callable the runner pas
 (the backend's kernel for a mixed ragged batch over the paged KV cache).
 
 Einsum letters: t = token, e = hidden (E), h = head, k = kv head, g = query heads per kv
-head, d = head dim (D), f = MLP width (F), v = vocab, x = expert (X).
+head, c = a KV head's fused q/k/v columns (G + 2), d = head dim (D), f = MLP width (F),
+v = vocab, x = expert (X).
 """
 
 from __future__ import annotations
@@ -69,11 +70,19 @@ def attention_block(
     write: WriteKV = write_kv,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("te,ehd->thd", h, lp["wq"])  # q: [T, Hq, D]
-    k = jnp.einsum("te,ekd->tkd", h, lp["wk"])  # k: [T, Hkv, D]
-    v = jnp.einsum("te,ekd->tkd", h, lp["wv"])  # v: [T, Hkv, D]
-    if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if "wqkv" in lp:  # one GEMM (engine.model.weights.fuse_qkv); c = G query heads, K, V
+        qkv = jnp.einsum("te,ekcd->tkcd", h, lp["wqkv"])
+        if cfg.qkv_bias:
+            qkv = qkv + lp["bqkv"]
+        g = qkv.shape[2] - 2
+        q = qkv[:, :, :g].reshape(qkv.shape[0], -1, qkv.shape[3])  # q head = kv head * G + g
+        k, v = qkv[:, :, g], qkv[:, :, g + 1]
+    else:
+        q = jnp.einsum("te,ehd->thd", h, lp["wq"])  # q: [T, Hq, D]
+        k = jnp.einsum("te,ekd->tkd", h, lp["wk"])  # k: [T, Hkv, D]
+        v = jnp.einsum("te,ekd->tkd", h, lp["wv"])  # v: [T, Hkv, D]
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)

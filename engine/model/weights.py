@@ -4,6 +4,7 @@ Layouts (the model's einsums read these):
   embed [V, E]; lm_head [E, V] (absent when tied); norm [E]
   per layer: attn_norm [E], wq [E, Hq, D], wk/wv [E, Hkv, D], wo [Hq, D, E],
              bq [Hq, D], bk/bv [Hkv, D] (Qwen2), q_norm/k_norm [D] (Qwen3),
+             or once loaded, fused: wqkv [E, Hkv, G + 2, D], bqkv [Hkv, G + 2, D],
              mlp_norm [E], then a dense MLP: w_gate/w_up [E, F], w_down [F, E]
              or an MoE block: router [E, X], expert_gate/expert_up [X, E, F],
              expert_down [X, F, E] (experts stacked on a leading axis, F their width)
@@ -167,3 +168,31 @@ def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int =
     if not cfg.tie_word_embeddings:
         params["lm_head"] = made("lm_head", (e, v), lambda: normal(keys[-2], (e, v)))
     return _place_stacked(params, place)
+
+
+def fuse_qkv(params: Params, place: Place | None = None) -> Params:
+    """wq/wk/wv (and bq/bk/bv) -> one wqkv [E, Hkv, G + 2, D] (bqkv [Hkv, G + 2, D]): per KV
+    head its G query heads (q head h is KV head h // G's), then its K and V head, so that a
+    step makes one q/k/v GEMM and tensor parallelism splits whole KV heads with their
+    queries. Without it XLA merges the three GEMMs itself, reading the three weights inside
+    one GEMM: 2.8 TB/s on an H200 at batch 1, where the gate/up GEMMs (one weight each)
+    stream at 3.9 TB/s (the profiles in docs/benchmarks.md, session 4).
+
+    In place, layer by layer: each layer's parts are dropped once fused (placed like the
+    parameters they replace), so memory peaks at one layer's q/k/v more."""
+    def fuse(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        *lead, hq, d = q.shape
+        hkv = k.shape[-2]
+        q = q.reshape(*lead, hkv, hq // hkv, d)
+        return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+    stacked = isinstance(params["layers"], dict)
+    for lp in [params["layers"]] if stacked else params["layers"]:
+        for w, (q, k, v) in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
+            if q not in lp:
+                continue
+            shape = jax.eval_shape(fuse, lp[q], lp[k], lp[v]).shape
+            axes = (("layers",) if stacked else ()) + PARAM_AXES[w]
+            f = jax.jit(fuse, out_shardings=place(shape, axes) if place is not None else None)
+            lp[w] = f(lp.pop(q), lp.pop(k), lp.pop(v))
+    return params

@@ -54,13 +54,16 @@ def test_tiny_model_same_tokens_as_tp1(tiny_runs, tp):
 
 def test_weights_and_kv_are_sharded_by_logical_axes(tiny_runs):
     two, four = tiny_runs[2], tiny_runs[4]
-    assert two["wq"] == [None, "tp", None]  # heads split
+    # fused q/k/v [E, Hkv, G + 2, D]: each device holds whole KV heads with their queries
+    assert two["wqkv"] == [None, "tp", None, None] and two["wq"] is None
     assert two["w_down"] == ["tp", None]  # row-parallel MLP output
-    assert two["wk"] == [None, "tp", None] and two["kv_devices"] == 2
+    assert two["kv_devices"] == 2
     assert two["kv"] == [None, None, "tp", None]  # [pages, page, Hkv, D]: heads split
-    # 2 KV heads on 4 devices: K/V projections and the cache are replicated.
+    # 2 KV heads on 4 devices: K/V projections and the cache are replicated, the query
+    # heads split, so q/k/v stay three weights.
     assert four["wk"] == [None, None, None] and four["kv"] == [None, None, None, None]
     assert four["wq"] == [None, "tp", None] and four["kv_devices"] == 4
+    assert four["wqkv"] is None
 
 
 def test_kernel_backend_runs_attention_per_device(tiny_runs, tmp_path):

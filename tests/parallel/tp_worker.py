@@ -49,8 +49,9 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
             "tokens": [o.outputs[0].token_ids for o in outs],
             "logprobs": [[lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids,
                                                  strict=True)] for o in outs],
-            "wq": spec(layer["wq"]) if tp > 1 else None,
-            "wk": spec(layer["wk"]) if tp > 1 else None,
+            "wq": spec(layer["wq"]) if tp > 1 and "wq" in layer else None,
+            "wk": spec(layer["wk"]) if tp > 1 and "wk" in layer else None,
+            "wqkv": spec(layer["wqkv"]) if tp > 1 and "wqkv" in layer else None,
             "w_down": spec(layer["w_down"]) if tp > 1 and "w_down" in layer else None,
             "expert_gate": spec(layer["expert_gate"]) if tp > 1 and "expert_gate" in layer
             else None,
