@@ -153,16 +153,18 @@ class ModelRunner:
         self.cfg, self.params, self.backend = cfg, params, backend
         self.page_size, self.num_pages = page_size, num_pages
         scan = isinstance(params["layers"], dict)
+        # Placed like the step's own outputs (the KV cache, next_tokens), so that the first
+        # step and later ones (fed those outputs) are one program: an uncommitted first cache
+        # compiled the first step's program twice, and a host array for "no previous tokens"
+        # made a step after an idle engine a separate program from an overlapped one.
+        where = (NamedSharding(backend.mesh, PartitionSpec()) if backend.mesh is not None
+                 else jax.sharding.SingleDeviceSharding(backend.model_devices()[0]))
         self.kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan,
-                                      place=kv_place)
+                                      place=kv_place or (lambda shape, axes: where))
         max_pages = -(-max_model_len // page_size)
         self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages,
                                     min_seqs=backend.capabilities.min_seq_bucket)
         self._step = make_step(cfg, backend, self.buckets.seqs[-1])
-        # Placed like the step's own next_tokens output, so that a step after an idle engine
-        # and an overlapped one (fed the previous step's output) are one program, not two.
-        where = (NamedSharding(backend.mesh, PartitionSpec()) if backend.mesh is not None
-                 else jax.sharding.SingleDeviceSharding(backend.model_devices()[0]))
         self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()
 

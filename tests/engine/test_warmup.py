@@ -53,3 +53,19 @@ def test_warmup_changes_no_output(tmp_path: Path) -> None:
     cold = [o.token_ids for o in make(tmp_path).generate(prompts, params)]
     warm = [o.token_ids for o in make(tmp_path, warmup_decode_len=64).generate(prompts, params)]
     assert warm == cold
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_first_steps_programs_compile_once(tmp_path: Path, overlap: bool) -> None:
+    """The first step ever runs on the freshly made KV cache, later ones on the previous
+    step's output: both must be the same program (an uncommitted first cache compiled it a
+    second time, 5 s of a GPU's prefill)."""
+    llm = make(tmp_path, overlap_schedule=overlap)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    clock = CompileClock()
+    clock.active = True
+    llm.generate([[5, 6, 7] * 10], params)
+    assert clock.compiles >= 1  # the first prompt's step compiled here
+    clock.compiles = 0
+    llm.generate([[9, 8, 7] * 10], params)  # the same shapes again
+    assert clock.compiles == 0
