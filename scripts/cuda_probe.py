@@ -69,12 +69,14 @@ def steps(out: str) -> None:
     from engine.bench.latency import copy_bandwidth, measure
     from engine.llm import LLM
 
+    pool = int(os.environ.get("PROBE_POOL", "300000")) or None  # 0: sized from free memory
     llm = LLM(os.environ.get("PROBE_MODEL", "llama-3.1-8b"),
               backend=os.environ.get("PROBE_BACKEND", "cuda"), load_format="dummy",
-              max_total_tokens=300_000, overlap_schedule=True)
+              max_total_tokens=pool, overlap_schedule=True)
     eng, runner = llm.engine, llm.engine.runner
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, KV pool {eng.scheduler.pool.num_pages} pages",
+          flush=True)
     recorded = {}
     step_fn = runner._step
 
@@ -121,7 +123,8 @@ def steps(out: str) -> None:
         print(f"{b:>5} {row[0] * 1e3:>10.2f} {row[1] * 1e3:>8.2f} {dev * 1e3:>9.2f} "
               f"{roof * 1e3:>8.2f}", flush=True)
         if b in (1, 128):
-            print(kernel_table(f"/tmp/engine-trace/b{b}", 5), flush=True)
+            print(kernel_table(f"/tmp/engine-trace/b{b}", 5,
+                               int(os.environ.get("PROBE_TOP", "20"))), flush=True)
     eng.overlap = True
 
 

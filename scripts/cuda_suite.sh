@@ -16,14 +16,15 @@ set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
-MODEL=(--backend cuda --load-format dummy --model llama-3.1-8b)
+MODEL=(--backend cuda --load-format dummy --model llama-3.1-8b ${ENGINE_ARGS:-})  # ENGINE_ARGS: more flags
 BATCHES=${BATCHES:-1 8 32 128 256}
 TP_SIZES=${TP_SIZES:-2 4}
 quiet() { grep -v -E "INFO|Warning|warn|deprecat" ; }
-if [[ -d .whl && ! -d /tmp/site ]]; then
+if [[ -d .whl && ! -f /tmp/site/.done ]]; then  # .whl/ travels only when the call carries it
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-elif [[ -d /tmp/site ]]; then export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
+    --target /tmp/site .whl/*.whl && touch /tmp/site/.done
+fi
+[[ -d /tmp/site ]] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
 python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
 head -3 "$OUT/gpu.txt"
@@ -51,12 +52,17 @@ for stage in "$@"; do
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli serve "${MODEL[@]}" --port 30000 \
       ${WARMUP:+--warmup-decode-len $WARMUP} > "$OUT/serve.log" 2>&1 &
     pid=$!
-    for _ in $(seq 300); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done
+    for _ in $(seq 300); do
+      curl -sf localhost:30000/health >/dev/null && break
+      kill -0 $pid 2>/dev/null || { echo "serve exited:"; tail -5 "$OUT/serve.log"; break; }
+      sleep 1
+    done
     curl -s localhost:30000/v1/completions -H 'content-type: application/json' \
       -d '{"prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 8, "temperature": 0}' \
       | tee "$OUT/serve_curl.json"; echo
-    [[ -f engine/bench/serving.py ]] && python3 -m engine.cli bench serving --port 30000 --dataset random --num-prompts 200 \
-      --random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5 \
+    [[ -f engine/bench/serving.py ]] && python3 -m engine.cli bench serving --port 30000 --dataset random \
+      --num-prompts ${SERVE_PROMPTS:-200} --random-input-len ${SERVE_IN:-1024} \
+      --random-output-len ${SERVE_OUTPUT:-256} --random-range-ratio 0.5 \
       --request-rate ${RATE:-inf} --vocab-size 128256 --output-json "$OUT/serving.json" \
       2>&1 | quiet | tee "$OUT/serving.txt" | tail -30
     kill -TERM $pid; wait $pid; echo "serve exit $?" ;;
