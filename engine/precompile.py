@@ -62,14 +62,16 @@ def reachable(buckets: Buckets) -> list[tuple[int, int, int, bool]]:
     """(tokens, seqs, pages, decode_only) programs a batch can need. A sequence brings at
     least one token, so the sequence bucket's smallest member (the previous bucket + 1) must
     fit in the token bucket; a decode-only step (n tokens for n sequences) is a separate
-    program where some n rounds up to both buckets."""
+    program where some n rounds up to both buckets. Steps with prompt tokens of `wide_tokens`
+    or more take the largest sequence bucket only (Buckets.shape_for)."""
     out = []
     for t in buckets.tokens:
         for s in buckets.seqs:
             if _lowest(s, buckets.seqs) > t:
                 continue
             both = max(_lowest(t, buckets.tokens), _lowest(s, buckets.seqs)) <= min(t, s)
-            for decode_only in (False, True) if both else (False,):
+            mixed = t < buckets.wide_tokens or s == buckets.seqs[-1]
+            for decode_only in (False,) * mixed + (True,) * both:
                 out.extend((t, s, p, decode_only) for p in buckets.pages)
     return out
 

@@ -3,11 +3,13 @@ need, and its abstract inputs are what ModelRunner.prepare makes (so the program
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from backends.cpu.backend import CpuBackend
 from engine.compile import Buckets
@@ -19,8 +21,11 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 
 
-def test_reachable_is_exactly_what_batches_need():
-    buckets = Buckets.make(64, 16, 8)
+@pytest.mark.parametrize("wide", [4096, 32], ids=["narrow", "wide_steps"])
+def test_reachable_is_exactly_what_batches_need(wide):
+    """With wide steps (32 tokens or more here), steps with prompt tokens from that token
+    bucket up take the largest sequence bucket only."""
+    buckets = dataclasses.replace(Buckets.make(64, 16, 8), wide_tokens=wide)
     needed = set()
     for n_tok, n_seq, n_pages in itertools.product(range(1, 65), range(1, 17), range(1, 9)):
         if n_seq <= n_tok:  # every sequence brings at least one token
