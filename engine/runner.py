@@ -107,6 +107,8 @@ class Launched:
     rows: dict[str, int]
     """Request id -> its row, for each sequence that samples."""
     shape: tuple
+    dispatched: float = 0.0
+    """perf_counter() once dispatched (after any compilation)."""
 
 
 def make_split_step(cfg: ModelConfig, backend: Backend) -> tuple[Callable, Callable]:
@@ -167,6 +169,12 @@ class ModelRunner:
         self._step = make_step(cfg, backend, self.buckets.seqs[-1])
         self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()
+        self.step_time: dict[str, list] = {"decode": [0, 0.0], "prompt": [0, 0.0]}
+        """Steps run and their seconds, decode-only steps apart from steps with prompt
+        tokens. A step's time runs from its dispatch, or the end of the step before it if
+        later, to when its outputs are read: the device's time where the device is the
+        bottleneck (overlap scheduling), compilation not included."""
+        self._last_done = 0.0
 
     def warmup_decode(self, max_len: int,
                       modes: tuple[SamplingMode, ...] = (SamplingMode(),
@@ -294,12 +302,17 @@ class ModelRunner:
             with mesh_context(self.backend):
                 out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
         rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
-        return Launched(batch, out, next_tokens, rows, shape)
+        return Launched(batch, out, next_tokens, rows, shape, time.perf_counter())
 
     def collect(self, launched: Launched) -> list[TokenSample | None]:
         """Wait for a launched step and read its samples (one entry per scheduled seq)."""
         t0 = time.perf_counter()
         out = to_host(launched.out)  # also reads a replicated multi-process array
+        done = time.perf_counter()
+        kind = self.step_time["decode" if launched.shape[3] else "prompt"]
+        kind[0] += 1
+        kind[1] += done - max(launched.dispatched, self._last_done)
+        self._last_done = done
         if launched.shape not in self.compiled_shapes:
             self.compiled_shapes.add(launched.shape)
             log.debug("step shape %s first run (wait %.2fs)", launched.shape,

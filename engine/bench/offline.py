@@ -28,6 +28,9 @@ class OfflineResult:
     """Seconds inside the timed run spent tracing, lowering and compiling step programs (or
     loading them from the persistent cache): the run waits for them."""
     compiles: int | None = None
+    step_time: dict[str, list] | None = None
+    """{"decode": [steps, seconds], "prompt": [...]}: decode-only steps apart from steps with
+    prompt tokens (ModelRunner.step_time)."""
 
     @property
     def output_throughput(self) -> float:
@@ -61,6 +64,10 @@ class OfflineResult:
             rows += [("Compilations (XLA)", self.compiles),
                      ("Compile time in the run (s)", f"{self.compile_s:.2f}"),
                      ("Output tok/s without it", f"{self.output_tokens / warm:.2f}")]
+        for kind, label in (("decode", "Decode-only steps"), ("prompt", "Steps with prompts")):
+            n, sec = (self.step_time or {}).get(kind, (0, 0.0))
+            if n:  # seconds as the host sees them, compilation excluded (ModelRunner.step_time)
+                rows.append((f"{label}: n, s, mean ms", f"{n}, {sec:.2f}, {sec / n * 1e3:.2f}"))
         width = max(len(k) for k, _ in rows) + 2
         return "\n".join(f"{k + ':':<{width}}{v}" for k, v in rows)
 
@@ -89,6 +96,8 @@ def run_engine(llm, reqs: list[BenchRequest], name: str) -> OfflineResult:
     sched = llm.engine.scheduler
     sched.flush_cache()
     before = sched.stats()
+    times = llm.engine.runner.step_time
+    times_before = {k: list(v) for k, v in times.items()}
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
               for r in reqs]
     _clock.seconds, _clock.compiles, _clock.active = 0.0, 0, True
@@ -109,7 +118,9 @@ def run_engine(llm, reqs: list[BenchRequest], name: str) -> OfflineResult:
         cache_hit_rate=hits / prompt_seen if prompt_seen else 0.0,
         preemptions=after.num_preemptions - before.num_preemptions,
         steps=after.num_steps - before.num_steps, compile_s=_clock.seconds,
-        compiles=_clock.compiles)
+        compiles=_clock.compiles,
+        step_time={k: [n - times_before[k][0], sec - times_before[k][1]]
+                   for k, (n, sec) in times.items()})
 
 
 def write_json(path: str, results: list[OfflineResult], args: dict) -> None:

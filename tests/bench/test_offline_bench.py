@@ -30,5 +30,11 @@ def test_engine_and_hf_baseline_generate_every_token(tmp_path: Path, capsys) -> 
     assert engine["input_tokens"] == hf["input_tokens"]
     assert engine["output_tokens"] == hf["output_tokens"] >= 6
     assert engine["steps"] >= 5 and engine["compiles"] >= 1 and engine["compile_s"] > 0
+    # Every step is timed as decode-only or with prompt tokens, within the run's duration.
+    (n_dec, s_dec), (n_prompt, s_prompt) = engine["step_time"]["decode"], \
+        engine["step_time"]["prompt"]
+    assert n_dec + n_prompt == engine["steps"] and n_dec >= 4 and n_prompt >= 1
+    assert 0 < s_dec + s_prompt <= engine["elapsed_s"]
     printed = capsys.readouterr().out
     assert printed.count("Offline Benchmark Result") == 2 and "Compile time in the run" in printed
+    assert "Decode-only steps: n, s, mean ms" in printed
