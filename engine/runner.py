@@ -175,6 +175,10 @@ class ModelRunner:
         later, to when its outputs are read: the device's time where the device is the
         bottleneck (overlap scheduling), compilation not included."""
         self._last_done = 0.0
+        self.step_log: list[tuple] | None = None
+        """When a list (benchmarks set one), each step appends the fields of
+        engine.bench.roofline.StepWork: decode-only, tokens, logit rows, context tokens,
+        causal query-key pairs, seconds (as step_time counts them)."""
 
     def warmup_decode(self, max_len: int,
                       modes: tuple[SamplingMode, ...] = (SamplingMode(),
@@ -309,10 +313,18 @@ class ModelRunner:
         t0 = time.perf_counter()
         out = to_host(launched.out)  # also reads a replicated multi-process array
         done = time.perf_counter()
+        seconds = done - max(launched.dispatched, self._last_done)
+        self._last_done = done
         kind = self.step_time["decode" if launched.shape[3] else "prompt"]
         kind[0] += 1
-        kind[1] += done - max(launched.dispatched, self._last_done)
-        self._last_done = done
+        kind[1] += seconds
+        if self.step_log is not None:
+            q = [len(sq.token_ids) for sq in launched.batch.seqs]
+            ctx = [sq.start_pos + n for sq, n in zip(launched.batch.seqs, q, strict=True)]
+            self.step_log.append((launched.shape[3], sum(q), len(q), sum(ctx),
+                                  sum(n * c - n * (n - 1) // 2
+                                      for n, c in zip(q, ctx, strict=True)),
+                                  seconds))
         if launched.shape not in self.compiled_shapes:
             self.compiled_shapes.add(launched.shape)
             log.debug("step shape %s first run (wait %.2fs)", launched.shape,

@@ -66,7 +66,8 @@ def kernel_table(trace_dir: str, steps: int, top: int = 20) -> str:
 def steps(out: str) -> None:
     import os
 
-    from engine.bench.latency import copy_bandwidth, measure
+    from engine.bench.latency import measure
+    from engine.bench.roofline import copy_bandwidth
     from engine.llm import LLM
 
     pool = int(os.environ.get("PROBE_POOL", "300000")) or None  # 0: sized from free memory

@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 def cmd_offline(args: argparse.Namespace) -> int:
     from engine.bench.offline import run_engine, write_json
+    from engine.bench.roofline import copy_bandwidth, matmul_rate
     from engine.cli import make_llm
 
     hf = None
@@ -26,11 +27,14 @@ def cmd_offline(args: argparse.Namespace) -> int:
     if args.compare_cache_off:
         off = argparse.Namespace(**{**vars(args), "disable_radix_cache": True})
         runs.append(("engine (radix cache off)", make_llm(off)))
+    rates = (copy_bandwidth(), matmul_rate())  # for the roofline of each run's steps
+    print(f"copy bandwidth (read + write) {rates[0] / 1e9:.1f} GB/s, bf16 matmul "
+          f"{rates[1] / 1e12:.1f} TFLOP/s", flush=True)
     results = []
     for name, engine_llm in runs:
         for _ in range(args.warmup_runs):  # compiles every shape the workload meets
             run_engine(engine_llm, reqs, name)
-        results.append(run_engine(engine_llm, reqs, name))
+        results.append(run_engine(engine_llm, reqs, name, rates))
         print(f"\n{'=' * 16} Offline Benchmark Result {'=' * 16}\n{results[-1].report()}",
               flush=True)
     results += [hf] if hf else []
@@ -49,7 +53,8 @@ def cmd_offline(args: argparse.Namespace) -> int:
 def cmd_latency(args: argparse.Namespace) -> int:
     import json
 
-    from engine.bench.latency import HEADER, copy_bandwidth, measure, row_line
+    from engine.bench.latency import HEADER, measure, row_line
+    from engine.bench.roofline import copy_bandwidth
     from engine.cli import make_llm
 
     llm = make_llm(args)

@@ -1,7 +1,10 @@
 """`engine bench latency`: one batch; prefill time and decode step time against the roofline.
 
-The memory roofline of a decode step is (weight bytes + K/V bytes read) / copy bandwidth,
-with the bandwidth measured on the same device in the same run (bytes read + written).
+The memory roofline of a decode step is (weight bytes read + K/V bytes read) / copy
+bandwidth, with the bandwidth measured on the same device in the same run (bytes read +
+written). Weight bytes read: every weight but an untied embedding table, of which a step
+gathers only its tokens' rows (engine.bench.roofline; until 2026-12-01 the whole table was
+counted, 1.05 GB of the 8B shape's 16.06 GB, which flattered the ratio by ~7% at batch 1).
 Under tensor parallelism over N devices the roofline is that over N (each device reading
 its share), which replicated KV heads and the all-reduces keep a sharded step from reaching.
 """
@@ -12,26 +15,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from engine.bench.roofline import ModelCost
 from engine.sampling_params import SamplingParams
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0000001)
-    f(x).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * nbytes * reps / (time.perf_counter() - t0)
-
-
-def param_bytes(params) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
 def _prefill(eng, batch: int, input_len: int, max_tokens: int, rng) -> tuple[set, float]:
@@ -69,12 +56,13 @@ def measure(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> 
     for rid in ids:
         eng.abort(rid)
     step = statistics.median(times)
-    kv_read = batch * (input_len + output_len // 2) * 2 * cfg.num_layers * cfg.num_kv_heads \
-        * cfg.head_dim * jnp.dtype(eng.runner.kv[0][0].dtype).itemsize
-    devices = len(eng.runner.kv[0][0].sharding.device_set)
-    return {"batch": batch, "input_len": input_len, "prefill_s": prefill, "devices": devices,
+    kv = jax.tree.leaves(eng.runner.kv)[0]
+    cost = ModelCost.of(cfg, eng.runner.params, kv.dtype.itemsize)
+    return {"batch": batch, "input_len": input_len, "prefill_s": prefill,
+            "devices": len(kv.sharding.device_set),
             "decode_step_s": step, "decode_step_p90_s": sorted(times)[int(0.9 * len(times))],
-            "kv_bytes_read": kv_read, "weight_bytes": param_bytes(eng.runner.params)}
+            "kv_bytes_read": batch * (input_len + output_len // 2) * cost.kv_bytes_per_token,
+            "weight_bytes": cost.step_bytes(batch, 0)}
 
 
 HEADER = (f"{'batch':>6} {'ctx':>6} {'prefill ms':>11} {'prefill tok/s':>13} {'step ms':>9} "

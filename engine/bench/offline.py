@@ -9,6 +9,7 @@ import time
 import jax
 
 from engine.bench.datasets import BenchRequest
+from engine.bench.roofline import ModelCost, StepWork
 from engine.sampling_params import SamplingParams
 
 
@@ -31,6 +32,9 @@ class OfflineResult:
     step_time: dict[str, list] | None = None
     """{"decode": [steps, seconds], "prompt": [...]}: decode-only steps apart from steps with
     prompt tokens (ModelRunner.step_time)."""
+    bound_s: dict[str, float] | None = None
+    """{"decode": seconds, "prompt": seconds}: the roofline of the run's own steps
+    (engine.bench.roofline), at the copy bandwidth and matmul rate measured before it."""
 
     @property
     def output_throughput(self) -> float:
@@ -64,10 +68,19 @@ class OfflineResult:
             rows += [("Compilations (XLA)", self.compiles),
                      ("Compile time in the run (s)", f"{self.compile_s:.2f}"),
                      ("Output tok/s without it", f"{self.output_tokens / warm:.2f}")]
+        if self.bound_s is not None:
+            bound = sum(self.bound_s.values())
+            warm = self.elapsed_s - (self.compile_s or 0.0)
+            rows += [("Roofline of its steps (s)", f"{bound:.2f}"),
+                     ("Run time / roofline", f"{self.elapsed_s / bound:.2f}x "
+                                             f"({warm / bound:.2f}x without compilation)")]
         for kind, label in (("decode", "Decode-only steps"), ("prompt", "Steps with prompts")):
             n, sec = (self.step_time or {}).get(kind, (0, 0.0))
             if n:  # seconds as the host sees them, compilation excluded (ModelRunner.step_time)
-                rows.append((f"{label}: n, s, mean ms", f"{n}, {sec:.2f}, {sec / n * 1e3:.2f}"))
+                x = (f", {sec / self.bound_s[kind]:.2f}x roofline"
+                     if self.bound_s and self.bound_s[kind] else "")
+                rows.append((f"{label}: n, s, mean ms",
+                             f"{n}, {sec:.2f}, {sec / n * 1e3:.2f}{x}"))
         width = max(len(k) for k, _ in rows) + 2
         return "\n".join(f"{k + ':':<{width}}{v}" for k, v in rows)
 
@@ -89,15 +102,18 @@ class CompileClock:
 _clock: CompileClock | None = None
 
 
-def run_engine(llm, reqs: list[BenchRequest], name: str) -> OfflineResult:
-    """Submit every request at once (offline), run to completion, read the scheduler stats."""
+def run_engine(llm, reqs: list[BenchRequest], name: str,
+               rates: tuple[float, float] | None = None) -> OfflineResult:
+    """Submit every request at once (offline), run to completion, read the scheduler stats.
+    With `rates` (copy bytes/s, matmul FLOP/s), also the roofline of the run's steps."""
     global _clock
     _clock = _clock or CompileClock()
-    sched = llm.engine.scheduler
+    sched, runner = llm.engine.scheduler, llm.engine.runner
     sched.flush_cache()
     before = sched.stats()
-    times = llm.engine.runner.step_time
+    times = runner.step_time
     times_before = {k: list(v) for k, v in times.items()}
+    runner.step_log = [] if rates else None
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
               for r in reqs]
     _clock.seconds, _clock.compiles, _clock.active = 0.0, 0, True
@@ -120,7 +136,22 @@ def run_engine(llm, reqs: list[BenchRequest], name: str) -> OfflineResult:
         steps=after.num_steps - before.num_steps, compile_s=_clock.seconds,
         compiles=_clock.compiles,
         step_time={k: [n - times_before[k][0], sec - times_before[k][1]]
-                   for k, (n, sec) in times.items()})
+                   for k, (n, sec) in times.items()},
+        bound_s=rates and steps_bound(llm, runner.step_log, rates))
+
+
+def steps_bound(llm, log: list[tuple], rates: tuple[float, float]) -> dict[str, float]:
+    """Seconds the logged steps take at the roofline, decode-only steps apart."""
+    runner = llm.engine.runner
+    kv = jax.tree.leaves(runner.kv)[0]
+    cost = ModelCost.of(llm.model_config, runner.params, kv.dtype.itemsize)
+    bound = {"decode": 0.0, "prompt": 0.0}
+    for fields in log:
+        work = StepWork(*fields)
+        bound["decode" if work.decode_only else "prompt"] += cost.step_bound(
+            work, *rates, devices=len(kv.sharding.device_set))
+    runner.step_log = None
+    return bound
 
 
 def write_json(path: str, results: list[OfflineResult], args: dict) -> None:

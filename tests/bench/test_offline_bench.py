@@ -35,6 +35,9 @@ def test_engine_and_hf_baseline_generate_every_token(tmp_path: Path, capsys) -> 
         engine["step_time"]["prompt"]
     assert n_dec + n_prompt == engine["steps"] and n_dec >= 4 and n_prompt >= 1
     assert 0 < s_dec + s_prompt <= engine["elapsed_s"]
+    # ... and its roofline, from the copy bandwidth and matmul rate measured before the run.
+    assert engine["bound_s"]["decode"] > 0 and engine["bound_s"]["prompt"] > 0
     printed = capsys.readouterr().out
     assert printed.count("Offline Benchmark Result") == 2 and "Compile time in the run" in printed
-    assert "Decode-only steps: n, s, mean ms" in printed
+    assert "Decode-only steps: n, s, mean ms" in printed and "x roofline" in printed
+    assert "Run time / roofline" in printed
