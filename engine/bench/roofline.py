@@ -4,8 +4,9 @@ the copy bandwidth and the matmul rate of the same device, measured in the same 
 A step's bound is max(bytes / bandwidth, FLOPs / matmul rate):
 - bytes: every weight once (an untied embedding table only for the rows the step gathers)
   plus the K/V of every sequence's context (each attention reads it once);
-- FLOPs: 2 per weight and token for the layers' matmuls, 2 per LM-head weight and logit
-  row, and 4 x head dim per causal query-key pair and query head (QK^T and PV).
+- FLOPs: 2 per weight and token for the layers' matmuls (of a mixture of experts, the K
+  routed experts' weights only), 2 per LM-head weight and logit row, and 4 x head dim per
+  causal query-key pair and query head (QK^T and PV).
 With N devices the bound is 1/N of that: each device reads and computes its share.
 """
 
@@ -57,6 +58,7 @@ class ModelCost:
     embed_row_bytes: int
     """Bytes of one embedding row, gathered per token when the table is untied (else 0)."""
     layer_params: int
+    """Layer weights one token multiplies (of the experts, K of X)."""
     head_params: int
     kv_bytes_per_token: int
     attention_flops_per_pair: int
@@ -65,10 +67,14 @@ class ModelCost:
     def of(cls, cfg: ModelConfig, params, kv_itemsize: int) -> ModelCost:
         embed = params["embed"]
         untied = not cfg.tie_word_embeddings
+        layers = params["layers"]
+        experts = sum(lp[n].size for lp in (layers if isinstance(layers, list) else [layers])
+                      for n in ("expert_gate", "expert_up", "expert_down") if n in lp)
+        active = experts * cfg.num_experts_per_tok // cfg.num_experts if experts else 0
         return cls(
             weight_bytes=param_bytes(params) - (embed.size * embed.dtype.itemsize if untied else 0),
             embed_row_bytes=embed.shape[1] * embed.dtype.itemsize if untied else 0,
-            layer_params=sum(x.size for x in jax.tree.leaves(params["layers"])),
+            layer_params=sum(x.size for x in jax.tree.leaves(layers)) - experts + active,
             head_params=cfg.hidden_size * cfg.vocab_size,
             kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_itemsize,
             attention_flops_per_pair=4 * cfg.num_layers * cfg.num_heads * cfg.head_dim)

@@ -3,6 +3,7 @@ log they are computed from, and `engine bench latency`'s rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -72,3 +73,18 @@ def test_latency_rows_carry_the_roofline(tmp_path: Path, capsys):
     assert two["kv_bytes_read"] == 2 * one["kv_bytes_read"] > 0
     assert 0 < one["roofline_s"] and 0 < one["decode_step_s"]
     assert "x roofline" in capsys.readouterr().out
+
+
+def test_a_mixture_of_experts_token_multiplies_k_of_x_experts():
+    cfg = preset_config("llama-3.1-8b")
+    moe = dataclasses.replace(cfg, num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=1024)
+    dense = ModelCost.of(cfg, jax.eval_shape(lambda: random_params(cfg, jnp.bfloat16,
+                                                                    scan=True)), 2)
+    sparse = ModelCost.of(moe, jax.eval_shape(lambda: random_params(moe, jnp.bfloat16,
+                                                                     scan=True)), 2)
+    e, L = cfg.hidden_size, cfg.num_layers
+    mlp = 3 * e * cfg.intermediate_size
+    router, experts = e * 8, 8 * 3 * e * 1024
+    assert sparse.layer_params == dense.layer_params - L * mlp + L * (router + experts // 4)
+    assert sparse.weight_bytes == dense.weight_bytes + 2 * L * (router + experts - mlp)
