@@ -26,7 +26,7 @@ from engine.attention import AttentionMetadata
 from engine.model.config import ModelConfig
 from engine.model.llama import forward
 from engine.model.presets import PRESETS
-from engine.model.weights import params_from_hf
+from engine.model.weights import fuse_qkv, params_from_hf
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -47,8 +47,8 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**hf_cfg), dtype=torch.bfloat16).eval()
     cfg = ModelConfig.from_hf(hf_cfg)
-    params = params_from_hf({k: to_numpy(v) for k, v in hf.state_dict().items()}, cfg,
-                            jnp.bfloat16, scan=False)
+    params = fuse_qkv(params_from_hf({k: to_numpy(v) for k, v in hf.state_dict().items()},
+                                     cfg, jnp.bfloat16, scan=False))  # as the engine loads
     rng = np.random.default_rng(0)
     ids = rng.integers(10, cfg.vocab_size // 2, size=n_prompt + n_decode).tolist()
     with torch.no_grad():
