@@ -42,12 +42,13 @@ for stage in "$@"; do
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench latency "${MODEL[@]}" \
       --batch-size 1 --input-len 8192 --output-len 8 --chunked-prefill-size 8192 \
       --output-json "$OUT/prefill8k.json" 2>&1 | quiet | tee "$OUT/prefill8k.txt" ;;
-  offline)
+  offline)  # a second `offline` (a warm compilation cache) writes offline2.*
+    runs=$((${runs:-0} + 1)); name=offline$([[ $runs -gt 1 ]] && echo $runs)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench offline "${MODEL[@]}" \
       --dataset random --num-prompts ${NUM_PROMPTS:-1000} --random-input-len 1024 \
       --random-output-len 1024 --random-range-ratio 1.0 --warmup-runs 0 \
       ${HF_PROMPTS:+--baseline hf --hf-num-prompts $HF_PROMPTS --hf-batch-size ${HF_BATCH:-64}} \
-      --output-json "$OUT/offline.json" 2>&1 | quiet | tee "$OUT/offline.txt" | tail -40 ;;
+      --output-json "$OUT/$name.json" 2>&1 | quiet | tee "$OUT/$name.txt" | tail -40 ;;
   serve)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli serve "${MODEL[@]}" --port 30000 \
       ${WARMUP:+--warmup-decode-len $WARMUP} > "$OUT/serve.log" 2>&1 &
