@@ -42,6 +42,8 @@ class ModelOptions:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if not isinstance(self.fuse_qkv, bool):
+            raise ValueError(f"fuse_qkv must be true or false, got {self.fuse_qkv!r}")
 
 
 @dataclasses.dataclass(frozen=True)

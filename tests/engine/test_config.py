@@ -1,0 +1,22 @@
+"""Engine configuration: a YAML file's values are checked, and explicit options win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+
+
+def test_yaml_values_are_checked_and_explicit_options_win(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {fuse_qkv: false}\nscheduler: {max_running_requests: 8}\n")
+    config = EngineConfig.build(f, max_running_requests=4)
+    assert config.model.fuse_qkv is False and config.scheduler.max_running_requests == 4
+    assert EngineConfig.build().model.fuse_qkv is True
+    f.write_text("model: {fuse_qkv: maybe}\n")
+    with pytest.raises(ValueError, match="fuse_qkv must be true or false"):
+        EngineConfig.build(f)
+    with pytest.raises(TypeError, match="unknown engine option 'fuse_qvk'"):
+        EngineConfig.build(fuse_qvk=False)
