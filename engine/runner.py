@@ -173,7 +173,9 @@ class ModelRunner:
         """Steps run and their seconds, decode-only steps apart from steps with prompt
         tokens. A step's time runs from its dispatch, or the end of the step before it if
         later, to when its outputs are read: the device's time where the device is the
-        bottleneck (overlap scheduling), compilation not included."""
+        bottleneck (overlap scheduling). Compilation is left out: under overlap a new
+        program compiles while the step before it is in flight, whose time then starts
+        after the compilation (so undercounts it by what ran meanwhile)."""
         self._last_done = 0.0
         self.step_log: list[tuple] | None = None
         """When a list (benchmarks set one), each step appends the fields of
@@ -306,7 +308,10 @@ class ModelRunner:
             with mesh_context(self.backend):
                 out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
         rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
-        return Launched(batch, out, next_tokens, rows, shape, time.perf_counter())
+        dispatched = time.perf_counter()
+        if shape not in self.compiled_shapes:  # it may have compiled: keep that out of the
+            self._last_done = dispatched       # step in flight's time (step_time)
+        return Launched(batch, out, next_tokens, rows, shape, dispatched)
 
     def collect(self, launched: Launched) -> list[TokenSample | None]:
         """Wait for a launched step and read its samples (one entry per scheduled seq)."""

@@ -21,7 +21,7 @@ def test_engine_and_hf_baseline_generate_every_token(tmp_path: Path, capsys) -> 
                  "--model", str(config), "--dataset", "random", "--num-prompts", "6",
                  "--random-input-len", "24", "--random-output-len", "5",
                  "--random-range-ratio", "0.5", "--warmup-runs", "0", "--baseline", "hf",
-                 "--hf-num-prompts", "6", "--hf-batch-size", "3",
+                 "--hf-num-prompts", "6", "--hf-batch-size", "3", "--overlap-schedule",
                  "--output-json", str(out)]) == 0
     engine, hf = json.loads(out.read_text())["results"]
     assert engine["name"] == "engine" and hf["name"].startswith("hf transformers")
@@ -33,8 +33,12 @@ def test_engine_and_hf_baseline_generate_every_token(tmp_path: Path, capsys) -> 
     # Every step is timed as decode-only or with prompt tokens, within the run's duration.
     (n_dec, s_dec), (n_prompt, s_prompt) = engine["step_time"]["decode"], \
         engine["step_time"]["prompt"]
-    assert n_dec + n_prompt == engine["steps"] and n_dec >= 4 and n_prompt >= 1
-    assert 0 < s_dec + s_prompt <= engine["elapsed_s"]
+    # (with overlap, a last step can still be in flight when the run's requests are done)
+    assert engine["steps"] - 1 <= n_dec + n_prompt <= engine["steps"]
+    assert n_dec >= 3 and n_prompt >= 1
+    # Compilation (most of this cold run) is not counted in the step times (0.1 s of slack
+    # for small helpers compiled while a step is in flight).
+    assert 0 < s_dec + s_prompt <= engine["elapsed_s"] - engine["compile_s"] + 0.1
     # ... and its roofline, from the copy bandwidth and matmul rate measured before the run.
     assert engine["bound_s"]["decode"] > 0 and engine["bound_s"]["prompt"] > 0
     printed = capsys.readouterr().out
