@@ -163,9 +163,11 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     cfg = model_config(config)
     sharding = target_sharding(target)
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    made = lambda: random_params(cfg, dtype, scan=scan, seed=0)  # noqa: E731
-    params = jax.tree.map(sds, jax.eval_shape(
-        lambda: fuse_qkv(made()) if config.model.fuse_qkv else made()))
+    def made() -> Any:  # the weights as the engine loads them (engine.builder)
+        params = random_params(cfg, dtype, scan=scan, seed=0)
+        return fuse_qkv(params) if config.model.fuse_qkv else params
+
+    params = jax.tree.map(sds, jax.eval_shape(made))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     num_pages = kv_num_pages(config, cfg, backend, dtype, param_bytes, target)
     page = config.cache.page_size

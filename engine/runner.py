@@ -169,18 +169,15 @@ class ModelRunner:
         self._step = make_step(cfg, backend, self.buckets.seqs[-1])
         self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()
-        self.step_time: dict[str, list] = {"decode": [0, 0.0], "prompt": [0, 0.0]}
-        """Steps run and their seconds, decode-only steps apart from steps with prompt
-        tokens. A step's time runs from its dispatch, or the end of the step before it if
-        later, to when its outputs are read: the device's time where the device is the
-        bottleneck (overlap scheduling). Compilation is left out: under overlap a new
-        program compiles while the step before it is in flight, whose time then starts
-        after the compilation (so undercounts it by what ran meanwhile)."""
-        self._last_done = 0.0
         self.step_log: list[tuple] | None = None
         """When a list (benchmarks set one), each step appends the fields of
         engine.bench.roofline.StepWork: decode-only, tokens, logit rows, context tokens,
-        causal query-key pairs, seconds (as step_time counts them)."""
+        causal query-key pairs, seconds. A step's seconds run from its dispatch, or the end
+        of the step before it if later, to when its outputs are read: the device's time
+        where the device is the bottleneck (overlap scheduling). Compilation is left out:
+        under overlap a new program compiles while the step before it is in flight, whose
+        time then starts after the compilation (so undercounts it by what ran meanwhile)."""
+        self._last_done = 0.0
 
     def warmup_decode(self, max_len: int,
                       modes: tuple[SamplingMode, ...] = (SamplingMode(),
@@ -310,7 +307,7 @@ class ModelRunner:
         rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
         dispatched = time.perf_counter()
         if shape not in self.compiled_shapes:  # it may have compiled: keep that out of the
-            self._last_done = dispatched       # step in flight's time (step_time)
+            self._last_done = dispatched       # step in flight's time (step_log)
         return Launched(batch, out, next_tokens, rows, shape, dispatched)
 
     def collect(self, launched: Launched) -> list[TokenSample | None]:
@@ -318,22 +315,17 @@ class ModelRunner:
         t0 = time.perf_counter()
         out = to_host(launched.out)  # also reads a replicated multi-process array
         done = time.perf_counter()
-        seconds = done - max(launched.dispatched, self._last_done)
-        self._last_done = done
-        kind = self.step_time["decode" if launched.shape[3] else "prompt"]
-        kind[0] += 1
-        kind[1] += seconds
         if self.step_log is not None:
             q = [len(sq.token_ids) for sq in launched.batch.seqs]
             ctx = [sq.start_pos + n for sq, n in zip(launched.batch.seqs, q, strict=True)]
             self.step_log.append((launched.shape[3], sum(q), len(q), sum(ctx),
                                   sum(n * c - n * (n - 1) // 2
                                       for n, c in zip(q, ctx, strict=True)),
-                                  seconds))
+                                  done - max(launched.dispatched, self._last_done)))
+        self._last_done = done
         if launched.shape not in self.compiled_shapes:
             self.compiled_shapes.add(launched.shape)
-            log.debug("step shape %s first run (wait %.2fs)", launched.shape,
-                      time.perf_counter() - t0)
+            log.debug("step shape %s first run (wait %.2fs)", launched.shape, done - t0)
         results: list[TokenSample | None] = []
         for i, sq in enumerate(launched.batch.seqs):
             if not sq.sample:

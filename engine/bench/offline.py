@@ -31,7 +31,7 @@ class OfflineResult:
     compiles: int | None = None
     step_time: dict[str, list] | None = None
     """{"decode": [steps, seconds], "prompt": [...]}: decode-only steps apart from steps with
-    prompt tokens (ModelRunner.step_time)."""
+    prompt tokens (seconds as ModelRunner.step_log counts them)."""
     bound_s: dict[str, float] | None = None
     """{"decode": seconds, "prompt": seconds}: the roofline of the run's own steps
     (engine.bench.roofline), at the copy bandwidth and matmul rate measured before it."""
@@ -76,7 +76,7 @@ class OfflineResult:
                                              f"({warm / bound:.2f}x without compilation)")]
         for kind, label in (("decode", "Decode-only steps"), ("prompt", "Steps with prompts")):
             n, sec = (self.step_time or {}).get(kind, (0, 0.0))
-            if n:  # seconds as the host sees them, compilation excluded (ModelRunner.step_time)
+            if n:  # seconds as the host sees them, compilation excluded (ModelRunner.step_log)
                 x = (f", {sec / self.bound_s[kind]:.2f}x roofline"
                      if self.bound_s and self.bound_s[kind] else "")
                 rows.append((f"{label}: n, s, mean ms",
@@ -111,9 +111,7 @@ def run_engine(llm, reqs: list[BenchRequest], name: str,
     sched, runner = llm.engine.scheduler, llm.engine.runner
     sched.flush_cache()
     before = sched.stats()
-    times = runner.step_time
-    times_before = {k: list(v) for k, v in times.items()}
-    runner.step_log = [] if rates else None
+    runner.step_log = []
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
               for r in reqs]
     _clock.seconds, _clock.compiles, _clock.active = 0.0, 0, True
@@ -134,24 +132,25 @@ def run_engine(llm, reqs: list[BenchRequest], name: str,
         cache_hit_rate=hits / prompt_seen if prompt_seen else 0.0,
         preemptions=after.num_preemptions - before.num_preemptions,
         steps=after.num_steps - before.num_steps, compile_s=_clock.seconds,
-        compiles=_clock.compiles,
-        step_time={k: [n - times_before[k][0], sec - times_before[k][1]]
-                   for k, (n, sec) in times.items()},
-        bound_s=rates and steps_bound(llm, runner.step_log, rates))
+        compiles=_clock.compiles, **step_totals(llm, rates))
 
 
-def steps_bound(llm, log: list[tuple], rates: tuple[float, float]) -> dict[str, float]:
-    """Seconds the logged steps take at the roofline, decode-only steps apart."""
+def step_totals(llm, rates: tuple[float, float] | None) -> dict[str, dict]:
+    """From the runner's step log (then switched off): step_time, and with `rates` bound_s,
+    the seconds the same steps take at the roofline; decode-only steps apart."""
     runner = llm.engine.runner
+    log, runner.step_log = [StepWork(*fields) for fields in runner.step_log], None
     kv = jax.tree.leaves(runner.kv)[0]
     cost = ModelCost.of(llm.model_config, runner.params, kv.dtype.itemsize)
+    times = {"decode": [0, 0.0], "prompt": [0, 0.0]}
     bound = {"decode": 0.0, "prompt": 0.0}
-    for fields in log:
-        work = StepWork(*fields)
-        bound["decode" if work.decode_only else "prompt"] += cost.step_bound(
-            work, *rates, devices=len(kv.sharding.device_set))
-    runner.step_log = None
-    return bound
+    for work in log:
+        kind = "decode" if work.decode_only else "prompt"
+        times[kind][0] += 1
+        times[kind][1] += work.seconds
+        if rates:
+            bound[kind] += cost.step_bound(work, *rates, devices=len(kv.sharding.device_set))
+    return {"step_time": times, "bound_s": bound if rates else None}
 
 
 def write_json(path: str, results: list[OfflineResult], args: dict) -> None:

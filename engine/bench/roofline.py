@@ -107,4 +107,4 @@ class StepWork:
     attention_pairs: int
     """Causal (query, key) pairs over the step's tokens."""
     seconds: float
-    """As ModelRunner.step_time counts it."""
+    """As ModelRunner.step_log counts them."""
