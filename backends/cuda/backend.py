@@ -1,13 +1,16 @@
 """The CUDA backend: bf16, head-major paged KV cache, Pallas (Triton) attention kernels.
 
-Decode-only steps take the Pallas paged-decode kernel; steps with prompt chunks (mixed
-with decodes or not) take the ragged paged-attention kernel (kernels/ragged_prefill.py).
+Decode-only steps take the Pallas paged-decode kernel; steps with prompt chunks take the
+ragged paged-attention kernel (kernels/ragged_prefill.py) for their chunks and, when both
+kernels are on, the decode kernel for their decodes (sequences with one query token), on
+which the ragged kernel would spend a whole query block each.
 Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
 ragged attention, which is correct for any mixed batch but slow for long prompts.
 
 Options (YAML `backend:` section): interpret (run the Pallas kernels in the interpreter:
 tests on a host without a GPU), decode_kernel (false: plain JAX for decodes),
-prefill_kernel (false: plain JAX for steps with prompt tokens).
+prefill_kernel (false: plain JAX for steps with prompt tokens), mixed_decode (false: the
+ragged kernel takes the decodes of a step with prompt tokens too).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.kernels import ragged_prefill
-from backends.cuda.kernels.paged_decode import paged_decode_attention
+from backends.cuda.kernels.paged_decode import decode_attention, paged_decode_attention
 from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
 
@@ -31,6 +35,7 @@ class CudaBackend(Backend):
         self.interpret = bool(self.options.get("interpret", jax.default_backend() != "gpu"))
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
+        self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
                                          scan_layers=False, spmd_attention=False,
@@ -66,6 +71,24 @@ class CudaBackend(Backend):
         _, _, page, d = k_cache.shape
         if (not md.decode_only and self.prefill_kernel
                 and ragged_prefill.supported(d, page)):
+            if self.mixed_decode:
+                return self.mixed_attention(q, k_cache, v_cache, md, scale=scale)
             return ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
                                                          interpret=self.interpret)
         return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, head_major=True)
+
+    def mixed_attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                        md: AttentionMetadata, *, scale: float) -> jax.Array:
+        """A step with prompt tokens: its decodes through the decode kernel (the others'
+        lengths set to 0, so it does no work for them), the rest through the ragged one."""
+        qs = jnp.asarray(md.query_start)
+        one = qs[1:] - qs[:-1] == 1  # [S]: sequences with one query token
+        last = jnp.clip(qs[1:] - 1, 0, q.shape[0] - 1)  # [S]: that token
+        o_one = decode_attention(q[last], k_cache, v_cache, md.page_table,
+                                 jnp.where(one, md.seq_lens, 0), scale=scale,
+                                 interpret=self.interpret)  # [S, Hq, D]
+        o = ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
+                                                  interpret=self.interpret, skip=one)
+        seq = jnp.asarray(md.token_seq)
+        take = one[seq] & (jnp.arange(q.shape[0]) < md.num_tokens)  # [T]
+        return jnp.where(take[:, None, None], o_one[seq], o)

@@ -68,19 +68,29 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """q [T, Hq, D] (token i = sequence i) -> [T, Hq, D]."""
     check_inputs(q, k_cache, v_cache, md)
     t = q.shape[0]
-    page_table = jnp.asarray(md.page_table)
+    s = md.page_table.shape[0]
+    qs = q[:s] if t >= s else jnp.pad(q, ((0, s - t), (0, 0), (0, 0)))
+    o = decode_attention(qs, k_cache, v_cache, md.page_table, md.seq_lens, scale=scale,
+                         interpret=interpret)
+    return o[:t] if t <= s else jnp.pad(o, ((0, t - s), (0, 0), (0, 0)))
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     page_table: jax.Array, seq_lens: jax.Array, *, scale: float,
+                     interpret: bool = False) -> jax.Array:
+    """One query per sequence: q [S, Hq, D] over each sequence's first seq_lens [S] cached
+    tokens -> [S, Hq, D]. A sequence of length 0 does no work (its output is 0)."""
+    page_table = jnp.asarray(page_table)
     s, p = page_table.shape
-    page = md.page_size
+    page = k_cache.shape[2]
     # Pad the table (extra pages are masked by the lengths) so a partition holds a block.
     min_pages = -(-MIN_BLOCK_K // page)
     if p < min_pages:
         page_table = jnp.pad(page_table, ((0, 0), (0, min_pages - p)))
         p = min_pages
     k_splits, ppcb = partition(k_cache.shape[0], s, p, page)
-    qs = (q[:s] if t >= s else jnp.pad(q, ((0, s - t), (0, 0), (0, 0)))) * scale
     o = paged_attention(
-        qs.astype(k_cache.dtype), k_cache, v_cache, page_table, jnp.asarray(md.seq_lens),
-        block_h=BLOCK_H, pages_per_compute_block=ppcb, k_splits=k_splits,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=interpret)
-    o = o.astype(q.dtype)
-    return o[:t] if t <= s else jnp.pad(o, ((0, t - s), (0, 0), (0, 0)))
+        (q * scale).astype(k_cache.dtype), k_cache, v_cache, page_table,
+        jnp.asarray(seq_lens, jnp.int32), block_h=BLOCK_H, pages_per_compute_block=ppcb,
+        k_splits=k_splits, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=interpret)
+    return o.astype(q.dtype)

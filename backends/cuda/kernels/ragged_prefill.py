@@ -94,14 +94,17 @@ def supported(head_dim: int, page_size: int) -> bool:
 
 
 def block_table(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int,
-                block_q: int) -> jax.Array:
+                block_q: int, skip: jax.Array | None = None) -> jax.Array:
     """i32 [NB, META_FIELDS], NB = T // BQ + S + 1: per query block (first token, valid
     rows, first position, sequence), longest K/V first. Rows 0: a spare block. The token
-    padding [query_start[S], T) is a pseudo-sequence S with no K/V (its output is zero)."""
+    padding [query_start[S], T) is a pseudo-sequence S with no K/V (its output is zero).
+    Sequences where `skip` [S] is true get no blocks: their rows are left unwritten."""
     s = seq_lens.shape[0]
     qs = query_start.astype(jnp.int32)
     starts = qs  # [S+1]: the padding pseudo-sequence starts at query_start[S]
     q_lens = jnp.maximum(jnp.append(qs[1:], num_tokens) - qs, 0)  # [S+1]
+    if skip is not None:
+        q_lens = jnp.where(jnp.append(skip, False), 0, q_lens)
     kv_lens = jnp.append(seq_lens.astype(jnp.int32), 0)  # [S+1]
     n_blocks = -(-q_lens // block_q)  # [S+1]
     ends = jnp.cumsum(n_blocks)  # [S+1]: blocks of sequence s are [ends[s] - n, ends[s])
@@ -168,10 +171,12 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "sizes"))
 def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            md: AttentionMetadata, *, scale: float, interpret: bool = False,
-                           sizes: BlockSizes | None = None) -> jax.Array:
+                           sizes: BlockSizes | None = None, skip: jax.Array | None = None,
+                           ) -> jax.Array:
     """q [T, Hq, D]; k_cache, v_cache [Hkv, num_pages, page, D] -> [T, Hq, D].
 
-    Rows of padding tokens (at or past query_start[S]) come out zero."""
+    Rows of padding tokens (at or past query_start[S]) come out zero; rows of sequences
+    where `skip` [S] is true are left unwritten (the caller fills them)."""
     sizes = sizes or BLOCK_SIZES
     check_inputs(q, k_cache, v_cache, md, sizes)
     t, hq, d = q.shape
@@ -179,7 +184,7 @@ def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     g = hq // hkv
     bq = sizes.block_q
     ppb = max(1, sizes.block_k // page)
-    meta = block_table(jnp.asarray(md.query_start), jnp.asarray(md.seq_lens), t, bq)
+    meta = block_table(jnp.asarray(md.query_start), jnp.asarray(md.seq_lens), t, bq, skip)
     nb = meta.shape[0]
     # Pad the table to whole K/V blocks (extra pages are read, then masked) and flatten it.
     page_table = jnp.asarray(md.page_table, jnp.int32)  # [S, P]

@@ -105,19 +105,38 @@ def test_block_table_covers_each_token_once():
     assert (np.diff(ends[meta[:, 2] >= 0]) <= 0).all()
 
 
-@pytest.mark.parametrize("prefill_kernel,d", [(True, 32), (False, 32), (True, 24)])
-def test_backend_mixed_step_matches_oracle(prefill_kernel, d):
-    """The backend's mixed-batch path: the kernel, or plain JAX when switched off or when
-    the head dim is no power of two (Triton tiles are)."""
+@pytest.mark.parametrize("options,d", [
+    ({}, 32),  # chunks through the ragged kernel, decodes through the decode kernel
+    ({"mixed_decode": False}, 32),  # everything through the ragged kernel
+    ({"prefill_kernel": False}, 32),  # plain JAX
+    ({}, 24),  # no power of two: plain JAX
+])
+def test_backend_mixed_step_matches_oracle(options, d):
+    """The backend's mixed-batch path: decodes (one query token, one with a 1-token K/V),
+    a fresh prompt, a prefix-extending chunk and padding sequences in one step."""
     rng = np.random.default_rng(5)
-    case = make_case(rng, kv_lens=[21, 1, 40], q_lens=[21, 1, 9], page_size=8, hq=4, hkv=2,
-                     d=d)
-    be = CudaBackend({"interpret": not ON_GPU, "prefill_kernel": prefill_kernel})
+    case = make_case(rng, kv_lens=[21, 1, 40, 33, 70], q_lens=[21, 1, 9, 1, 1], page_size=8,
+                     hq=4, hkv=2, d=d, pad_seqs=2)
+    be = CudaBackend({"interpret": not ON_GPU, **options})
     kh, vh = head_major(case.k_cache), head_major(case.v_cache)
     got = np.asarray(be.attention(case.q, kh, vh, case.md, scale=d**-0.5))
     n = case.num_tokens
     tol = 2e-3 if ON_GPU else 2e-5  # float32 dots run in TF32 on the GPU
     np.testing.assert_allclose(got[:n], case.expected[:n], atol=tol, rtol=tol)
+    assert np.isfinite(got).all()
+
+
+def test_block_table_skips_sequences():
+    """Skipped sequences get no blocks; the others are listed as without the skip."""
+    qs = np.array([0, 20, 21, 30, 31, 31], np.int32)
+    seq_lens = np.array([20, 5, 9, 40, 0], np.int32)
+    skip = np.array([False, True, False, True, False])
+    f = jax.jit(block_table, static_argnums=(2, 3))
+    meta = np.asarray(f(qs, seq_lens, 48, 16, skip))
+    live = meta[(meta[:, 1] > 0) & (meta[:, 2] >= 0)]
+    assert sorted(live[:, 3].tolist()) == [0, 0, 2]  # 20 rows in 2 blocks, then 9 rows
+    assert live[:, 1].sum() == 20 + 9
+    assert not np.isin([20, 30], live[:, 0]).any()
 
 
 def prompt_batch(rng, q_lens, *, page, hq, hkv, d, dtype, cached=None):
