@@ -2,12 +2,15 @@
 the Pallas decode kernel. Usage: PYTHONPATH=. python3 scripts/cuda_probe.py OUTDIR [parts]
 
 parts (default all): steps (engine step with overlap on/off vs the device step alone, and a
-profile of the device step summed per kernel), sweep (decode kernel block sizes).
+profile of the device step summed per kernel), sweep (decode kernel block sizes), decode
+(JAX's decode kernel vs ours, kernels/gqa_decode.py, and variants of ours, at the shapes
+"BATCH:CTX ..." of $PROBE_DECODE; writes decode_choice.txt: the faster at the last shape).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import itertools
@@ -188,9 +191,69 @@ def sweep(out: str) -> None:
         json.dump(results, f, indent=1)
 
 
+def decode(out: str) -> None:
+    import os
+
+    from backends.cuda.kernels.gqa_decode import gqa_decode_attention
+    from backends.cuda.kernels.paged_decode import decode_attention, partition
+
+    hkv, g, d, page = 8, 4, 128, 16
+    rng = np.random.default_rng(0)
+    results, faster = [], "jax"
+    shapes = os.environ.get("PROBE_DECODE", "1:1024 32:1024 128:1024 256:1024 256:1536")
+    for shape in shapes.split():
+        b, ctx = (int(x) for x in shape.split(":"))
+        p = 1 << (-(-ctx // page) - 1).bit_length()  # the runner's page bucket
+        pages = b * p
+        k = jnp.asarray(rng.standard_normal((hkv, pages, page, d)), jnp.bfloat16)
+        v = jnp.asarray(rng.standard_normal((hkv, pages, page, d)), jnp.bfloat16)
+        q = jnp.asarray(rng.standard_normal((b, hkv * g, d)), jnp.bfloat16)
+        table = jnp.asarray(rng.permutation(pages).reshape(b, p), jnp.int32)
+        lens = jnp.full((b,), ctx, jnp.int32)
+        nbytes = 2 * b * ctx * hkv * d * 2
+        ks, ppb = partition(hkv, b, p, page)
+        interp = jax.default_backend() != "gpu"  # a smoke test on a host without a GPU
+        variants = {"jax": jax.jit(functools.partial(decode_attention, scale=d**-0.5,
+                                                     interpret=interp)),
+                    "gqa": jax.jit(functools.partial(decode_attention, scale=d**-0.5,
+                                                     impl="gqa", interpret=interp))}
+        for kk, pp, w, st in ((ks, ppb, 8, 1), (ks, ppb, 4, 2), (ks, ppb, 4, 3),
+                              (ks, max(1, ppb // 2), 4, 1), (ks, ppb * 2, 4, 1),
+                              (ks * 2, ppb, 4, 1), (max(1, ks // 2), ppb, 4, 1)):
+            if p % kk or (p // kk) % pp or pp * page < 16 or (kk, pp, w, st) == (ks, ppb, 4, 1):
+                continue
+            variants[f"gqa ks{kk} bk{pp * page} w{w} s{st}"] = jax.jit(functools.partial(
+                gqa_decode_attention, scale=d**-0.5, k_splits=kk, pages_per_block=pp,
+                num_warps=w, num_stages=st, interpret=interp))
+        ref, times = None, {}
+        for name, f in variants.items():
+            try:
+                o = f(q, k, v, table, lens).astype(jnp.float32)
+                ref = o if ref is None else ref
+                err = float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref))
+                t = timed(f, q, k, v, table, lens)
+            except Exception as e:  # noqa: BLE001 - a variant Triton cannot build
+                print(f"b{b} ctx{ctx} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            times[name] = t
+            results.append(dict(batch=b, ctx=ctx, kernel=name, ms=t * 1e3,
+                                tbs=nbytes / t / 1e12, err=err))
+            print(f"b{b:>4} ctx{ctx:>5} {name:<26} {t * 1e3:7.3f} ms "
+                  f"{nbytes / t / 1e12:5.2f} TB/s err {err:.1e}  (rule: ks{ks} bk{ppb * page})",
+                  flush=True)
+        if "gqa" in times and "jax" in times:
+            faster = "gqa" if times["gqa"] < times["jax"] else "jax"
+        del k, v
+    with open(f"{out}/decode_probe.json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(f"{out}/decode_choice.txt", "w") as f:
+        f.write(faster + "\n")
+    print(f"faster at the last shape: {faster}", flush=True)
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     parts = sys.argv[2:] or ["sweep", "steps"]
     for part in parts:
         print(f"== {part}", flush=True)
-        {"steps": steps, "sweep": sweep}[part](out)
+        {"steps": steps, "sweep": sweep, "decode": decode}[part](out)

@@ -10,7 +10,8 @@ ragged attention, which is correct for any mixed batch but slow for long prompts
 Options (YAML `backend:` section): interpret (run the Pallas kernels in the interpreter:
 tests on a host without a GPU), decode_kernel (false: plain JAX for decodes),
 prefill_kernel (false: plain JAX for steps with prompt tokens), mixed_decode (false: the
-ragged kernel takes the decodes of a step with prompt tokens too).
+ragged kernel takes the decodes of a step with prompt tokens too), decode_impl ("jax":
+JAX's paged_attention; "gqa": ours, kernels/gqa_decode.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class CudaBackend(Backend):
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel
+        self.decode_impl = str(self.options.get("decode_impl", "jax"))
+        if self.decode_impl not in ("jax", "gqa"):
+            raise ValueError(f"backend option decode_impl={self.decode_impl!r}: expected "
+                             f"'jax' (JAX's paged_attention) or 'gqa' (ours)")
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
                                          scan_layers=False, spmd_attention=False,
@@ -67,7 +72,7 @@ class CudaBackend(Backend):
                   ) -> jax.Array:
         if md.decode_only and self.decode_kernel:
             return paged_decode_attention(q, k_cache, v_cache, md, scale=scale,
-                                          interpret=self.interpret)
+                                          interpret=self.interpret, impl=self.decode_impl)
         _, _, page, d = k_cache.shape
         if (not md.decode_only and self.prefill_kernel
                 and ragged_prefill.supported(d, page)):
@@ -86,7 +91,7 @@ class CudaBackend(Backend):
         last = jnp.clip(qs[1:] - 1, 0, q.shape[0] - 1)  # [S]: that token
         o_one = decode_attention(q[last], k_cache, v_cache, md.page_table,
                                  jnp.where(one, md.seq_lens, 0), scale=scale,
-                                 interpret=self.interpret)  # [S, Hq, D]
+                                 interpret=self.interpret, impl=self.decode_impl)
         o = ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
                                                   interpret=self.interpret, skip=one)
         seq = jnp.asarray(md.token_seq)

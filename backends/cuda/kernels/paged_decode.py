@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
+from backends.cuda.kernels.gqa_decode import gqa_decode_attention
 from engine.attention import AttentionMetadata
 
 # Block sizes as data (Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16), from the
@@ -64,22 +65,23 @@ def partition(num_kv_heads: int, num_seqs: int, table_pages: int, page: int
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            md: AttentionMetadata, *, scale: float,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, impl: str = "jax") -> jax.Array:
     """q [T, Hq, D] (token i = sequence i) -> [T, Hq, D]."""
     check_inputs(q, k_cache, v_cache, md)
     t = q.shape[0]
     s = md.page_table.shape[0]
     qs = q[:s] if t >= s else jnp.pad(q, ((0, s - t), (0, 0), (0, 0)))
     o = decode_attention(qs, k_cache, v_cache, md.page_table, md.seq_lens, scale=scale,
-                         interpret=interpret)
+                         interpret=interpret, impl=impl)
     return o[:t] if t <= s else jnp.pad(o, ((0, t - s), (0, 0), (0, 0)))
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      page_table: jax.Array, seq_lens: jax.Array, *, scale: float,
-                     interpret: bool = False) -> jax.Array:
+                     interpret: bool = False, impl: str = "jax") -> jax.Array:
     """One query per sequence: q [S, Hq, D] over each sequence's first seq_lens [S] cached
-    tokens -> [S, Hq, D]. A sequence of length 0 does no work (its output is 0)."""
+    tokens -> [S, Hq, D]. A sequence of length 0 does no work (its output is 0).
+    impl: "jax" (JAX's paged_attention) or "gqa" (ours: kernels/gqa_decode.py)."""
     page_table = jnp.asarray(page_table)
     s, p = page_table.shape
     page = k_cache.shape[2]
@@ -89,6 +91,13 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         page_table = jnp.pad(page_table, ((0, 0), (0, min_pages - p)))
         p = min_pages
     k_splits, ppcb = partition(k_cache.shape[0], s, p, page)
+    if impl == "gqa":
+        return gqa_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale=scale,
+                                    k_splits=k_splits, pages_per_block=ppcb,
+                                    num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                                    interpret=interpret)
+    if impl != "jax":
+        raise ValueError(f"decode kernel {impl!r}: expected 'jax' or 'gqa'")
     o = paged_attention(
         (q * scale).astype(k_cache.dtype), k_cache, v_cache, page_table,
         jnp.asarray(seq_lens, jnp.int32), block_h=BLOCK_H, pages_per_compute_block=ppcb,

@@ -10,6 +10,7 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.backend import CudaBackend
+from backends.cuda.kernels.gqa_decode import gqa_decode_attention
 from backends.cuda.kernels.paged_decode import paged_decode_attention, partition
 from tests.backends.ragged_batches import make_case
 
@@ -40,21 +41,45 @@ def decode_case(seed, n_seqs, page_size, hq, hkv, d, max_len=70):
     return case, md
 
 
+@pytest.mark.parametrize("impl", ["jax", "gqa"])
 @pytest.mark.parametrize("seed,n_seqs,page_size,hq,hkv,d", [
     (0, 5, 16, 8, 2, 64), (1, 3, 4, 4, 4, 32), (2, 9, 8, 16, 2, 128), (3, 1, 16, 32, 8, 128),
     (4, 6, 1, 8, 4, 64), (5, 2, 2, 12, 4, 128),
 ])
-def test_decode_kernel_matches_oracle(seed, n_seqs, page_size, hq, hkv, d):
+def test_decode_kernel_matches_oracle(seed, n_seqs, page_size, hq, hkv, d, impl):
     case, md = decode_case(seed, n_seqs, page_size, hq, hkv, d)
     scale = d**-0.5
     kh, vh = head_major(case.k_cache), head_major(case.v_cache)
     want = np.asarray(jax.jit(lambda q, k, v: ragged_paged_attention(
         q, k, v, md, scale=scale, head_major=True))(case.q, kh, vh))
     got = np.asarray(jax.jit(lambda q, k, v: paged_decode_attention(
-        q, k, v, md, scale=scale, interpret=not ON_GPU))(case.q, kh, vh))
+        q, k, v, md, scale=scale, interpret=not ON_GPU, impl=impl))(case.q, kh, vh))
     n = case.num_tokens
     assert_close(got[:n], want[:n])
     assert_close(want[:n], case.expected[:n])
+
+
+@pytest.mark.parametrize("k_splits,ppb", [(1, 2), (2, 2), (4, 1), (8, 1)])
+def test_gqa_decode_kernel_splits_match_oracle(k_splits, ppb):
+    """Our kernel at each split count, with sequences shorter than a split (empty splits),
+    one of length 0 (output 0) and G = 4 query heads a KV head (padded to 16 rows)."""
+    case, md = decode_case(7, 6, 16, 16, 4, 32, max_len=120)
+    kh, vh = head_major(case.k_cache), head_major(case.v_cache)
+    table = np.asarray(md.page_table)
+    width = -(-table.shape[1] // (k_splits * ppb)) * k_splits * ppb
+    table = np.pad(table, ((0, 0), (0, width - table.shape[1])))
+    lens = np.asarray(md.seq_lens).copy()
+    lens[1] = 0
+    s = table.shape[0]
+    got = np.asarray(gqa_decode_attention(case.q[:s], kh, vh, table, lens, scale=0.2,
+                                          k_splits=k_splits, pages_per_block=ppb,
+                                          interpret=not ON_GPU))
+    md0 = dataclasses.replace(md, seq_lens=lens)
+    want = np.asarray(jax.jit(lambda q, k, v: ragged_paged_attention(
+        q, k, v, md0, scale=0.2, head_major=True))(case.q, kh, vh))[:s]
+    live = lens > 0
+    assert_close(got[live], want[live])
+    np.testing.assert_array_equal(got[~live], 0)
 
 
 @pytest.mark.parametrize("seqs, table_pages, expected", [

@@ -11,12 +11,14 @@ from tests.models.hf_reference import make_hf_model
 @pytest.mark.skipif(jax.default_backend() == "gpu",
                     reason="exact token equality needs exact float32; the GPU kernel runs TF32 "
                            "(tests/backends/cuda/test_cuda_attention.py checks it there)")
-def test_cuda_backend_greedy_equals_cpu(tmp_path):
+@pytest.mark.parametrize("decode_impl", ["jax", "gqa"])
+def test_cuda_backend_greedy_equals_cpu(tmp_path, decode_impl):
     make_hf_model("qwen3", seed=4).save_pretrained(tmp_path, safe_serialization=True)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [27, 18, 28], list(range(40, 75))]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     opts = dict(dtype="float32", max_total_tokens=512, max_running_requests=4,
                 chunked_prefill_size=32, page_size=4)
     cpu = LLM(str(tmp_path), backend="cpu", **opts).generate(prompts, sp)
-    cuda = LLM(str(tmp_path), backend="cuda", **opts).generate(prompts, sp)
+    cuda = LLM(str(tmp_path), backend="cuda", options={"decode_impl": decode_impl},
+               **opts).generate(prompts, sp)
     assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]

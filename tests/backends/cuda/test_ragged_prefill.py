@@ -107,6 +107,7 @@ def test_block_table_covers_each_token_once():
 
 @pytest.mark.parametrize("options,d", [
     ({}, 32),  # chunks through the ragged kernel, decodes through the decode kernel
+    ({"decode_impl": "gqa"}, 32),  # decodes through our decode kernel
     ({"mixed_decode": False}, 32),  # everything through the ragged kernel
     ({"prefill_kernel": False}, 32),  # plain JAX
     ({}, 24),  # no power of two: plain JAX
@@ -124,6 +125,11 @@ def test_backend_mixed_step_matches_oracle(options, d):
     tol = 2e-3 if ON_GPU else 2e-5  # float32 dots run in TF32 on the GPU
     np.testing.assert_allclose(got[:n], case.expected[:n], atol=tol, rtol=tol)
     assert np.isfinite(got).all()
+
+
+def test_backend_rejects_an_unknown_decode_kernel():
+    with pytest.raises(ValueError, match="decode_impl='flash'.*'jax'.*'gqa'"):
+        CudaBackend({"decode_impl": "flash"})
 
 
 def test_block_table_skips_sequences():
