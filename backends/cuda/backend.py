@@ -1,17 +1,17 @@
 """The CUDA backend: bf16, head-major paged KV cache, Pallas (Triton) attention kernels.
 
-Decode-only steps take the Pallas paged-decode kernel; steps with prompt chunks take the
-ragged paged-attention kernel (kernels/ragged_prefill.py) for their chunks and, when both
-kernels are on, the decode kernel for their decodes (sequences with one query token), on
-which the ragged kernel would spend a whole query block each.
+Decode-only steps take our Pallas decode kernel (kernels/gqa_decode.py); steps with prompt
+chunks take the ragged paged-attention kernel (kernels/ragged_prefill.py) for their chunks
+and, when both kernels are on, the decode kernel for their decodes (sequences with one
+query token), on which the ragged kernel would spend a whole query block each.
 Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
 ragged attention, which is correct for any mixed batch but slow for long prompts.
 
 Options (YAML `backend:` section): interpret (run the Pallas kernels in the interpreter:
 tests on a host without a GPU), decode_kernel (false: plain JAX for decodes),
 prefill_kernel (false: plain JAX for steps with prompt tokens), mixed_decode (false: the
-ragged kernel takes the decodes of a step with prompt tokens too), decode_impl ("jax":
-JAX's paged_attention; "gqa": ours, kernels/gqa_decode.py).
+ragged kernel takes the decodes of a step with prompt tokens too), decode_impl ("gqa", the
+default: ours, kernels/gqa_decode.py; "jax": JAX's paged_attention, kernels/paged_decode.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CudaBackend(Backend):
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel
-        self.decode_impl = str(self.options.get("decode_impl", "jax"))
+        self.decode_impl = str(self.options.get("decode_impl", "gqa"))
         if self.decode_impl not in ("jax", "gqa"):
             raise ValueError(f"backend option decode_impl={self.decode_impl!r}: expected "
                              f"'jax' (JAX's paged_attention) or 'gqa' (ours)")

@@ -30,6 +30,10 @@ MAX_K_SPLITS = 16
 TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
 NUM_STAGES = 1
+GQA_NUM_STAGES = 3
+"""Our kernel (impl "gqa") pipelines its row gathers: 3 stages against 1 (H200, 2026-12-02,
+`scripts/cuda_probe.py OUT decode`): batch 256 ctx 1536 0.381 vs 0.496 ms a layer (4.23 vs
+3.24 TB/s of K/V; JAX's kernel 0.538), batch 1 ctx 1024 0.057 vs 0.080 ms (JAX's 0.066)."""
 
 
 def check_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -85,16 +89,19 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     page_table = jnp.asarray(page_table)
     s, p = page_table.shape
     page = k_cache.shape[2]
-    # Pad the table (extra pages are masked by the lengths) so a partition holds a block.
-    min_pages = -(-MIN_BLOCK_K // page)
-    if p < min_pages:
-        page_table = jnp.pad(page_table, ((0, 0), (0, min_pages - p)))
-        p = min_pages
+    # Pad the table to a power of two of at least a block (extra pages are masked by the
+    # lengths, never read): Triton's blocks are powers of two, and a width such as 9 pages
+    # would split into 3-page blocks. The runner's page buckets are powers of two up to the
+    # largest, which need not be one (max_model_len / page).
+    p2 = max(-(-MIN_BLOCK_K // page), 1 << (p - 1).bit_length())
+    if p < p2:
+        page_table = jnp.pad(page_table, ((0, 0), (0, p2 - p)))
+        p = p2
     k_splits, ppcb = partition(k_cache.shape[0], s, p, page)
     if impl == "gqa":
         return gqa_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale=scale,
                                     k_splits=k_splits, pages_per_block=ppcb,
-                                    num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                                    num_warps=NUM_WARPS, num_stages=GQA_NUM_STAGES,
                                     interpret=interpret)
     if impl != "jax":
         raise ValueError(f"decode kernel {impl!r}: expected 'jax' or 'gqa'")
