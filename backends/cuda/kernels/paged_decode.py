@@ -50,6 +50,14 @@ def check_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         raise ValueError("paged_decode_attention needs a decode-only batch")
 
 
+def table_width(pages: int, page: int) -> int:
+    """The page table's width for the kernels: a power of two of at least one block.
+    Triton's blocks are powers of two, and a width such as 9 would split into 3-page blocks;
+    the runner's page buckets are powers of two up to the largest, which need not be one
+    (max_model_len / page)."""
+    return max(-(-MIN_BLOCK_K // page), 1 << (pages - 1).bit_length())
+
+
 def partition(num_kv_heads: int, num_seqs: int, table_pages: int, page: int
               ) -> tuple[int, int]:
     """(k_splits, pages_per_compute_block) for a page table `table_pages` wide: the fewest
@@ -89,12 +97,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     page_table = jnp.asarray(page_table)
     s, p = page_table.shape
     page = k_cache.shape[2]
-    # Pad the table to a power of two of at least a block (extra pages are masked by the
-    # lengths, never read): Triton's blocks are powers of two, and a width such as 9 pages
-    # would split into 3-page blocks. The runner's page buckets are powers of two up to the
-    # largest, which need not be one (max_model_len / page).
-    p2 = max(-(-MIN_BLOCK_K // page), 1 << (p - 1).bit_length())
-    if p < p2:
+    p2 = table_width(p, page)
+    if p < p2:  # extra pages are masked by the lengths, never read
         page_table = jnp.pad(page_table, ((0, 0), (0, p2 - p)))
         p = p2
     k_splits, ppcb = partition(k_cache.shape[0], s, p, page)

@@ -11,7 +11,7 @@ import pytest
 from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.backend import CudaBackend
 from backends.cuda.kernels.gqa_decode import gqa_decode_attention
-from backends.cuda.kernels.paged_decode import paged_decode_attention, partition
+from backends.cuda.kernels.paged_decode import paged_decode_attention, partition, table_width
 from tests.backends.ragged_batches import make_case
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -92,6 +92,19 @@ def test_gqa_decode_kernel_splits_match_oracle(k_splits, ppb):
 def test_decode_partition_follows_the_tuned_rule(seqs, table_pages, expected):
     """8 KV heads, page 16: the rule the H200 sweep chose (see paged_decode.py)."""
     assert partition(8, seqs, table_pages, 16) == expected
+
+
+@pytest.mark.parametrize("seqs", [1, 8, 256])
+@pytest.mark.parametrize("page", [1, 4, 8, 16])
+def test_decode_blocks_are_powers_of_two_for_any_table(seqs, page):
+    """Whatever the table's width (the largest page bucket is max_model_len / page), the
+    padded width splits into blocks of a power of two of at least 16 tokens."""
+    for width in range(1, 300):
+        w = table_width(width, page)
+        assert w >= width and w & (w - 1) == 0
+        ks, ppcb = partition(8, seqs, w, page)
+        bk = ppcb * page
+        assert w % ks == 0 and (w // ks) % ppcb == 0 and bk >= 16 and bk & (bk - 1) == 0
 
 
 def test_decode_partition_keeps_blocks_of_16_tokens():
