@@ -188,7 +188,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
-            runner.warmup_decode(s.warmup_decode_len)
+            runner.warmup(s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule)

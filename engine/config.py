@@ -94,6 +94,11 @@ class SchedulingOptions:
     so that decoding meets no compilation later; progress is logged. 0: programs compile
     when first needed. Either way they land in the persistent cache (a second start loads
     them). Single-process only."""
+    warmup_prompt_steps: bool = False
+    """With warmup_decode_len: also compile the steps with prompt tokens that take the
+    largest sequence bucket (token buckets of Buckets.wide_tokens and up: the prefill chunks
+    of a loaded server), for the same page buckets. Smaller steps with prompt tokens still
+    compile when first needed."""
 
     def __post_init__(self) -> None:
         if self.max_running_requests < 1:
@@ -103,6 +108,12 @@ class SchedulingOptions:
                              f"{self.max_running_requests=} (one decode token each)")
         if self.warmup_decode_len < 0:
             raise ValueError(f"warmup_decode_len must be >= 0, got {self.warmup_decode_len}")
+        if not isinstance(self.warmup_prompt_steps, bool):
+            raise ValueError(f"warmup_prompt_steps must be true or false, got "
+                             f"{self.warmup_prompt_steps!r}")
+        if self.warmup_prompt_steps and not self.warmup_decode_len:
+            raise ValueError("warmup_prompt_steps needs warmup_decode_len (the context length "
+                             "its page buckets go up to)")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be fcfs or lpm, got {self.schedule_policy!r}")
 

@@ -5,7 +5,8 @@
 #   latency    decode step vs roofline, Llama-3.1-8B shape, batches $BATCHES at ctx $INPUT_LEN
 #   prefill    one 8k-token prompt through the whole model (prefill time, tok/s, TFLOP/s)
 #   offline    1000 random prompts 1024 in / 1024 out; HF generate on $HF_PROMPTS of them
-#   serve      engine serve --backend cuda (WARMUP=N: --warmup-decode-len N), one curl
+#   serve      engine serve --backend cuda (WARMUP=N: --warmup-decode-len N; WARMUP_PROMPTS=1:
+#              --warmup-prompt-steps too), one curl
 #              completion, engine bench serving
 #   shared     generated-shared-prefix workload offline, radix cache on vs off
 #   vs_hf      8B-shape logits vs HF transformers in float32 (scripts/cuda_vs_hf.py)
@@ -51,7 +52,8 @@ for stage in "$@"; do
       --output-json "$OUT/$name.json" 2>&1 | quiet | tee "$OUT/$name.txt" | tail -40 ;;
   serve)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli serve "${MODEL[@]}" --port 30000 \
-      ${WARMUP:+--warmup-decode-len $WARMUP} > "$OUT/serve.log" 2>&1 &
+      ${WARMUP:+--warmup-decode-len $WARMUP} ${WARMUP_PROMPTS:+--warmup-prompt-steps} \
+      > "$OUT/serve.log" 2>&1 &
     pid=$!
     for _ in $(seq 300); do
       curl -sf localhost:30000/health >/dev/null && break

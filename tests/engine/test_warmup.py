@@ -1,5 +1,6 @@
-"""Start-up warm-up (`warmup_decode_len`): decode steps compile nothing after it, and the
-warm-up writes nothing into the KV cache (the engine's outputs are unchanged)."""
+"""Start-up warm-up (`warmup_decode_len`, `warmup_prompt_steps`): decode steps (and wide
+prompt steps) compile nothing after it, and the warm-up writes nothing into the KV cache
+(the engine's outputs are unchanged)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,28 @@ def test_the_first_steps_programs_compile_once(tmp_path: Path, overlap: bool) ->
     clock.compiles = 0
     llm.generate([[9, 8, 7] * 10], params)  # the same shapes again
     assert clock.compiles == 0
+
+
+def test_wide_prompt_steps_meet_no_compilation_after_warmup(tmp_path: Path) -> None:
+    """A prompt of over 1024 tokens is one 2048-token step (Buckets.wide_tokens: the largest
+    sequence bucket), then decodes: with warmup_prompt_steps neither compiles."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "max_position_embeddings": 2048}))
+    clock = CompileClock()
+    clock.active = True
+    llm = LLM(str(config), backend="cpu", load_format="dummy", max_total_tokens=4096,
+              max_running_requests=4, chunked_prefill_size=2048, warmup_decode_len=1200,
+              warmup_prompt_steps=True)
+    assert clock.compiles >= 2 * 5  # prompt steps: 2 modes x pages 4..64 (1200 / 16 = 75)
+    clock.compiles = 0
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(1, 500, size=1100).tolist()
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0,
+                                                ignore_eos=True))
+    assert len(out[0].token_ids) == 20
+    assert clock.compiles == 0
+
+
+def test_warmup_prompt_steps_needs_a_length(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="warmup_prompt_steps needs warmup_decode_len"):
+        make(tmp_path, warmup_prompt_steps=True)
