@@ -1,10 +1,12 @@
-"""Decode attention over a head-major paged KV cache, through JAX's Pallas (Triton) kernel.
+"""Decode attention over a head-major paged KV cache: the wrapper over the two decode kernels
+and their split rule.
 
 Reference: backends.cpu.attention.ragged_paged_attention (head_major=True) — the tests
-compare this wrapper with it. The kernel is jax.experimental.pallas.ops.gpu.paged_attention
-(one query per sequence, flash-decoding over `k_splits` partitions of the pages); we use
-it as is because its cache layout [Hkv, pages, page, D] and inputs (page table, lengths)
-are ours, and wrap it for the engine's metadata (token i is sequence i in a decode step).
+compare both kernels with it. impl "gqa" (the backend's default) is ours,
+kernels/gqa_decode.py; impl "jax" is jax.experimental.pallas.ops.gpu.paged_attention (one
+query per sequence, flash-decoding over `k_splits` partitions of the pages), whose cache
+layout [Hkv, pages, page, D] and inputs (page table, lengths) are ours. Both take the same
+partition of each sequence's pages (`partition`) over a table padded by `table_width`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from backends.cuda.kernels.gqa_decode import gqa_decode_attention
 from engine.attention import AttentionMetadata
 
 # Block sizes as data (Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16), from the
-# sweep in scripts/cuda_probe.py on an H200 (2026-12-01): one pipeline stage beat two by
-# 10-20% at batch 32-256, and splitting each sequence's pages over k_splits programs pays only
-# until about TARGET_PROGRAMS programs are running (batch 128, ctx 1024: 0.188 ms per layer
-# with 1 split and 1 stage, 2.86 TB/s, against 0.280 ms with 16 splits and 2 stages).
+# sweep of JAX's kernel in scripts/cuda_probe.py on an H200 (2026-12-01): one pipeline stage
+# (NUM_STAGES) beat two by 10-20% at batch 32-256, and splitting each sequence's pages over
+# k_splits programs pays only until about TARGET_PROGRAMS programs are running (batch 128,
+# ctx 1024: 0.188 ms per layer with 1 split and 1 stage, 2.86 TB/s, against 0.280 ms with 16
+# splits and 2 stages).
 MIN_BLOCK_K = 16
 """Triton's dot needs K/V blocks of at least 16 tokens: smaller blocks gave wrong results
 on an H100 (page 4 with 2 pages a block came out 2x too large)."""
