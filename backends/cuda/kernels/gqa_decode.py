@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-MASK_VALUE = -1e30
-"""Finite: an empty split keeps m = MASK_VALUE and l = 0 without inf - inf."""
+from backends.cuda.kernels.flash import MASK_VALUE, online_softmax_step
+
 MIN_ROWS = 16
 """Triton's dot needs 16 rows: the G query rows of a KV head are padded to this, masked."""
 
@@ -50,8 +50,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float,
     n_tok = jnp.clip(length - start, 0, pages_per_split * page)
     pt_base = s * pages
 
-    def step(j, carry, masked: bool):
-        acc, m, denom = carry  # [R, D], [R], [R] float32; scores in log2 units
+    def step(j, carry, masked: bool):  # carry: output [R, D], max [R], sum [R]
         kv_pos = start + j * block_k + jnp.arange(block_k)  # [BK]
         slots = pt_ref[pt_base + lax.div(kv_pos, page)] * page + lax.rem(kv_pos, page)
         k = k_ref[slots, :]  # [BK, D]
@@ -59,12 +58,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float,
         sc = plgpu.dot(q, k, trans_b=True)  # [R, BK]
         if masked:
             sc = jnp.where((kv_pos < length)[None, :], sc, MASK_VALUE)
-        m_new = jnp.maximum(m, sc.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(sc - m_new[:, None])
-        denom = denom * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_new, denom
+        return online_softmax_step(carry, sc, v)
 
     n_full = lax.div(n_tok, block_k)
     n_all = lax.div(n_tok + block_k - 1, block_k)

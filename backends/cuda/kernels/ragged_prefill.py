@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from backends.cuda.kernels.flash import MASK_VALUE, online_softmax_step
 from engine.attention import AttentionMetadata
 
 
@@ -58,9 +59,9 @@ BLOCK_SIZES = BlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=2)
 MIN_BLOCK = 16
 """Triton's dot needs tiles of at least 16 in each dimension (smaller K/V blocks gave wrong
 results on an H100 in the decode kernel)."""
-MASK_VALUE = -1e30
-"""Finite, so a fully masked row block never makes inf - inf; every query row sees key 0
-in its first K/V block, so the running max is real from the first step on."""
+# MASK_VALUE (kernels/flash.py) is finite, so a fully masked row block never makes inf - inf;
+# every query row sees key 0 in its first K/V block, so the running max is real from the
+# first step on.
 META_FIELDS = 4  # per block: first token, valid rows, first position, page table row
 
 
@@ -136,8 +137,7 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block
     qk_scale = scale * math.log2(math.e)
     pt_base = seq * pages_per_seq
 
-    def step(j, carry, masked: bool):
-        acc, m, denom = carry  # [BQ, D], [BQ], [BQ] float32: output, max, sum
+    def step(j, carry, masked: bool):  # carry: output [BQ, D], max [BQ], sum [BQ]
         kv_pos = j * block_k + jnp.arange(block_k)  # [BK]
         pages = pt_ref[pt_base + lax.div(kv_pos, page)]  # [BK]: each K/V row's page
         slots = pages * page + lax.rem(kv_pos, page)  # [BK]
@@ -146,12 +146,7 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block
         s = plgpu.dot(q, k, trans_b=True) * qk_scale  # [BQ, BK] float32, log2 units
         if masked:
             s = jnp.where(kv_pos[None, :] <= q_pos[:, None], s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        denom = denom * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_new, denom
+        return online_softmax_step(carry, s, v)
 
     # K/V blocks [0, n_full) are visible to every row (keys <= pos0); [n_full, n_all) are
     # the diagonal, up to the last row's position. Spare and padding blocks: pos0 = -1.
