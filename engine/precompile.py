@@ -35,7 +35,7 @@ from engine.config import EngineConfig
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import fuse_qkv, random_params
+from engine.model.weights import fuse_qkv, random_params, tree_bytes
 from engine.runner import make_step
 from engine.sampler import SamplingMode, SamplingTensors
 
@@ -168,7 +168,7 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
         return fuse_qkv(params) if config.model.fuse_qkv else params
 
     params = jax.tree.map(sds, jax.eval_shape(made))
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    param_bytes = tree_bytes(params)
     num_pages = kv_num_pages(config, cfg, backend, dtype, param_bytes, target)
     page = config.cache.page_size
     kv = jax.tree.map(sds, jax.eval_shape(

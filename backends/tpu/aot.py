@@ -90,7 +90,7 @@ def step_memory(chip: str, model: str, *, num_pages: int, page: int, scan: bool,
 
     from backends.tpu.backend import TpuBackend
     from engine.config import EngineConfig
-    from engine.model.weights import fuse_qkv, random_params
+    from engine.model.weights import fuse_qkv, random_params, tree_bytes
     from engine.precompile import abstract_batch, model_config, target_sharding
     from engine.runner import make_step
     from engine.sampler import SamplingMode
@@ -106,7 +106,7 @@ def step_memory(chip: str, model: str, *, num_pages: int, page: int, scan: bool,
     batch = abstract_batch(64, 8, 16, False, page, cfg.vocab_size, SamplingMode(), sharding)
     step = make_step(cfg, backend, 8)  # 8: the batch's sequences (prev_tokens' length)
     compiled = step.trace(params, kv, *batch, SamplingMode()).lower().compile()
-    kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kv))
+    kv_bytes = tree_bytes(kv)
     return kv_bytes, compiled.memory_analysis().temp_size_in_bytes
 
 

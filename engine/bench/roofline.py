@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.model.config import ModelConfig
+from engine.model.weights import tree_bytes
 
 
 def _timed(f, x, reps: int) -> float:
@@ -45,10 +46,6 @@ def matmul_rate(n: int | None = None, reps: int = 10) -> float:
     return 2 * n**3 / _timed(jax.jit(lambda a: a @ a), x, reps)
 
 
-def param_bytes(params) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelCost:
     """Per-token costs of one model: bytes and FLOPs by the rules in the module doc."""
@@ -72,7 +69,7 @@ class ModelCost:
                       for n in ("expert_gate", "expert_up", "expert_down") if n in lp)
         active = experts * cfg.num_experts_per_tok // cfg.num_experts if experts else 0
         return cls(
-            weight_bytes=param_bytes(params) - (embed.size * embed.dtype.itemsize if untied else 0),
+            weight_bytes=tree_bytes(params) - (embed.size * embed.dtype.itemsize if untied else 0),
             embed_row_bytes=embed.shape[1] * embed.dtype.itemsize if untied else 0,
             layer_params=sum(x.size for x in jax.tree.leaves(layers)) - experts + active,
             head_params=cfg.hidden_size * cfg.vocab_size,

@@ -170,6 +170,11 @@ def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int =
     return _place_stacked(params, place)
 
 
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array in a pytree (weights, a KV cache; arrays or their shapes)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def fuse_qkv(params: Params, place: Place | None = None) -> Params:
     """wq/wk/wv (and bq/bk/bv) -> one wqkv [E, Hkv, G + 2, D] (bqkv [Hkv, G + 2, D]): per KV
     head its G query heads (q head h is KV head h // G's), then its K and V head, so that a
