@@ -9,59 +9,9 @@ import sys
 from engine.bench.cli import register_bench
 from engine.loader.checkpoint import ModelLoadError
 from engine.model.config import ConfigError
+from engine.options import add_engine_args, make_llm
 from engine.precompile import register_precompile
 from engine.server.cli import register_serve  # imports no FastAPI/uvicorn until it serves
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that builds an engine (None: not given)."""
-    p.add_argument("--model", default=None, help="HF directory, .gguf file or alias "
-                   "(default: smollm2-135m-instruct)")
-    p.add_argument("--backend", default="auto", help="cpu, cuda, tpu, ... or auto")
-    p.add_argument("--config", default=None, help="YAML config file or preset name in configs/")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--load-format", default=None, choices=["auto", "dummy"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=None)
-    p.add_argument("--max-total-tokens", type=int, default=None)
-    p.add_argument("--max-running-requests", type=int, default=None)
-    p.add_argument("--chunked-prefill-size", type=int, default=None)
-    p.add_argument("--schedule-policy", default=None, choices=["fcfs", "lpm"])
-    p.add_argument("--disable-radix-cache", action="store_true", default=None)
-    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepare the next step on the host while the device runs this one")
-    p.add_argument("--warmup-decode-len", type=int, default=None,
-                   help="compile the decode step for contexts up to this length at start-up")
-    p.add_argument("--warmup-prompt-steps", action="store_true", default=None,
-                   help="with --warmup-decode-len: also compile the large prefill-chunk steps")
-    p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
-                   help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
-                   default=None, help="devices to shard the model over (mesh axis 'tp')")
-    p.add_argument("--expert-parallel", action="store_true", default=None,
-                   help="MoE: shard whole experts over the tp devices")
-    p.add_argument("--dist-init-addr", dest="coordinator_address", default=None,
-                   help="multi-host: host:port of process 0 (jax.distributed)")
-    p.add_argument("--nnodes", dest="num_processes", type=int, default=None,
-                   help="multi-host: number of processes")
-    p.add_argument("--node-rank", dest="process_id", type=int, default=None,
-                   help="multi-host: this process's index")
-
-
-ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_total_tokens",
-                  "max_running_requests", "chunked_prefill_size", "schedule_policy",
-                  "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
-                  "warmup_prompt_steps", "fuse_qkv", "seed", "tensor_parallel_size",
-                  "expert_parallel", "coordinator_address", "num_processes", "process_id")
-
-
-def make_llm(args: argparse.Namespace):
-    from engine.llm import LLM
-
-    opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
-    dtype = opts.pop("dtype", None)
-    return LLM(args.model, backend=args.backend, dtype=dtype, config=args.config, **opts)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
 from engine.model.weights import fuse_qkv, random_params, tree_bytes
+from engine.options import add_engine_args, engine_options
 from engine.runner import make_step
 from engine.sampler import SamplingMode, SamplingTensors
 
@@ -200,7 +201,6 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
 
 
 def add_precompile_args(p: argparse.ArgumentParser) -> None:
-    from engine.cli import add_engine_args
 
     add_engine_args(p)
     p.add_argument("--target", choices=sorted(HBM_BYTES), default=None,
@@ -211,10 +211,9 @@ def add_precompile_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_precompile(args: argparse.Namespace) -> int:
-    from engine.cli import ENGINE_OPTIONS
     from engine.llm import default_preset
 
-    opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    opts = engine_options(args)
     backend = args.backend if args.backend != "auto" else None
     config_file = args.config or default_preset(args.backend)
     config = EngineConfig.build(config_file, model=args.model, backend=backend, **opts)

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from engine.bench.datasets import add_dataset_args, make_requests
+from engine.options import add_engine_args, make_llm
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +14,6 @@ log = logging.getLogger(__name__)
 def cmd_offline(args: argparse.Namespace) -> int:
     from engine.bench.offline import run_engine, write_json
     from engine.bench.roofline import copy_bandwidth, matmul_rate
-    from engine.cli import make_llm
 
     hf = None
     if args.baseline == "hf":  # first: see engine.bench.hf_baseline.baseline
@@ -55,7 +55,6 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     from engine.bench.latency import HEADER, measure, row_line
     from engine.bench.roofline import copy_bandwidth
-    from engine.cli import make_llm
 
     llm = make_llm(args)
     bw = copy_bandwidth()
@@ -81,7 +80,6 @@ def cmd_structured(args: argparse.Namespace) -> int:
     import json
 
     from engine.bench.structured import HEADER, compare, compile_time, row_line
-    from engine.cli import make_llm
 
     llm = make_llm(args)
     if llm.tokenizer is None:
@@ -105,7 +103,6 @@ def cmd_structured(args: argparse.Namespace) -> int:
 
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
-    from engine.cli import add_engine_args
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="mode", required=True)
     p = bench.add_parser("offline", help="a workload in-process: throughput, cache hit rate")

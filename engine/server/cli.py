@@ -13,11 +13,12 @@ import signal
 import threading
 from typing import Any
 
+from engine.options import add_engine_args, engine_options
+
 log = logging.getLogger(__name__)
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
-    from engine.cli import add_engine_args
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                        description="Serve the model over HTTP: /v1/chat/completions, "
@@ -50,7 +51,6 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.cli import ENGINE_OPTIONS
     from engine.config import EngineConfig
     from engine.llm import default_preset
     from engine.loader.hub import DEFAULT_MODEL
@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from engine.server.router import serve_dp
 
         return serve_dp(args)
-    opts = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k, None) is not None}
+    opts = engine_options(args)
     config = EngineConfig.build(args.config or default_preset(args.backend), model=model,
                                 backend=None if args.backend == "auto" else args.backend,
                                 **opts)
