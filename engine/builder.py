@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.backend import Backend, get_backend
-from engine.compile import Buckets, enable_persistent_cache
+from engine.compile import Buckets, abstract_batch, enable_persistent_cache, warmup_grid
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine import Engine
@@ -23,7 +23,8 @@ from engine.model.presets import preset_config
 from engine.model.weights import Place, fuse_qkv, params_from_hf, random_params
 from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, make_step, mesh_context
+from engine.sampler import SamplingMode
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,6 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
     """Device bytes the largest step program needs besides weights and KV cache: XLA's
     scratch plus unaliased outputs, read from the compiled program (compiled over abstract
     inputs at the largest token, sequence and page buckets, with every sampling feature on)."""
-    from engine.precompile import abstract_batch
-    from engine.runner import make_step, mesh_context
-    from engine.sampler import SamplingMode
-
     page, s = config.cache.page_size, config.scheduler
     max_len = config.model.max_model_len or cfg.max_position_embeddings
     buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page))
@@ -188,11 +185,27 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
-            runner.warmup(s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps)
+            warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule)
     return engine, loaded
+
+
+def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
+            modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
+            ) -> int:
+    """Compile (or load from the persistent cache) the programs of warmup_grid by running
+    each once on idle rows, with progress in the log. Returns the programs run."""
+    grid = warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)
+    total, n, t0 = len(grid) * len(modes), 0, time.perf_counter()
+    for mode in modes:
+        for t, s, p, dec in grid:
+            runner.run_idle(t, s, p, dec, mode)
+            n += 1
+            log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages (%.1fs)",
+                     n, total, "decode" if dec else "prompt", t, s, p, time.perf_counter() - t0)
+    return n
 
 
 def eos_ids(cfg: ModelConfig, loaded: LoadedModel) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Compilation: shape buckets, the persistent compilation cache, and precompilation.
+"""Compilation: shape buckets, the programs they make reachable, idle batches of each shape
+(what warm-up runs and precompilation lowers against), and the persistent compilation cache.
 
 Every jitted step sees only bucketed shapes, so the number of programs is bounded:
 token count T, sequence count S and pages per sequence P are each rounded up to a
@@ -11,8 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
+
+from engine.attention import AttentionMetadata
+from engine.sampler import SamplingMode, SamplingTensors
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,66 @@ class Buckets:
         wide = t >= self.wide_tokens and num_tokens > num_seqs  # prompt tokens in a wide step
         return (t, self.seqs[-1] if wide else round_up(num_seqs, self.seqs),
                 round_up(num_pages, self.pages))
+
+
+def reachable(buckets: Buckets) -> list[tuple[int, int, int, bool]]:
+    """(tokens, seqs, pages, decode_only) programs a batch can need. A sequence brings at
+    least one token, so the sequence bucket's smallest member (the previous bucket + 1) must
+    fit in the token bucket; a decode-only step (n tokens for n sequences) is a separate
+    program where some n rounds up to both buckets. Steps with prompt tokens of `wide_tokens`
+    or more take the largest sequence bucket only (Buckets.shape_for)."""
+    out = []
+    for t in buckets.tokens:
+        for s in buckets.seqs:
+            if _lowest(s, buckets.seqs) > t:
+                continue
+            both = max(_lowest(t, buckets.tokens), _lowest(s, buckets.seqs)) <= min(t, s)
+            mixed = t < buckets.wide_tokens or s == buckets.seqs[-1]
+            for decode_only in (False,) * mixed + (True,) * both:
+                out.extend((t, s, p, decode_only) for p in buckets.pages)
+    return out
+
+
+def _lowest(b: int, buckets: tuple[int, ...]) -> int:
+    """Smallest count that rounds up to bucket b."""
+    i = buckets.index(b)
+    return buckets[i - 1] + 1 if i else 1
+
+
+def idle_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
+               mode: SamplingMode, max_seqs: int | None = None, drop_slot: int = 0) -> tuple:
+    """A step's (tokens, md, logits_idx, st, prev_tokens, src) as ModelRunner.launch makes
+    them, for idle rows: no sequence has a token, and every K/V write goes to `drop_slot`
+    (the runner's padding slot, which the write drops). prev_tokens has the runner's largest
+    sequence bucket."""
+    i32 = np.int32
+    md = AttentionMetadata(
+        positions=np.zeros(t, i32), slot_mapping=np.full(t, drop_slot, i32),
+        token_seq=np.zeros(t, i32), query_start=np.zeros(s + 1, i32), seq_lens=np.zeros(s, i32),
+        page_table=np.zeros((s, p), i32), num_tokens=i32(0), page_size=page,
+        decode_only=decode_only)
+    st = SamplingTensors.from_rows([], vocab, pad_to=s, mode=mode)
+    return (np.zeros(t, i32), md, np.zeros(s, i32), st, np.zeros(max_seqs or s, i32),
+            np.full(t, -1, i32))
+
+
+def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
+                   mode: SamplingMode, sharding: Any, max_seqs: int | None = None) -> tuple:
+    """ShapeDtypeStructs of idle_batch's arrays (what precompilation lowers against)."""
+    concrete = idle_batch(t, s, p, decode_only, page, vocab, mode, max_seqs)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                       sharding=sharding), concrete)
+
+
+def warmup_grid(buckets: Buckets, page: int, max_len: int,
+                prompt_steps: bool) -> list[tuple[int, int, int, bool]]:
+    """The programs warm-up compiles: the decode-only steps of every (sequence, page) bucket
+    up to `max_len` tokens of context and, with `prompt_steps`, the wide steps with prompt
+    tokens (token buckets from Buckets.wide_tokens up: a loaded server's prefill chunks) for
+    the same page buckets."""
+    top = round_up(min(-(-max_len // page), buckets.pages[-1]), buckets.pages)
+    return [(t, s, p, dec) for t, s, p, dec in reachable(buckets)
+            if p <= top and (dec or (prompt_steps and t >= buckets.wide_tokens))]
 
 
 def enable_persistent_cache(cache_dir: Path) -> None:

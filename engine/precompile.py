@@ -26,11 +26,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from engine.attention import AttentionMetadata
 from engine.backend import Backend, get_backend
-from engine.compile import Buckets, enable_persistent_cache
+from engine.compile import Buckets, abstract_batch, enable_persistent_cache, reachable
 from engine.config import EngineConfig
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
@@ -38,7 +36,7 @@ from engine.model.presets import preset_config
 from engine.model.weights import fuse_qkv, random_params, tree_bytes
 from engine.options import add_engine_args, engine_options
 from engine.runner import make_step
-from engine.sampler import SamplingMode, SamplingTensors
+from engine.sampler import SamplingMode
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +57,6 @@ class BucketTime:
     """XLA compile, or the persistent-cache load when warm."""
 
 
-def reachable(buckets: Buckets) -> list[tuple[int, int, int, bool]]:
-    """(tokens, seqs, pages, decode_only) programs a batch can need. A sequence brings at
-    least one token, so the sequence bucket's smallest member (the previous bucket + 1) must
-    fit in the token bucket; a decode-only step (n tokens for n sequences) is a separate
-    program where some n rounds up to both buckets. Steps with prompt tokens of `wide_tokens`
-    or more take the largest sequence bucket only (Buckets.shape_for)."""
-    out = []
-    for t in buckets.tokens:
-        for s in buckets.seqs:
-            if _lowest(s, buckets.seqs) > t:
-                continue
-            both = max(_lowest(t, buckets.tokens), _lowest(s, buckets.seqs)) <= min(t, s)
-            mixed = t < buckets.wide_tokens or s == buckets.seqs[-1]
-            for decode_only in (False,) * mixed + (True,) * both:
-                out.extend((t, s, p, decode_only) for p in buckets.pages)
-    return out
-
-
-def _lowest(b: int, buckets: tuple[int, ...]) -> int:
-    """Smallest count that rounds up to bucket b."""
-    i = buckets.index(b)
-    return buckets[i - 1] + 1 if i else 1
-
-
 def model_config(config: EngineConfig) -> ModelConfig:
     """The model's shape without reading weights: a known shape name or a config.json."""
     name = config.model.model or ""
@@ -95,31 +69,6 @@ def model_config(config: EngineConfig) -> ModelConfig:
         raise ValueError(f"precompile needs a known shape name or an HF folder with "
                          f"config.json, got {name!r}")
     return ModelConfig.from_json(path)
-
-
-def idle_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
-               mode: SamplingMode, max_seqs: int | None = None, drop_slot: int = 0) -> tuple:
-    """A step's (tokens, md, logits_idx, st, prev_tokens, src) as ModelRunner.launch makes
-    them, for idle rows: no sequence has a token, and every K/V write goes to `drop_slot`
-    (the runner's padding slot, which the write drops). prev_tokens has the runner's largest
-    sequence bucket."""
-    i32 = np.int32
-    md = AttentionMetadata(
-        positions=np.zeros(t, i32), slot_mapping=np.full(t, drop_slot, i32),
-        token_seq=np.zeros(t, i32), query_start=np.zeros(s + 1, i32), seq_lens=np.zeros(s, i32),
-        page_table=np.zeros((s, p), i32), num_tokens=i32(0), page_size=page,
-        decode_only=decode_only)
-    st = SamplingTensors.from_rows([], vocab, pad_to=s, mode=mode)
-    return (np.zeros(t, i32), md, np.zeros(s, i32), st, np.zeros(max_seqs or s, i32),
-            np.full(t, -1, i32))
-
-
-def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: int,
-                   mode: SamplingMode, sharding: Any, max_seqs: int | None = None) -> tuple:
-    """ShapeDtypeStructs of idle_batch's arrays (what precompilation lowers against)."""
-    concrete = idle_batch(t, s, p, decode_only, page, vocab, mode, max_seqs)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                                       sharding=sharding), concrete)
 
 
 def kv_num_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, dtype: jnp.dtype,

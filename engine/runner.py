@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
-from engine.compile import Buckets, round_up
+from engine.compile import Buckets, idle_batch
 from engine.core.request import Request, ScheduledBatch
 from engine.model.config import ModelConfig
 from engine.model.llama import Params, forward
@@ -179,34 +179,17 @@ class ModelRunner:
         time then starts after the compilation (so undercounts it by what ran meanwhile)."""
         self._last_done = 0.0
 
-    def warmup(self, max_len: int, prompt_steps: bool = False,
-               modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
-               ) -> int:
-        """Compile the decode-only step for every (sequence, page) bucket up to `max_len`
-        tokens of context and, with `prompt_steps`, the wide steps with prompt tokens (token
-        buckets from Buckets.wide_tokens up: a loaded server's prefill chunks) for the same
-        page buckets, by running each once on idle rows (no tokens, nothing written to the
-        KV cache: every slot is the dropped padding slot). Returns the programs run."""
-        from engine.precompile import idle_batch, reachable  # (they import this module)
-
-        ps, b = self.page_size, self.buckets
-        top = round_up(min(-(-max_len // ps), b.pages[-1]), b.pages)
-        grid = [(t, s, p, dec) for t, s, p, dec in reachable(b)
-                if p <= top and (dec or (prompt_steps and t >= b.wide_tokens))]
-        n, t0 = 0, time.perf_counter()
-        for mode in modes:
-            for t, s, p, dec in grid:
-                tokens, md, logits_idx, st, _, src = idle_batch(
-                    t, s, p, dec, ps, self.cfg.vocab_size, mode, drop_slot=self.num_pages * ps)
-                with mesh_context(self.backend):
-                    out, self.kv, _ = self._step(self.params, self.kv, tokens, md, logits_idx, st,
-                                                 self._no_prev, src, mode)
-                jax.block_until_ready(out)
-                n += 1
-                log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages (%.1fs)",
-                         n, len(grid) * len(modes), "decode" if dec else "prompt", t, s, p,
-                         time.perf_counter() - t0)
-        return n
+    def run_idle(self, t: int, s: int, p: int, decode_only: bool, mode: SamplingMode) -> None:
+        """Run the step of one bucket shape on idle rows and wait for it (warm-up: it
+        compiles or loads that program). Nothing is written to the KV cache: every slot is
+        the dropped padding slot."""
+        tokens, md, logits_idx, st, _, src = idle_batch(
+            t, s, p, decode_only, self.page_size, self.cfg.vocab_size, mode,
+            drop_slot=self.num_pages * self.page_size)
+        with mesh_context(self.backend):
+            out, self.kv, _ = self._step(self.params, self.kv, tokens, md, logits_idx, st,
+                                         self._no_prev, src, mode)
+        jax.block_until_ready(out)
 
     def _row_params(self, req: Request) -> SamplingParams:
         """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does."""

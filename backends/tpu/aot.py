@@ -89,9 +89,10 @@ def step_memory(chip: str, model: str, *, num_pages: int, page: int, scan: bool,
     import jax.numpy as jnp
 
     from backends.tpu.backend import TpuBackend
+    from engine.compile import abstract_batch
     from engine.config import EngineConfig
     from engine.model.weights import fuse_qkv, random_params, tree_bytes
-    from engine.precompile import abstract_batch, model_config, target_sharding
+    from engine.precompile import model_config, target_sharding
     from engine.runner import make_step
     from engine.sampler import SamplingMode
 

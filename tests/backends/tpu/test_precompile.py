@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from backends.cpu.backend import CpuBackend
-from engine.compile import Buckets
+from engine.compile import Buckets, abstract_batch, reachable
 from engine.core.request import Request, ScheduledBatch, ScheduledSeq
 from engine.model.config import ModelConfig
 from engine.model.weights import random_params
-from engine.precompile import abstract_batch, reachable
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 
