@@ -186,6 +186,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps)
+            runner.warmed_up = True
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule)

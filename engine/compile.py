@@ -133,6 +133,29 @@ def warmup_grid(buckets: Buckets, page: int, max_len: int,
             if p <= top and (dec or (prompt_steps and t >= buckets.wide_tokens))]
 
 
+class CompileCounter:
+    """Programs this process compiled or loaded from the persistent cache (jax.monitoring's
+    events), counted from when the first counter was made. Either stalls a serving step: a
+    compilation for seconds, a cache load for a fraction of one."""
+
+    compiles: int = 0
+    seconds: float = 0.0
+    _registered = False
+    _EVENTS = ("/jax/core/compile/backend_compile_duration",
+               "/jax/compilation_cache/cache_retrieval_time_sec")
+
+    def __init__(self) -> None:
+        if not CompileCounter._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileCounter._event)
+            CompileCounter._registered = True
+
+    @staticmethod
+    def _event(event: str, duration: float, **_: object) -> None:
+        if event in CompileCounter._EVENTS:
+            CompileCounter.compiles += 1
+            CompileCounter.seconds += duration
+
+
 def enable_persistent_cache(cache_dir: Path) -> None:
     """Compiled programs are kept on disk, so a second start skips XLA compilation."""
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
-from engine.compile import Buckets, idle_batch
+from engine.compile import Buckets, CompileCounter, idle_batch
 from engine.core.request import Request, ScheduledBatch
 from engine.model.config import ModelConfig
 from engine.model.llama import Params, forward
@@ -178,6 +178,11 @@ class ModelRunner:
         under overlap a new program compiles while the step before it is in flight, whose
         time then starts after the compilation (so undercounts it by what ran meanwhile)."""
         self._last_done = 0.0
+        self.warmed_up = False
+        """Set once start-up warm-up has run: a step that still compiles is then a warning."""
+        self.serving_compiles = 0
+        """Step programs compiled or loaded from the persistent cache outside warm-up."""
+        self._compiles = CompileCounter()
 
     def run_idle(self, t: int, s: int, p: int, decode_only: bool, mode: SamplingMode) -> None:
         """Run the step of one bucket shape on idle rows and wait for it (warm-up: it
@@ -268,6 +273,7 @@ class ModelRunner:
                masks: GrammarMasks | None = None) -> Launched:
         """Dispatch one step without waiting for it. PLACEHOLDER tokens in the batch stand
         for the tokens `prev` sampled (overlap scheduling); a constrained step has none."""
+        t_prep = time.perf_counter()
         tokens, md, logits_idx, st, mode = self.prepare(batch)
         src = np.full(tokens.shape, -1, np.int32)
         if prev is not None:  # a placeholder is only ever a sequence's newest (last) token
@@ -279,6 +285,7 @@ class ModelRunner:
         shape = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], md.decode_only,
                  mode, masks is not None)
         next_tokens = None
+        compiles = self._compiles.compiles
         if self.mirror is not None:  # multi-host serving: the followers run it too
             self.mirror.send(("step", (tokens, md, logits_idx, st, mode, src, prev is not None))
                              if masks is None else ("fwd", (tokens, md, logits_idx)))
@@ -292,9 +299,21 @@ class ModelRunner:
                 out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
         rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
         dispatched = time.perf_counter()
+        if self._compiles.compiles > compiles:  # dispatch compiles synchronously
+            self._compiled_while_serving(shape, self._compiles.compiles - compiles, t_prep)
         if shape not in self.compiled_shapes:  # it may have compiled: keep that out of the
             self._last_done = dispatched       # step in flight's time (step_log)
         return Launched(batch, out, next_tokens, rows, shape, dispatched)
+
+    def _compiled_while_serving(self, shape: tuple, n: int, since: float) -> None:
+        self.serving_compiles += n
+        t, s, p, decode_only, mode, constrained = shape
+        log.log(logging.WARNING if self.warmed_up else logging.INFO,
+                "compiled or loaded %d step program(s) while serving (%.1fs): %d tokens, "
+                "%d sequences x %d pages, %s, %s%s%s", n, time.perf_counter() - since, t, s, p,
+                "decode-only" if decode_only else "with prompt tokens", mode,
+                ", grammar-constrained" if constrained else "",
+                "" if self.warmed_up else " (no warm-up ran: see --warmup-decode-len)")
 
     def collect(self, launched: Launched) -> list[TokenSample | None]:
         """Wait for a launched step and read its samples (one entry per scheduled seq)."""

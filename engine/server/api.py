@@ -248,9 +248,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        stats = state.aeng.stats if state.aeng is not None else None
-        return PlainTextResponse(state.metrics.render(stats, state.options.served_model_name),
-                                 media_type="text/plain; version=0.0.4")
+        aeng = state.aeng
+        stats = aeng.stats if aeng is not None else None
+        compiles = aeng.step_compiles if aeng is not None else None
+        return PlainTextResponse(
+            state.metrics.render(stats, state.options.served_model_name, compiles),
+            media_type="text/plain; version=0.0.4")
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:

@@ -54,6 +54,7 @@ class AsyncEngine:
         self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.dead = False
         self.stats: SchedulerStats = engine.scheduler.stats()
+        self.step_compiles: int = engine.runner.serving_compiles
         """Snapshot taken by the engine thread after every step (read it, never the engine)."""
         # Engine-thread state.
         self._tracks: dict[str, _Track] = {}
@@ -134,6 +135,7 @@ class AsyncEngine:
                 if self._engine.has_unfinished():
                     self._deliver(self._engine.step())
                 self.stats = self._engine.scheduler.stats()
+                self.step_compiles = self._engine.runner.serving_compiles
                 self._maybe_log()
         except Exception as e:
             self._die(e)

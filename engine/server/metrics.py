@@ -65,8 +65,10 @@ class ServerMetrics:
         with self._lock:
             self._finished[reason] += 1
 
-    def render(self, stats: SchedulerStats | None, model_name: str) -> str:
-        """The whole /metrics page; gauges are absent while the model loads (stats None)."""
+    def render(self, stats: SchedulerStats | None, model_name: str,
+               step_compiles: int | None = None) -> str:
+        """The whole /metrics page; gauges are absent while the model loads (stats None).
+        `step_compiles`: step programs compiled while serving (ModelRunner.serving_compiles)."""
         labels = f'model_name="{_escape(model_name)}"'
         lines: list[str] = []
 
@@ -91,6 +93,11 @@ class ServerMetrics:
             metric("engine:num_preemptions_total", "counter",
                    "Preemptions (a running sequence lost its pages).",
                    ("", stats.num_preemptions))
+        if step_compiles is not None:
+            metric("engine:step_compilations_total", "counter",
+                   "Step programs compiled (or loaded from the compilation cache) while "
+                   "serving, after start-up warm-up: each stalls the running requests.",
+                   ("", step_compiles))
         with self._lock:
             prompt, gen = self._prompt_tokens, self._generation_tokens
             finished = sorted(self._finished.items())

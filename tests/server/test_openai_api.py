@@ -357,7 +357,7 @@ def test_metrics_count_tokens_and_latencies(http, client) -> None:
     r = client.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=5,
                                   temperature=0, extra_body={"ignore_eos": True})
     after = metrics(http)
-    delta = {k: after[k] - before[k] for k in after}
+    delta = {k: after[k] - before.get(k, 0) for k in after}  # counters absent until first set
     assert delta["engine:prompt_tokens_total"] == r.usage.prompt_tokens
     assert delta["engine:generation_tokens_total"] == r.usage.completion_tokens == 5
     assert delta["engine:time_to_first_token_seconds_count"] == 1
@@ -392,3 +392,13 @@ def test_health_answers_during_long_prefill(server, http) -> None:
     r = result["r"]
     assert isinstance(r, httpx.Response) and r.json()["usage"]["prompt_tokens"] == 512
     assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+
+
+def test_metrics_count_step_programs_compiled_while_serving(http, client) -> None:
+    """This server ran no warm-up, so its first steps compiled while serving; a repeat of a
+    request whose shapes it has seen compiles nothing."""
+    succeeds(client)
+    before = metrics(http)["engine:step_compilations_total"]
+    assert before >= 1
+    succeeds(client)
+    assert metrics(http)["engine:step_compilations_total"] == before
