@@ -181,7 +181,7 @@ def fuse_qkv(params: Params, place: Place | None = None) -> Params:
     step makes one q/k/v GEMM and tensor parallelism splits whole KV heads with their
     queries. Without it XLA merges the three GEMMs itself, reading the three weights inside
     one GEMM: 2.8 TB/s on an H200 at batch 1, where the gate/up GEMMs (one weight each)
-    stream at 3.9 TB/s (the profiles in docs/benchmarks.md, session 4).
+    stream at 3.9 TB/s (the 2026-12-01 profile in docs/benchmarks.md).
 
     In place, layer by layer: each layer's parts are dropped once fused (placed like the
     parameters they replace), so memory peaks at one layer's q/k/v more."""
