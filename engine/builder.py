@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.backend import Backend, get_backend
-from engine.compile import Buckets, abstract_batch, enable_persistent_cache, warmup_grid
+from engine.compile import abstract_batch, enable_persistent_cache, step_buckets, warmup_grid
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine import Engine
@@ -119,7 +119,7 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
     inputs at the largest token, sequence and page buckets, with every sampling feature on)."""
     page, s = config.cache.page_size, config.scheduler
     max_len = config.model.max_model_len or cfg.max_position_embeddings
-    buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page))
+    buckets = step_buckets(s, -(-max_len // page), backend.capabilities.min_seq_bucket)
     shape = backend.kv_cache_shape(PROBE_PAGES, page, cfg.num_kv_heads, cfg.head_dim)
     axes = backend.kv_cache_axes()
     if scan:
@@ -180,7 +180,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     runner = ModelRunner(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                          max_num_tokens=s.chunked_prefill_size,
                          max_num_seqs=s.max_running_requests, max_model_len=max_len,
-                         kv_dtype=dtype, eos_token_ids=eos, kv_place=place)
+                         kv_dtype=dtype, eos_token_ids=eos, kv_place=place,
+                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket))
     if s.warmup_decode_len:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")

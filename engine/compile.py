@@ -48,6 +48,9 @@ running) gives the 13 programs the GPU run compiled, 6 of them 8192-token prompt
 H200; by arithmetic, 240 padded logit rows of an 8B model's 128k vocabulary cost < 1 ms."""
 
 
+PAGE_BUCKETS = ("pow2", "max")
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     tokens: tuple[int, ...]
@@ -57,13 +60,20 @@ class Buckets:
 
     @classmethod
     def make(cls, max_tokens: int, max_seqs: int, max_pages: int, *, min_tokens: int = 16,
-             min_seqs: int = 4, min_pages: int = 4) -> Buckets:
-        """Token buckets are multiples of 16 (the attention chunk divides them)."""
+             min_seqs: int = 4, min_pages: int = 4, page_buckets: str = "pow2",
+             wide_tokens: int = WIDE_TOKENS) -> Buckets:
+        """Token buckets are multiples of 16 (the attention chunk divides them). Page
+        buckets: 'pow2', powers of two up to max_pages; 'max', max_pages alone (one page
+        table width for every step, for kernels that read only each sequence's own pages)."""
+        if page_buckets not in PAGE_BUCKETS:
+            raise ValueError(f"page_buckets must be one of {PAGE_BUCKETS}, got {page_buckets!r}")
         max_tokens = -(-max_tokens // 16) * 16
         return cls(
             tokens=_pow2_buckets(min(min_tokens, max_tokens), max_tokens),
             seqs=_pow2_buckets(min(min_seqs, max_seqs), max_seqs),
-            pages=_pow2_buckets(min(min_pages, max_pages), max_pages),
+            pages=(_pow2_buckets(min(min_pages, max_pages), max_pages)
+                   if page_buckets == "pow2" else (max_pages,)),
+            wide_tokens=wide_tokens,
         )
 
     def shape_for(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
@@ -78,14 +88,13 @@ def reachable(buckets: Buckets) -> list[tuple[int, int, int, bool]]:
     least one token, so the sequence bucket's smallest member (the previous bucket + 1) must
     fit in the token bucket; a decode-only step (n tokens for n sequences) is a separate
     program where some n rounds up to both buckets. Steps with prompt tokens of `wide_tokens`
-    or more take the largest sequence bucket only (Buckets.shape_for)."""
+    or more take the largest sequence bucket only (Buckets.shape_for), whatever their count."""
     out = []
     for t in buckets.tokens:
+        wide = t >= buckets.wide_tokens
         for s in buckets.seqs:
-            if _lowest(s, buckets.seqs) > t:
-                continue
+            mixed = s == buckets.seqs[-1] if wide else _lowest(s, buckets.seqs) <= t
             both = max(_lowest(t, buckets.tokens), _lowest(s, buckets.seqs)) <= min(t, s)
-            mixed = t < buckets.wide_tokens or s == buckets.seqs[-1]
             for decode_only in (False,) * mixed + (True,) * both:
                 out.extend((t, s, p, decode_only) for p in buckets.pages)
     return out
@@ -120,6 +129,14 @@ def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: 
     concrete = idle_batch(t, s, p, decode_only, page, vocab, mode, max_seqs)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                                        sharding=sharding), concrete)
+
+
+def step_buckets(scheduler: Any, max_pages: int, min_seqs: int) -> Buckets:
+    """The buckets of an engine's steps, from its SchedulingOptions (engine.config)."""
+    s = scheduler
+    return Buckets.make(s.chunked_prefill_size, s.max_running_requests, max_pages,
+                        min_seqs=min_seqs, page_buckets=s.page_buckets,
+                        wide_tokens=s.wide_tokens)
 
 
 def warmup_grid(buckets: Buckets, page: int, max_len: int,

@@ -100,7 +100,23 @@ class SchedulingOptions:
     of a loaded server), for the same page buckets. Smaller steps with prompt tokens still
     compile when first needed."""
 
+    page_buckets: str = "pow2"
+    """Page-table widths of the step programs: 'pow2', powers of two up to the longest
+    sequence (a step takes the smallest that holds its longest sequence: the CPU's attention
+    gathers every page of the width); 'max', one width for every step (kernels that read
+    only each sequence's own pages lose nothing, and the program grid shrinks by the number
+    of pow2 widths)."""
+    wide_tokens: int = 2048
+    """Steps with prompt tokens whose token bucket is this or more pad their sequences to
+    the largest sequence bucket: one program per token bucket instead of one per token and
+    sequence bucket (engine.compile.WIDE_TOKENS)."""
+
     def __post_init__(self) -> None:
+        if self.page_buckets not in ("pow2", "max"):
+            raise ValueError(f"page_buckets must be pow2 or max, got {self.page_buckets!r}")
+        if self.wide_tokens < 16:
+            raise ValueError(f"wide_tokens must be >= 16 (the smallest token bucket), got "
+                             f"{self.wide_tokens}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.chunked_prefill_size < self.max_running_requests:

@@ -29,6 +29,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="compile the decode step for contexts up to this length at start-up")
     p.add_argument("--warmup-prompt-steps", action="store_true", default=None,
                    help="with --warmup-decode-len: also compile the large prefill-chunk steps")
+    p.add_argument("--page-buckets", default=None, choices=["pow2", "max"],
+                   help="page-table widths of the step programs (max: one, fewer programs)")
+    p.add_argument("--wide-tokens", type=int, default=None,
+                   help="steps with prompt tokens of this many tokens and up take the largest "
+                        "sequence bucket")
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
     p.add_argument("--seed", type=int, default=None)
@@ -47,8 +52,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_total_tokens",
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
-                  "warmup_prompt_steps", "fuse_qkv", "seed", "tensor_parallel_size",
-                  "expert_parallel", "coordinator_address", "num_processes", "process_id")
+                  "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv", "seed",
+                  "tensor_parallel_size", "expert_parallel", "coordinator_address",
+                  "num_processes", "process_id")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

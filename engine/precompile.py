@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.backend import Backend, get_backend
-from engine.compile import Buckets, abstract_batch, enable_persistent_cache, reachable
+from engine.compile import abstract_batch, enable_persistent_cache, reachable, step_buckets
 from engine.config import EngineConfig
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
@@ -126,8 +126,7 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
     s = config.scheduler
-    buckets = Buckets.make(s.chunked_prefill_size, s.max_running_requests, -(-max_len // page),
-                           min_seqs=backend.capabilities.min_seq_bucket)
+    buckets = step_buckets(s, -(-max_len // page), backend.capabilities.min_seq_bucket)
     grid = reachable(buckets)[:limit]
     log.info("%s on %s: %d pages x %d, max_model_len %d, %d buckets x %d sampling modes",
              config.model.model, target or backend.name, num_pages, page, max_len, len(grid),

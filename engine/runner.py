@@ -149,7 +149,7 @@ class ModelRunner:
         self, cfg: ModelConfig, params: Params, backend: Backend, *, page_size: int,
         num_pages: int, max_num_tokens: int, max_num_seqs: int, max_model_len: int,
         kv_dtype: jnp.dtype, eos_token_ids: tuple[int, ...] = (),
-        kv_place: Callable[[tuple, tuple], Any] | None = None,
+        kv_place: Callable[[tuple, tuple], Any] | None = None, buckets: Buckets | None = None,
     ) -> None:
         self.eos_token_ids = eos_token_ids
         self.cfg, self.params, self.backend = cfg, params, backend
@@ -164,8 +164,8 @@ class ModelRunner:
         self.kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan,
                                       place=kv_place or (lambda shape, axes: where))
         max_pages = -(-max_model_len // page_size)
-        self.buckets = Buckets.make(max_num_tokens, max_num_seqs, max_pages,
-                                    min_seqs=backend.capabilities.min_seq_bucket)
+        self.buckets = buckets or Buckets.make(max_num_tokens, max_num_seqs, max_pages,
+                                               min_seqs=backend.capabilities.min_seq_bucket)
         self._step = make_step(cfg, backend, self.buckets.seqs[-1])
         self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()

@@ -8,8 +8,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from engine.compile import reachable, step_buckets, warmup_grid
+from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from tests.bench.test_offline_bench import TINY
@@ -35,3 +38,40 @@ def test_steps_outside_the_warmup_grid_are_counted_and_named(
     llm.generate([[7, 8, 9] * 7], greedy)  # the same shapes again: nothing compiles
     assert runner.serving_compiles == before
     assert not [r for r in caplog.records if "while serving" in r.getMessage()]
+
+
+def test_a_full_warmup_leaves_nothing_to_compile(tmp_path: Path) -> None:
+    """One page-table width and every step with prompt tokens wide (page_buckets 'max',
+    wide_tokens 16): the warm-up of every decode and prompt step is the whole reachable grid,
+    and a varied workload (prompts of 1 to 200 tokens, 1 to 8 running, greedy and sampled)
+    compiles nothing after it."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    llm = LLM(str(config), backend="cpu", load_format="dummy", max_total_tokens=2048,
+              max_running_requests=8, chunked_prefill_size=64, page_buckets="max",
+              wide_tokens=16, warmup_decode_len=256, warmup_prompt_steps=True)
+    runner = llm.engine.runner
+    assert runner.buckets.pages == (16,)  # 256 tokens of context in pages of 16
+    grid = reachable(runner.buckets)
+    assert len(grid) == 5  # 3 prompt steps (16, 32, 64 tokens) + 2 decode-only
+    assert warmup_grid(runner.buckets, 16, 256, True) == grid
+    rng = np.random.default_rng(0)
+    for wave in (1, 3, 8, 5):
+        prompts = [rng.integers(1, 500, size=int(n)).tolist()
+                   for n in rng.integers(1, 200, size=wave)]
+        params = [SamplingParams(max_tokens=int(rng.integers(1, 40)), ignore_eos=True,
+                                 temperature=float(rng.choice([0.0, 0.8])), seed=i)
+                  for i in range(wave)]
+        llm.generate(prompts, params)
+    assert runner.serving_compiles == 0
+
+
+def test_the_cuda_preset_grid_is_small() -> None:
+    """The full grid of the CUDA preset's shape (8k-token steps, 256 running, 8192-token
+    contexts in pages of 16) with one page width and every prompt step wide: one program per
+    token bucket with prompt tokens, one per decode-only sequence bucket."""
+    s = EngineConfig.build("cuda", page_buckets="max", wide_tokens=16).scheduler
+    grid = reachable(step_buckets(s, 8192 // 16, min_seqs=16))
+    assert len([g for g in grid if not g[3]]) == 10  # token buckets 16 .. 8192
+    assert len([g for g in grid if g[3]]) == 5  # sequence buckets 16 .. 256
+    assert len(reachable(step_buckets(EngineConfig.build("cuda").scheduler, 512, 16))) > 200

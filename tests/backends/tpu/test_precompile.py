@@ -3,7 +3,6 @@ need, and its abstract inputs are what ModelRunner.prepare makes (so the program
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax
@@ -20,13 +19,15 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("wide", [4096, 32], ids=["narrow", "wide_steps"])
-def test_reachable_is_exactly_what_batches_need(wide):
-    """With wide steps (32 tokens or more here), steps with prompt tokens from that token
-    bucket up take the largest sequence bucket only."""
-    buckets = dataclasses.replace(Buckets.make(64, 16, 8), wide_tokens=wide)
+@pytest.mark.parametrize("wide,pages", [(4096, "pow2"), (32, "pow2"), (16, "max")],
+                         ids=["narrow", "wide_steps", "all_wide_one_page_width"])
+def test_reachable_is_exactly_what_batches_need(wide, pages):
+    """With wide steps (32 tokens or more here; every step with prompt tokens at 16),
+    steps with prompt tokens from that token bucket up take the largest sequence bucket
+    only; with page_buckets 'max' every step has the one page-table width."""
+    buckets = Buckets.make(64, 32, 8, wide_tokens=wide, page_buckets=pages)
     needed = set()
-    for n_tok, n_seq, n_pages in itertools.product(range(1, 65), range(1, 17), range(1, 9)):
+    for n_tok, n_seq, n_pages in itertools.product(range(1, 65), range(1, 33), range(1, 9)):
         if n_seq <= n_tok:  # every sequence brings at least one token
             needed.add((*buckets.shape_for(n_tok, n_seq, n_pages), n_tok == n_seq))
     grid = reachable(buckets)
