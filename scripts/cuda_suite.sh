@@ -50,24 +50,29 @@ for stage in "$@"; do
       --random-output-len 1024 --random-range-ratio 1.0 --warmup-runs 0 \
       ${HF_PROMPTS:+--baseline hf --hf-num-prompts $HF_PROMPTS --hf-batch-size ${HF_BATCH:-64}} \
       --output-json "$OUT/$name.json" 2>&1 | quiet | tee "$OUT/$name.txt" | tail -40 ;;
-  serve)
+  serve)  # a second `serve` (a warm compilation cache) writes serve2.*
+    serves=$((${serves:-0} + 1)); name=serve$([[ $serves -gt 1 ]] && echo $serves)
+    t0=$(date +%s)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli serve "${MODEL[@]}" --port 30000 \
       ${WARMUP:+--warmup-decode-len $WARMUP} ${WARMUP_PROMPTS:+--warmup-prompt-steps} \
-      > "$OUT/serve.log" 2>&1 &
+      > "$OUT/$name.log" 2>&1 &
     pid=$!
-    for _ in $(seq 300); do
+    for _ in $(seq ${READY_WAIT:-300}); do
       curl -sf localhost:30000/health >/dev/null && break
-      kill -0 $pid 2>/dev/null || { echo "serve exited:"; tail -5 "$OUT/serve.log"; break; }
+      kill -0 $pid 2>/dev/null || { echo "serve exited:"; tail -5 "$OUT/$name.log"; break; }
       sleep 1
     done
+    echo "$name: ready after $(($(date +%s) - t0)) s; $(grep -c 'warm-up' "$OUT/$name.log") warm-up programs"
     curl -s localhost:30000/v1/completions -H 'content-type: application/json' \
       -d '{"prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 8, "temperature": 0}' \
       | tee "$OUT/serve_curl.json"; echo
     [[ -f engine/bench/serving.py ]] && python3 -m engine.cli bench serving --port 30000 --dataset random \
       --num-prompts ${SERVE_PROMPTS:-200} --random-input-len ${SERVE_IN:-1024} \
       --random-output-len ${SERVE_OUTPUT:-256} --random-range-ratio 0.5 \
-      --request-rate ${RATE:-inf} --vocab-size 128256 --output-json "$OUT/serving.json" \
-      2>&1 | quiet | tee "$OUT/serving.txt" | tail -30
+      --request-rate ${RATE:-inf} --vocab-size 128256 --output-json "$OUT/$name.json" \
+      2>&1 | quiet | tee "$OUT/$name.txt" | tail -30
+    curl -s localhost:30000/metrics | grep -E "^engine:step_compilations_total"
+    grep -E "while serving" "$OUT/$name.log" | tail -3
     kill -TERM $pid; wait $pid; echo "serve exit $?" ;;
   shared)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench offline "${MODEL[@]}" \
