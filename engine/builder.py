@@ -70,7 +70,7 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
     model = config.model.model
     if config.model.load_format == "dummy":
         return dummy_model(model, dtype, scan, config.model.seed, place)
-    from engine.loader.checkpoint import load_checkpoint
+    from engine.loader.load import load_checkpoint
 
     ckpt = load_checkpoint(model)
     with jax.default_device(backend.model_devices()[0]):

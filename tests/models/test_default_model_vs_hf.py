@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.loader.checkpoint import load_checkpoint
+from engine.loader.load import load_checkpoint
 from engine.model.weights import params_from_hf
 from engine.sampling_params import SamplingParams
 from tests.models.hf_reference import hf_logits, our_logits

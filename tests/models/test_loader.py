@@ -35,9 +35,10 @@ from transformers import (
 )
 
 from engine import envs
-from engine.loader import checkpoint, hub
-from engine.loader.checkpoint import ModelLoadError, load_checkpoint
+from engine.loader import hub, load
+from engine.loader.checkpoint import ModelLoadError
 from engine.loader.gguf import dequantize, read_gguf
+from engine.loader.load import load_checkpoint
 from engine.model.config import ConfigError, ModelConfig
 
 # --- helpers: tiny models and a GGUF writer (independent of the loader's own name tables) -----
@@ -246,7 +247,7 @@ def test_alias_and_none_load_the_cached_default(default_gguf, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_pip)
     loaded = []
-    monkeypatch.setattr(checkpoint, "_load_gguf", lambda path, progress: loaded.append(path))
+    monkeypatch.setattr(load, "_load_gguf", lambda path, progress: loaded.append(path))
     load_checkpoint(None)
     load_checkpoint("smollm2-135m-instruct")
     assert loaded == [default_gguf, default_gguf]

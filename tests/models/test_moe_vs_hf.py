@@ -11,7 +11,8 @@ import torch
 from safetensors.numpy import load_file
 
 from engine import LLM, SamplingParams
-from engine.loader.checkpoint import ModelLoadError, check_tensors, load_checkpoint
+from engine.loader.checkpoint import ModelLoadError, check_tensors
+from engine.loader.load import load_checkpoint
 from engine.model.config import ConfigError, ModelConfig
 from engine.model.weights import params_from_hf
 from tests.models.hf_reference import (

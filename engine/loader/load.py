@@ -1,0 +1,42 @@
+"""The one entry point that loads any checkpoint source (engine.loader.checkpoint describes
+what comes out): the default model or an alias, an HF folder, a GGUF file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.loader import hub
+from engine.loader.checkpoint import Checkpoint, ModelLoadError
+
+
+def load_checkpoint(path_or_alias: str | Path | None, progress: bool = True) -> Checkpoint:
+    """Load the default model (None or an alias in `hub.ALIASES`), an HF model folder (with
+    config.json and *.safetensors) or a GGUF file (or a folder holding exactly one .gguf)."""
+    if path_or_alias is None or str(path_or_alias) in hub.ALIASES:
+        return _load_gguf(hub.fetch_model(path_or_alias, progress=progress), progress)
+    path = Path(path_or_alias).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            from engine.loader.hf import load_hf
+
+            return load_hf(path, progress=progress)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0], progress)
+        found = f"found {len(ggufs)} .gguf files" if ggufs else "found neither"
+        raise ModelLoadError(
+            path, f"expected an HF model folder with config.json or exactly one .gguf; {found}"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, progress)
+    aliases = ", ".join(sorted(hub.ALIASES))
+    what = "does not exist" if not path.exists() else "is not a .gguf file or a model folder"
+    raise ModelLoadError(
+        path, f"{what}; expected an HF model folder, a .gguf file or one of: {aliases}"
+    )
+
+
+def _load_gguf(path: Path, progress: bool) -> Checkpoint:
+    from engine.loader.gguf import load_gguf
+
+    return load_gguf(path, progress=progress)
