@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import importlib.util
 
 import jax
@@ -62,6 +63,8 @@ def available(op: str) -> bool:
 
 # -- decode: ragged paged attention --------------------------------------------------------
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["indptr", "indices", "last_page_lens"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class RaggedPages:
     """AITER's ragged page list (as SGLang's ROCm backend builds it): sequence s reads pages
@@ -111,6 +114,8 @@ def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 # -- prompt: variable-length flash attention -----------------------------------------------
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "cu_seqlens_q", "cu_seqlens_k"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class VarlenInputs:
     """flash_attn_varlen_func's K/V side: each sequence's K/V rows packed in order."""
