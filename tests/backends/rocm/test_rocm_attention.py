@@ -68,19 +68,3 @@ def test_mixed_step_matches_oracle(arch, hq, hkv):
     backend = RocmBackend({"interpret": True, "target": arch})
     assert backend.prefill_sizes == TARGETS[arch].prefill and backend.mixed_decode
     check(backend, case, case.md, 64)
-
-
-def test_unknown_target_and_op_are_clear_errors():
-    with pytest.raises(ValueError, match="target='gfx1100'.*gfx942"):
-        RocmBackend({"interpret": True, "target": "gfx1100"})
-    with pytest.raises(ValueError, match="decode_op='ck'"):
-        RocmBackend({"interpret": True, "target": "gfx942", "decode_op": "ck"})
-    with pytest.raises(ValueError, match="prefill_op=aiter.*prefill_op: triton"):
-        RocmBackend({"interpret": True, "target": "gfx942", "prefill_op": "aiter"})
-
-
-def test_auto_target_follows_the_device_kind():
-    from backends.rocm.tuning import target_for
-
-    assert target_for("auto", "AMD Instinct MI300X").arch == "gfx942"
-    assert target_for("auto", "AMD Instinct MI355X").arch == "gfx950"
