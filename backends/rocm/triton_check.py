@@ -11,17 +11,31 @@ The bytecode is written by jaxlib's MLIR and read back there (jaxlib registers t
 dialect), then printed as text, which the wheel's Triton parses. XLA compiles with the
 Triton pinned in jaxlib, not the wheel's: a strong proxy, not proof (docs/rocm.md).
 Uses jax internals (jax._src.lib.triton, jax._src.interpreters.mlir): for tests and tools.
+
+`python -m backends.rocm.triton_check [PRESET ...]` compiles the kernels of each ROCm preset
+(default: both) for its target and prints them with their LDS and code-object sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from engine.attention import AttentionMetadata
+
 TRITON_CALL = "__gpu$xla.gpu.triton"
 WAVEFRONT = 64
+PRESETS = ("rocm-mi300x", "rocm-mi355x")
+HEADS = (32, 8, 128)
+"""Query heads, KV heads, head dim of the checked steps: Llama-3.1-8B's attention."""
+NUM_PAGES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +108,60 @@ def compile_call(call: TritonCall, arch: str, workdir: Path) -> Compiled:
     return Compiled(name=call.name, arch=arch, hsaco_bytes=len(kernel.asm["hsaco"]),
                     shared_bytes=int(kernel.metadata.shared), num_warps=call.num_warps,
                     num_stages=call.num_stages)
+
+
+def _spec(shape: tuple[int, ...], dtype: Any = jnp.int32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def step_shapes(t: int, s: int, p: int, page: int, decode_only: bool) -> AttentionMetadata:
+    """Metadata of bucket shapes only: a step of T tokens, S sequences, P pages each."""
+    return AttentionMetadata(positions=_spec((t,)), slot_mapping=_spec((t,)),
+                             token_seq=_spec((t,)), query_start=_spec((s + 1,)),
+                             seq_lens=_spec((s,)), page_table=_spec((s, p)),
+                             num_tokens=_spec(()), page_size=page, decode_only=decode_only)
+
+
+def preset_steps(preset: str) -> tuple[Any, list[AttentionMetadata]]:
+    """The preset's RocmBackend, compiled not interpreted, and its steps at 4k tokens of
+    context: decodes of a full batch (one split a sequence), decodes of 4 sequences (split),
+    and a prompt step of a whole chunk over every sequence bucket (the ragged kernel, and
+    the decode kernel for its decodes)."""
+    from backends.rocm.backend import RocmBackend
+    from engine.config import EngineConfig
+
+    cfg = EngineConfig.build(preset)
+    backend = RocmBackend({**dict(cfg.backend.options), "interpret": False})
+    page = cfg.cache.page_size
+    seqs = cfg.scheduler.max_running_requests
+    p = 4096 // page
+    return backend, [step_shapes(seqs, seqs, p, page, True), step_shapes(4, 4, p, page, True),
+                     step_shapes(cfg.scheduler.chunked_prefill_size, seqs, p, page, False)]
+
+
+def backend_kernels(backend: Any, steps: list[AttentionMetadata]) -> list[TritonCall]:
+    """The distinct Triton kernels of `backend.attention` over `steps`, lowered for ROCm."""
+    hq, hkv, d = HEADS
+    cache = _spec((hkv, NUM_PAGES, steps[0].page_size, d), jnp.bfloat16)
+    calls: dict[str, TritonCall] = {}
+    for md in steps:
+        q = _spec((md.positions.shape[0], hq, d), jnp.bfloat16)
+        lowered = jax.jit(lambda q, k, v, md: backend.attention(q, k, v, md, scale=d**-0.5)
+                          ).trace(q, cache, cache, md).lower(lowering_platforms=("rocm",))
+        calls.update({c.name: c for c in triton_calls(lowered)})
+    return list(calls.values())
+
+
+def main(argv: list[str]) -> None:
+    for preset in argv or PRESETS:
+        backend, steps = preset_steps(preset)
+        with tempfile.TemporaryDirectory() as tmp:
+            for call in backend_kernels(backend, steps):
+                c = compile_call(call, backend.target.arch, Path(tmp))
+                print(f"{preset:12} {c.arch:7} {c.name:36} warps {c.num_warps} stages "
+                      f"{c.num_stages}  LDS {c.shared_bytes / 1024:6.1f} KiB  code object "
+                      f"{c.hsaco_bytes / 1000:5.1f} KB", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -131,13 +131,16 @@ def test_ffi_calls_lower_for_rocm_with_aiters_operands():
     compiles on the device): one custom call each, with AITER's operand shapes."""
     import jax.numpy as jnp
 
-    from tests.backends.rocm.test_rocm_compile import spec, step_md
+    from backends.rocm.triton_check import step_shapes
+
+    def spec(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype)
 
     s, p, t = 8, 32, 64
     cache = spec((2, 512, PAGE, 64), jnp.bfloat16)  # ours: [Hkv, pages, page, D]
     q = spec((s, 8, 64), jnp.bfloat16)
     text = jax.jit(lambda q, k, v, md: aiter.paged_decode(q, k, v, md, scale=0.1)).trace(
-        q, cache, cache, step_md(s, s, p, PAGE, True)).lower(
+        q, cache, cache, step_shapes(s, s, p, PAGE, True)).lower(
         lowering_platforms=("rocm",)).as_text()
     call = next(line for line in text.splitlines() if aiter.TARGETS["decode"] in line)
     # q, the HND caches [pages, Hkv, page, D], indptr [S+1], indices [S*P], last lens [S]
@@ -145,7 +148,7 @@ def test_ffi_calls_lower_for_rocm_with_aiters_operands():
         assert operand in call, (operand, call)
     q = spec((t, 8, 64), jnp.bfloat16)
     text = jax.jit(lambda q, k, v, md: aiter.prompt_attention(q, k, v, md, scale=0.1)
-                   ).trace(q, cache, cache, step_md(t, s, p, PAGE, False)).lower(
+                   ).trace(q, cache, cache, step_shapes(t, s, p, PAGE, False)).lower(
         lowering_platforms=("rocm",)).as_text()
     call = next(line for line in text.splitlines() if aiter.TARGETS["prefill"] in line)
     # q [T, Hq, D], packed K/V [S*P*page, Hkv, D], cu_seqlens_q and _k [S+1]
