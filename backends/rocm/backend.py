@@ -45,8 +45,8 @@ class RocmBackend(TritonBackend):
                 raise ValueError(
                     f"backend option {op}_op=aiter: AITER's {op} op is not available "
                     f"(aiter importable: {aiter.aiter_importable()}, aiter_library="
-                    f"{library!r}); install the rocm extra and give the handler library, "
-                    f"or set {op}_op: triton")
+                    f"{library!r}); install AITER (amd-aiter, on ROCm) and give its FFI "
+                    f"handler library as aiter_library, or set {op}_op: triton")
 
     def _op(self, key: str) -> str:
         choice = str(self.options.get(key, "triton"))
