@@ -152,6 +152,7 @@ _REGISTRY: dict[str, str] = {
     "cpu": "backends.cpu.backend:CpuBackend",
     "tpu": "backends.tpu.backend:TpuBackend",
     "cuda": "backends.cuda.backend:CudaBackend",
+    "rocm": "backends.rocm.backend:RocmBackend",
 }
 
 
@@ -170,6 +171,8 @@ _PLATFORM_TO_BACKEND = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "t
 def detect_backend() -> str:
     """'auto': the backend for jax's default platform when one is registered, else cpu."""
     name = _PLATFORM_TO_BACKEND.get(jax.default_backend(), "cpu")
+    if name == "cuda" and "rocm" in jax.devices()[0].client.platform_version.lower():
+        name = "rocm"  # jax names both GPU platforms "gpu"; the client says which
     return name if name in _REGISTRY else "cpu"
 
 

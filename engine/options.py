@@ -12,7 +12,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that builds an engine (None: not given)."""
     p.add_argument("--model", default=None, help="HF directory, .gguf file or alias "
                    "(default: smollm2-135m-instruct)")
-    p.add_argument("--backend", default="auto", help="cpu, cuda, tpu, ... or auto")
+    p.add_argument("--backend", default="auto", help="cpu, cuda, rocm, tpu, ... or auto")
     p.add_argument("--config", default=None, help="YAML config file or preset name in configs/")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--load-format", default=None, choices=["auto", "dummy"])

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.cpu.attention import ragged_paged_attention as oracle
-from backends.cuda.kernels.ragged_prefill import BLOCK_SIZES, BlockSizes, ragged_paged_attention
+from backends.gpu.kernels.ragged_prefill import BLOCK_SIZES, BlockSizes, ragged_paged_attention
 from engine.attention import AttentionMetadata
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16

@@ -194,8 +194,8 @@ def sweep(out: str) -> None:
 def decode(out: str) -> None:
     import os
 
-    from backends.cuda.kernels.gqa_decode import gqa_decode_attention
-    from backends.cuda.kernels.paged_decode import decode_attention, partition
+    from backends.gpu.kernels.gqa_decode import gqa_decode_attention
+    from backends.gpu.kernels.paged_decode import decode_attention, partition
 
     hkv, g, d, page = 8, 4, 128, 16
     rng = np.random.default_rng(0)

@@ -17,7 +17,8 @@ def baseline(args: argparse.Namespace) -> OfflineResult:
     its share of the card, HF's model would not fit beside it."""
     import torch
 
-    gpu = args.backend in ("cuda", "auto") and torch.cuda.is_available()
+    # torch's ROCm build answers to torch.cuda and the device name "cuda" too.
+    gpu = args.backend in ("cuda", "rocm", "auto") and torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     model = load_hf_model(args.model, args.load_format or "auto", dtype, device)

@@ -10,8 +10,8 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.backend import CudaBackend
-from backends.cuda.kernels.gqa_decode import gqa_decode_attention
-from backends.cuda.kernels.paged_decode import paged_decode_attention, partition, table_width
+from backends.gpu.kernels.gqa_decode import gqa_decode_attention
+from backends.gpu.kernels.paged_decode import paged_decode_attention, partition, table_width
 from tests.backends.ragged_batches import make_case
 
 ON_GPU = jax.default_backend() == "gpu"

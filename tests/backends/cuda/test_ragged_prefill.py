@@ -11,7 +11,7 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention as oracle
 from backends.cuda.backend import CudaBackend
-from backends.cuda.kernels.ragged_prefill import (
+from backends.gpu.kernels.ragged_prefill import (
     BLOCK_SIZES,
     BlockSizes,
     block_table,

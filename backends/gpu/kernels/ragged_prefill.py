@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from backends.cuda.kernels.flash import MASK_VALUE, online_softmax_step
+from backends.gpu.kernels.flash import MASK_VALUE, online_softmax_step
 from engine.attention import AttentionMetadata
 
 

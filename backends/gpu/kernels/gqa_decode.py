@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from backends.cuda.kernels.flash import MASK_VALUE, online_softmax_step
+from backends.gpu.kernels.flash import MASK_VALUE, online_softmax_step
 
 MIN_ROWS = 16
 """Triton's dot needs 16 rows: the G query rows of a KV head are padded to this, masked."""

@@ -11,11 +11,13 @@ partition of each sequence's pages (`partition`) over a table padded by `table_w
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-from backends.cuda.kernels.gqa_decode import gqa_decode_attention
+from backends.gpu.kernels.gqa_decode import gqa_decode_attention
 from engine.attention import AttentionMetadata
 
 # Block sizes as data (Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16), from the
@@ -37,6 +39,29 @@ GQA_NUM_STAGES = 3
 """Our kernel (impl "gqa") pipelines its row gathers: 3 stages against 1 (H200, 2026-12-02,
 `scripts/cuda_probe.py OUT decode`): batch 256 ctx 1536 0.381 vs 0.496 ms a layer (4.23 vs
 3.24 TB/s of K/V; JAX's kernel 0.538), batch 1 ctx 1024 0.057 vs 0.080 ms (JAX's 0.066)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSizes:
+    """A target's decode tuning: how `partition` splits the pages and the kernels' launch
+    parameters. The defaults are the CUDA (H200) figures above; other targets (ROCm) pass
+    their own from their data file."""
+
+    pages_per_compute_block: int = PAGES_PER_COMPUTE_BLOCK
+    max_k_splits: int = MAX_K_SPLITS
+    target_programs: int = TARGET_PROGRAMS
+    """Programs (kv heads x sequences x splits) to keep running; about 8 per SM/CU."""
+    num_warps: int = NUM_WARPS
+    """Warps (NVIDIA, 32 lanes) or wavefronts (AMD, 64 lanes) per program."""
+    num_stages: int = NUM_STAGES
+    """Pipeline stages of JAX's kernel (impl "jax")."""
+    gqa_num_stages: int = GQA_NUM_STAGES
+    """Pipeline stages of ours (impl "gqa")."""
+    block_h: int = BLOCK_H
+    """Query heads per program of JAX's kernel."""
+
+
+DECODE_SIZES = DecodeSizes()
 
 
 def check_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -61,18 +86,18 @@ def table_width(pages: int, page: int) -> int:
     return max(-(-MIN_BLOCK_K // page), 1 << (pages - 1).bit_length())
 
 
-def partition(num_kv_heads: int, num_seqs: int, table_pages: int, page: int
-              ) -> tuple[int, int]:
+def partition(num_kv_heads: int, num_seqs: int, table_pages: int, page: int,
+              sizes: DecodeSizes = DECODE_SIZES) -> tuple[int, int]:
     """(k_splits, pages_per_compute_block) for a page table `table_pages` wide: the fewest
     splits of each sequence's pages that keep TARGET_PROGRAMS programs (kv heads x
     sequences x splits) running, and blocks of up to PAGES_PER_COMPUTE_BLOCK pages, at least
-    MIN_BLOCK_K tokens, that divide a split."""
-    fits = [k for k in (1, 2, 4, 8, 16) if k <= MAX_K_SPLITS and table_pages % k == 0
+    MIN_BLOCK_K tokens, that divide a split (both from `sizes`)."""
+    fits = [k for k in (1, 2, 4, 8, 16) if k <= sizes.max_k_splits and table_pages % k == 0
             and (table_pages // k) * page >= MIN_BLOCK_K]
-    k_splits = next((k for k in fits if num_kv_heads * num_seqs * k >= TARGET_PROGRAMS),
+    k_splits = next((k for k in fits if num_kv_heads * num_seqs * k >= sizes.target_programs),
                     fits[-1])
     per_split = table_pages // k_splits
-    c_max = min(per_split, max(PAGES_PER_COMPUTE_BLOCK, -(-MIN_BLOCK_K // page)))
+    c_max = min(per_split, max(sizes.pages_per_compute_block, -(-MIN_BLOCK_K // page)))
     ppcb = max((c for c in range(1, c_max + 1) if per_split % c == 0 and c * page >= MIN_BLOCK_K),
                default=per_split)
     return k_splits, ppcb
@@ -80,20 +105,22 @@ def partition(num_kv_heads: int, num_seqs: int, table_pages: int, page: int
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            md: AttentionMetadata, *, scale: float,
-                           interpret: bool = False, impl: str = "jax") -> jax.Array:
+                           interpret: bool = False, impl: str = "jax",
+                           sizes: DecodeSizes = DECODE_SIZES) -> jax.Array:
     """q [T, Hq, D] (token i = sequence i) -> [T, Hq, D]."""
     check_inputs(q, k_cache, v_cache, md)
     t = q.shape[0]
     s = md.page_table.shape[0]
     qs = q[:s] if t >= s else jnp.pad(q, ((0, s - t), (0, 0), (0, 0)))
     o = decode_attention(qs, k_cache, v_cache, md.page_table, md.seq_lens, scale=scale,
-                         interpret=interpret, impl=impl)
+                         interpret=interpret, impl=impl, sizes=sizes)
     return o[:t] if t <= s else jnp.pad(o, ((0, t - s), (0, 0), (0, 0)))
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      page_table: jax.Array, seq_lens: jax.Array, *, scale: float,
-                     interpret: bool = False, impl: str = "jax") -> jax.Array:
+                     interpret: bool = False, impl: str = "jax",
+                     sizes: DecodeSizes = DECODE_SIZES) -> jax.Array:
     """One query per sequence: q [S, Hq, D] over each sequence's first seq_lens [S] cached
     tokens -> [S, Hq, D]. A sequence of length 0 does no work (its output is 0).
     impl: "jax" (JAX's paged_attention) or "gqa" (ours: kernels/gqa_decode.py)."""
@@ -104,16 +131,18 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if p < p2:  # extra pages are masked by the lengths, never read
         page_table = jnp.pad(page_table, ((0, 0), (0, p2 - p)))
         p = p2
-    k_splits, ppcb = partition(k_cache.shape[0], s, p, page)
+    k_splits, ppcb = partition(k_cache.shape[0], s, p, page, sizes)
     if impl == "gqa":
         return gqa_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale=scale,
                                     k_splits=k_splits, pages_per_block=ppcb,
-                                    num_warps=NUM_WARPS, num_stages=GQA_NUM_STAGES,
+                                    num_warps=sizes.num_warps,
+                                    num_stages=sizes.gqa_num_stages,
                                     interpret=interpret)
     if impl != "jax":
         raise ValueError(f"decode kernel {impl!r}: expected 'jax' or 'gqa'")
     o = paged_attention(
         (q * scale).astype(k_cache.dtype), k_cache, v_cache, page_table,
-        jnp.asarray(seq_lens, jnp.int32), block_h=BLOCK_H, pages_per_compute_block=ppcb,
-        k_splits=k_splits, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=interpret)
+        jnp.asarray(seq_lens, jnp.int32), block_h=sizes.block_h, pages_per_compute_block=ppcb,
+        k_splits=k_splits, num_warps=sizes.num_warps, num_stages=sizes.num_stages,
+        interpret=interpret)
     return o.astype(q.dtype)

@@ -1,0 +1,115 @@
+"""The GPU backends' common part (CUDA and ROCm): bf16, head-major paged KV cache, the
+Pallas (Triton) attention kernels of backends/gpu/kernels with a target's tuning.
+
+Decode-only steps take our Pallas decode kernel (kernels/gqa_decode.py); steps with prompt
+chunks take the ragged paged-attention kernel (kernels/ragged_prefill.py) for their chunks
+and, when both kernels are on, the decode kernel for their decodes (sequences with one
+query token), on which the ragged kernel would spend a whole query block each.
+Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
+ragged attention, which is correct for any mixed batch but slow for long prompts.
+
+Options (YAML `backend:` section): interpret (run the Pallas kernels in the interpreter:
+tests on a host without a GPU), decode_kernel (false: plain JAX for decodes),
+prefill_kernel (false: plain JAX for steps with prompt tokens), mixed_decode (false: the
+ragged kernel takes the decodes of a step with prompt tokens too), decode_impl ("gqa", the
+default: ours, kernels/gqa_decode.py; "jax": JAX's paged_attention, kernels/paged_decode.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from backends.cpu.attention import ragged_paged_attention
+from backends.gpu.kernels import ragged_prefill
+from backends.gpu.kernels.paged_decode import (
+    DECODE_SIZES,
+    DecodeSizes,
+    decode_attention,
+    paged_decode_attention,
+)
+from engine.attention import AttentionMetadata
+from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
+
+
+class TritonBackend(Backend):
+    """A subclass names itself and gives its kernels' tuning: `decode_sizes` and
+    `prefill_sizes` (the CUDA figures by default)."""
+
+    name = "triton"
+    decode_sizes: DecodeSizes = DECODE_SIZES
+    prefill_sizes: ragged_prefill.BlockSizes = ragged_prefill.BLOCK_SIZES
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.interpret = bool(self.options.get("interpret", jax.default_backend() != "gpu"))
+        self.decode_kernel = bool(self.options.get("decode_kernel", True))
+        self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
+        self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel
+        self.decode_impl = str(self.options.get("decode_impl", "gqa"))
+        if self.decode_impl not in ("jax", "gqa"):
+            raise ValueError(f"backend option decode_impl={self.decode_impl!r}: expected "
+                             f"'jax' (JAX's paged_attention) or 'gqa' (ours)")
+        platform = "cpu" if self.interpret else "gpu"
+        self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
+                                         scan_layers=False, spmd_attention=False,
+                                         min_seq_bucket=16)
+
+    def memory_info(self) -> MemoryInfo:
+        return device_memory(self.model_devices())
+
+    def kv_cache_axes(self) -> tuple[str, ...]:
+        return ("kv_heads", "pages", "page", "head_dim")
+
+    def kv_cache_shape(self, num_pages: int, page_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        return (num_kv_heads, num_pages, page_size, head_dim)
+
+    def write_kv(self, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                 slots: jax.Array, layer: jax.Array | None = None,
+                 ) -> tuple[jax.Array, jax.Array]:
+        if layer is not None:
+            raise ValueError(f"the {self.name} backend runs unrolled layers "
+                             f"(scan_layers: false)")
+        page = k_cache.shape[2]
+        idx = (slice(None), slots // page, slots % page)  # -> [Hkv, T, D]
+        k_cache = k_cache.at[idx].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[idx].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
+        return k_cache, v_cache
+
+    def attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                  md: AttentionMetadata, *, scale: float, layer: jax.Array | None = None,
+                  ) -> jax.Array:
+        if md.decode_only and self.decode_kernel:
+            return paged_decode_attention(q, k_cache, v_cache, md, scale=scale,
+                                          interpret=self.interpret, impl=self.decode_impl,
+                                          sizes=self.decode_sizes)
+        _, _, page, d = k_cache.shape
+        if (not md.decode_only and self.prefill_kernel
+                and ragged_prefill.supported(d, page)):
+            if self.mixed_decode:
+                return self.mixed_attention(q, k_cache, v_cache, md, scale=scale)
+            return ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
+                                                         interpret=self.interpret,
+                                                         sizes=self.prefill_sizes)
+        return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, head_major=True)
+
+    def mixed_attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                        md: AttentionMetadata, *, scale: float) -> jax.Array:
+        """A step with prompt tokens: its decodes through the decode kernel (the others'
+        lengths set to 0, so it does no work for them), the rest through the ragged one."""
+        qs = jnp.asarray(md.query_start)
+        one = qs[1:] - qs[:-1] == 1  # [S]: sequences with one query token
+        last = jnp.clip(qs[1:] - 1, 0, q.shape[0] - 1)  # [S]: that token
+        o_one = decode_attention(q[last], k_cache, v_cache, md.page_table,
+                                 jnp.where(one, md.seq_lens, 0), scale=scale,
+                                 interpret=self.interpret, impl=self.decode_impl,
+                                 sizes=self.decode_sizes)
+        o = ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
+                                                  interpret=self.interpret, skip=one,
+                                                  sizes=self.prefill_sizes)
+        seq = jnp.asarray(md.token_seq)
+        take = one[seq] & (jnp.arange(q.shape[0]) < md.num_tokens)  # [T]
+        return jnp.where(take[:, None, None], o_one[seq], o)

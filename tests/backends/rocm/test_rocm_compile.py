@@ -1,0 +1,72 @@
+"""Every Triton kernel the ROCm backend uses compiles for its preset's AMD target, on a host
+without ROCm: the backend's attention lowered for platform "rocm" at the preset's bucket
+shapes, and each kernel's Triton IR compiled by Triton's AMD backend for gfx942 (MI300X)
+and gfx950 (MI355X), within the target's LDS. A kernel that stops compiling fails here."""
+
+from __future__ import annotations
+
+import pytest
+import triton  # noqa: F401  (the test extra pins it; its AMD backend compiles here)
+
+from backends.rocm.backend import RocmBackend
+from backends.rocm.triton_check import PRESETS as PRESET_NAMES
+from backends.rocm.triton_check import (
+    Compiled,
+    backend_kernels,
+    compile_call,
+    preset_steps,
+    step_shapes,
+)
+
+PRESETS = {"rocm-mi300x": "gfx942", "rocm-mi355x": "gfx950"}
+assert set(PRESETS) == set(PRESET_NAMES)
+
+
+def compile_preset(preset: str, tmp_path) -> list[Compiled]:
+    backend, steps = preset_steps(preset)
+    return [compile_call(c, PRESETS[preset], tmp_path) for c in backend_kernels(backend, steps)]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_kernels_compile_for_its_target(preset, tmp_path):
+    backend, _ = preset_steps(preset)
+    assert backend.target.arch == PRESETS[preset]
+    out = compile_preset(preset, tmp_path)
+    names = sorted(c.name for c in out)
+    bq, bk = backend.prefill_sizes.block_q, backend.prefill_sizes.block_k
+    # One decode kernel without splits, one with, and the ragged kernel at the tuned blocks.
+    assert sum(n.startswith("gqa_decode_ks1_") for n in names) == 1, names
+    assert any(n.startswith("gqa_decode_ks") and not n.startswith("gqa_decode_ks1_")
+               for n in names), names
+    assert f"ragged_paged_attention_bq{bq}_bk{bk}" in names, names
+    for c in out:
+        assert c.hsaco_bytes > 0
+        # Triton's AMD pipeliner drops stages to fit the LDS, but larger tiles can exceed it
+        # (ragged 256 x 256 tiles, 3 stages, 8 warps did on gfx942: 2026-12-03).
+        assert 0 < c.shared_bytes <= backend.target.lds_bytes, c
+        assert c.num_warps == backend.decode_sizes.num_warps or c.name.startswith("ragged")
+    stages = {c.name.startswith("gqa"): c.num_stages for c in out}
+    assert stages == {True: backend.decode_sizes.gqa_num_stages,
+                      False: backend.prefill_sizes.num_stages}
+
+
+@pytest.mark.parametrize("arch", list(PRESETS.values()))
+def test_jax_decode_kernel_compiles(arch, tmp_path):
+    """decode_impl: jax (JAX's paged_attention) is the backend's other decode kernel."""
+    backend = RocmBackend({"interpret": False, "target": arch, "decode_impl": "jax"})
+    (call,) = backend_kernels(backend, [step_shapes(4, 4, 256, 16, True)])
+    assert call.name.startswith("paged_attention_block_h_16")
+    out = compile_call(call, arch, tmp_path)
+    assert 0 < out.shared_bytes <= backend.target.lds_bytes
+    assert out.num_stages == backend.decode_sizes.num_stages
+
+
+def test_a_kernel_that_cannot_compile_fails(tmp_path):
+    """The check is real: IR Triton rejects raises, rather than passing quietly."""
+    backend = RocmBackend({"interpret": False, "target": "gfx942"})
+    (call,) = backend_kernels(backend, [step_shapes(4, 4, 256, 16, True)])
+    broken = type(call)(name=call.name, ttir=call.ttir.replace("tt.dot", "tt.not_an_op", 1),
+                        num_warps=call.num_warps, num_stages=call.num_stages)
+    assert broken.ttir != call.ttir
+    with pytest.raises(Exception, match="Parse MLIR"):
+        compile_call(broken, "gfx942", tmp_path)
