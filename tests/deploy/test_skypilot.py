@@ -62,8 +62,8 @@ def test_task_fits_the_documented_fields(preset: str, tmp_path: Path) -> None:
     elif backend == "tpu":  # SkyPilot's TPU names: tpu-v6e-1, tpu-v5litepod-1
         assert accel in ("tpu-v6e-1", "tpu-v5litepod-1")
         assert task["resources"]["accelerator_args"]["runtime_version"].startswith("v2-alpha")
-    else:
-        assert accel.endswith(":1")
+    else:  # one host's devices: the preset's tensor parallelism
+        assert accel.endswith(f":{EngineConfig.build(preset).parallel.tensor_parallel_size}")
     # The run script writes the config it is given, and the server reads back the same one.
     config = tmp_path / "c.yaml"
     config.write_text(task["envs"]["ENGINE_CONFIG"])
