@@ -45,7 +45,7 @@ def register_deploy(sub: argparse._SubParsersAction) -> None:
     out.add_argument("-o", "--output", type=Path, help="folder to write the files into")
     out.add_argument("--dry-run", action="store_true", help="print the files instead")
     for flag, dest, typ in DEPLOY_FLAGS:
-        p.add_argument(flag, dest=f"deploy_{dest}", type=typ, default=None,
+        p.add_argument(flag, dest=f"deploy_{dest}", type=typ, default=None, metavar=dest.upper(),
                        help=f"deploy key {dest} (overrides the config's deploy: section)")
     p.set_defaults(func=cmd_deploy)
 
