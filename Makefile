@@ -9,7 +9,11 @@ PROMPT ?= What is the capital of France?
 HOST ?= 127.0.0.1
 PORT ?= 30000
 
+# make image: docker/$(BACKEND)/Dockerfile, tagged engine:$(BACKEND) (DOCKER=podman works too)
+BACKEND ?= cpu
+DOCKER ?= docker
 .PHONY: run chat test lint model install clean
+.PHONY: image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +44,9 @@ lint: $(VENV)/.installed-test
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m engine.loader.hub
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+image:
+	$(DOCKER) build -f docker/$(BACKEND)/Dockerfile -t engine:$(BACKEND) .
 
 clean:
 	rm -rf $(VENV)

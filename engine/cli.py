@@ -7,6 +7,7 @@ import logging
 import sys
 
 from engine.bench.cli import register_bench
+from engine.deploy.cli import register_deploy
 from engine.loader.checkpoint import ModelLoadError
 from engine.model.config import ConfigError
 from engine.options import add_engine_args, make_llm
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.set_defaults(func=cmd_generate)
-    for register in (register_serve, register_bench, register_precompile):
+    for register in (register_serve, register_bench, register_precompile, register_deploy):
         register(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+NOT_ENGINE_SECTIONS = frozenset({"deploy"})
+"""Sections of a config file read by others (engine.deploy), skipped by EngineConfig."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,8 @@ class EngineConfig:
         sections: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(cls)}
         if config_file is not None:
             for section, values in load_yaml(config_file).items():
+                if section in NOT_ENGINE_SECTIONS:
+                    continue
                 if section not in sections or not isinstance(values, dict):
                     raise ValueError(f"{config_file}: unknown section {section!r}; "
                                      f"expected one of {', '.join(sections)}")
