@@ -197,6 +197,13 @@ class EngineConfig:
         extra = {k: backend.pop(k) for k in list(backend)
                  if k not in {f.name for f in dataclasses.fields(BackendOptions)}}
         backend["options"] = tuple(sorted({**dict(backend.get("options", ())), **extra}.items()))
+        for name, vals in sections.items():  # a typo is a one-line error, not a traceback
+            known = {f.name for f in dataclasses.fields(_SECTION_TYPES[name])}
+            unknown = sorted(set(vals) - known)
+            if unknown:
+                where = f"{config_file}: " if config_file is not None else ""
+                raise ValueError(f"{where}unknown key(s) {', '.join(map(repr, unknown))} in "
+                                 f"section {name!r}; expected: {', '.join(sorted(known))}")
         return cls(**{name: _SECTION_TYPES[name](**vals) for name, vals in sections.items()})
 
 

@@ -20,3 +20,11 @@ def test_yaml_values_are_checked_and_explicit_options_win(tmp_path: Path):
         EngineConfig.build(f)
     with pytest.raises(TypeError, match="unknown engine option 'fuse_qvk'"):
         EngineConfig.build(fuse_qvk=False)
+
+
+def test_a_yaml_typo_names_the_key_and_the_valid_ones(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("cache: {page_sise: 4}\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'page_sise' in section 'cache'; "
+                                         r"expected: .*page_size"):
+        EngineConfig.build(f)
