@@ -178,10 +178,12 @@ def chat_params(req: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "logprobs must be true when top_logprobs is set", "top_logprobs")
     max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    # Neither given: the answer may run to the context limit (OpenAI, vLLM, SGLang).
     return make_params(
         _common(req) | dict(max_tokens=getattr(req, max_name),
                             logprobs=(req.top_logprobs or 0) if req.logprobs else None),
-        vocab_size, {"max_tokens": max_name, "logprobs": "top_logprobs"})
+        vocab_size, {"max_tokens": max_name, "logprobs": "top_logprobs"},
+        defaults={"max_tokens": None})
 
 
 def completion_params(req: CompletionRequest, vocab_size: int) -> SamplingParams:
@@ -242,6 +244,8 @@ def _response_format(rf: dict[str, Any] | None) -> dict[str, Any]:
                    "unsupported_parameter")
 
 
+NATIVE_MAX_NEW_TOKENS = 128
+"""SGLang's default max_new_tokens for /generate."""
 NATIVE_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
                 "sampling_seed": "seed"}
 """SGLang's sampling parameter names that differ from ours (ours are accepted too)."""
@@ -251,21 +255,23 @@ def native_params(raw: dict[str, Any] | None, vocab_size: int) -> SamplingParams
     raw = dict(raw or {})
     check_supported(raw, "sampling_params.")
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    kwargs: dict[str, Any] = {"max_tokens": 128}
+    kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         name = NATIVE_NAMES.get(key, key)
         if name not in fields:
             raise ApiError(400, f"unknown sampling parameter {key!r}", f"sampling_params.{key}")
         kwargs[name] = value
     back = {v: f"sampling_params.{k}" for k, v in NATIVE_NAMES.items() if k in raw}
-    return make_params(kwargs, vocab_size, back, prefix="sampling_params.")
+    return make_params(kwargs, vocab_size, back, prefix="sampling_params.",
+                       defaults={"max_tokens": NATIVE_MAX_NEW_TOKENS})
 
 
 def make_params(kwargs: dict[str, Any], vocab_size: int, names: dict[str, str],
-                prefix: str = "") -> SamplingParams:
-    """SamplingParams from API values (None: our default); ValueError -> 400 on the field,
-    named as the API names it (`names` maps ours to theirs)."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+                prefix: str = "", defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """SamplingParams from API values (None: the endpoint's `defaults`, else SamplingParams'
+    default); ValueError -> 400 on the field, named as the API names it (`names` maps ours
+    to theirs)."""
+    kwargs = (defaults or {}) | {k: v for k, v in kwargs.items() if v is not None}
     param = lambda field: names.get(field, prefix + field)
     n = kwargs.get("n", 1)
     if isinstance(n, int) and n > MAX_N:

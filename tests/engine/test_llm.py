@@ -1,10 +1,12 @@
 """The offline API on the default model: chat, n > 1, seeds, logprobs, stops, bad input."""
 
+import json
 import math
 
 import pytest
 
-from engine import SamplingParams
+from engine import LLM, SamplingParams
+from tests.bench.test_offline_bench import TINY
 
 
 def test_chat_names_paris(default_llm):
@@ -78,6 +80,16 @@ def test_stop_token_ids_and_max_tokens(default_llm):
     assert out.token_ids == free.token_ids[:free.token_ids.index(stop_tok) + 1]
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop_tok
     assert free.finish_reason == "length" and len(free.token_ids) == 8
+
+
+def test_no_max_tokens_runs_to_the_context_limit(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    llm = LLM(str(config), backend="cpu", load_format="dummy", max_model_len=40,
+              max_total_tokens=256, chunked_prefill_size=32)
+    out = llm.generate([list(range(1, 12))], SamplingParams(max_tokens=None, temperature=0.0,
+                                                            ignore_eos=True))[0]
+    assert (len(out.token_ids), out.finish_reason) == (40 - 11, "length")
 
 
 @pytest.mark.parametrize("prompt,params,match", [

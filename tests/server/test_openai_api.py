@@ -94,6 +94,22 @@ def test_chat_stream_equals_non_stream(client, default_tokenizer) -> None:
         u.completion_tokens
 
 
+def test_chat_without_max_tokens_is_not_cut_at_16(client) -> None:
+    """A chat answer without max_tokens runs until it ends (here at a stop string, 30-odd
+    tokens in), as OpenAI's, vLLM's and SGLang's do; legacy completions keep OpenAI's 16.
+    (max_tokens=None runs to the context limit: tests/engine/test_llm.py.)"""
+    list_20 = [{"role": "user", "content": "List the numbers from 1 to 20."}]
+    with ThreadPoolExecutor(2) as pool:  # one batch
+        chat = pool.submit(client.chat.completions.create, model=MODEL, messages=list_20,
+                           temperature=0, stop=[" 12"])
+        comp = pool.submit(client.completions.create, model=MODEL, prompt="Once upon a time",
+                           temperature=0, extra_body={"ignore_eos": True})
+    chat, comp = chat.result(), comp.result()
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens > 16
+    assert chat.choices[0].message.content.endswith("10, 11,")
+    assert (comp.usage.completion_tokens, comp.choices[0].finish_reason) == (16, "length")
+
+
 def test_chat_stream_n2_one_role_and_one_finish_per_choice(client) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0,
                                                  max_completion_tokens=6, n=2, stream=True,
