@@ -12,6 +12,10 @@ Stop strings: decoded text goes to `_held` first. A stop string found there ends
 otherwise everything is emitted except the longest suffix of `_held` that is a prefix of some
 stop string. Hence a stop string can only start inside `_held` and no prefix of it is emitted
 before it resolves.
+
+min_tokens (as vLLM): a stop string counts only where it ends in text of a token after the
+first `min_tokens`; it may start earlier. `_guarded` leading characters of `_held` are text
+of those first tokens, where no match may end.
 """
 
 from __future__ import annotations
@@ -41,11 +45,15 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stop = [s for s in stop if s]
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
+        self._num_tokens = 0  # generated tokens added so far
+        self._guarded = 0  # leading chars of _held where no stop string may end
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])  # context + pending tokens
         self._read = len(self._ids)  # _ids[:_read] is context, _ids[_read:] not yet text
         self._context_text = self._decode(self._ids)
@@ -68,7 +76,10 @@ class IncrementalDetokenizer:
             return ""
         for token_id in token_ids:
             self._ids.append(token_id)
+            self._num_tokens += 1
             self._held += self._decode_pending(final=False)
+            if self._num_tokens <= self._min_tokens:
+                self._guarded = len(self._held)
         return self._release(final=False)
 
     def finish(self) -> str:
@@ -108,15 +119,17 @@ class IncrementalDetokenizer:
             keep = 0 if final else self._stop_prefix_len(self._held)
             cut = len(self._held) - keep
             out, self._held = self._held[:cut], self._held[cut:]
+            self._guarded = max(0, self._guarded - cut)
         if out:
             self._chunks.append(out)
         return out
 
     def _find_stop(self, text: str) -> tuple[int, str] | None:
-        """(start, stop string) of the earliest match; ties go to the first listed."""
+        """(start, stop string) of the earliest match ending past the guarded text; ties go
+        to the first listed."""
         best: tuple[int, str] | None = None
         for s in self._stop:
-            i = text.find(s)
+            i = text.find(s, max(0, self._guarded - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         return best

@@ -115,7 +115,8 @@ class Engine:
             return None
         return IncrementalDetokenizer(
             self.tokenizer, prompt_ids, skip_special_tokens=p.skip_special_tokens,
-            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
+            min_tokens=p.min_tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         group = self._groups.pop(request_id, None)
@@ -250,7 +251,7 @@ class Engine:
             reason, stop_reason = "stop", s.token
         elif detok is not None:
             comp.text += detok.add([s.token])
-            if past_min and detok.stopped is not None:
+            if detok.stopped is not None:  # only ever past min_tokens (the detokenizer's rule)
                 reason, stop_reason = "stop", detok.stopped
         if reason is None and matcher is not None and matcher.is_terminated():
             reason = "stop"  # the grammar is complete: only EOS could follow

@@ -16,8 +16,8 @@ class SamplingParams:
     max_tokens: int | None = 16
     """Tokens to generate at most; None means up to the context length."""
     min_tokens: int = 0
-    """Until this many tokens exist, EOS and stop_token_ids are banned from sampling and
-    stop strings are not matched."""
+    """The first this many tokens are never a stop: EOS and stop_token_ids are banned from
+    sampling, and a stop string counts only where it ends in a later token (as vLLM)."""
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0

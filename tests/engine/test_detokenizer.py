@@ -174,6 +174,25 @@ def test_earliest_stop_wins_and_multibyte_stop(tokenizer, include):
     check_stop(tokenizer, text, ["🎉"], "hello 你好 world " + ("🎉" if include else ""), include)
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_count_only_after_min_tokens(tokenizer, include):
+    text = "hello world, hello world, the end"
+    ids = encode(tokenizer, text)
+    m = len(encode(tokenizer, "hello world"))
+    assert decode(tokenizer, ids[:m]) == "hello world"  # the first "world" ends in token m
+    kw = dict(stop=["world"], include_stop_str_in_output=include)
+    tail = "world" if include else ""
+    _, detok = stream(tokenizer, [], ids, min_tokens=m, **kw)  # the second "world" stops
+    assert (detok.stopped, detok.text) == ("world", "hello world, hello " + tail)
+    _, detok = stream(tokenizer, [], ids, min_tokens=m - 1, **kw)  # the first one does
+    assert (detok.stopped, detok.text) == ("world", "hello " + tail)
+    _, detok = stream(tokenizer, [], ids, min_tokens=len(ids), **kw)  # none: all text
+    assert (detok.stopped, detok.text) == (None, text)
+    # A match may start in the first min_tokens' text when it ends after it.
+    _, detok = stream(tokenizer, [], ids, min_tokens=m, stop=["world, hello"])
+    assert (detok.stopped, detok.text) == ("world, hello", "hello ")
+
+
 def test_stop_prefix_is_released_when_it_does_not_match(tokenizer):
     # "the e" starts like the stop string "the end" but is not it: released later or at finish.
     check_stop(tokenizer, "the e the enx", ["the end"], "the e the enx", False)

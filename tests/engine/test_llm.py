@@ -72,6 +72,24 @@ def test_stop_string_truncates_text(default_llm):
     assert out.text == free.text[:free.text.index(" 6")]
 
 
+def test_stop_strings_wait_for_min_tokens(default_llm):
+    """A stop string ending in the first min_tokens tokens is passed over, in the text and
+    in the generation alike: the first "," after them stops both."""
+    prompt, m = "1, 2, 3, 4,", 4
+    free = default_llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0))[0]
+    text = lambda ids: default_llm.tokenizer.decode(ids, skip_special_tokens=True,
+                                                    clean_up_tokenization_spaces=False)
+    guarded = text(free.token_ids[:m])
+    assert "," in guarded and free.text.startswith(guarded), free.text
+    cut = free.text.index(",", len(guarded))  # the first comma in a later token's text
+    k = next(k for k in range(m + 1, 17) if len(text(free.token_ids[:k])) > cut)
+    out = default_llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0,
+                                                      stop=[","], min_tokens=m))[0]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == ","
+    assert out.text == free.text[:cut]
+    assert out.token_ids == free.token_ids[:k]  # generation ended with the text
+
+
 def test_stop_token_ids_and_max_tokens(default_llm):
     free = default_llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=8, temperature=0.0))[0]
     stop_tok = free.token_ids[3]

@@ -194,6 +194,18 @@ def test_stop_strings_seed_logit_bias_and_logprobs(client, default_tokenizer) ->
         assert "".join(t.token for t in content) == r.choices[0].message.content
 
 
+def test_stop_string_waits_for_min_tokens(client) -> None:
+    """The "," inside the first 4 tokens does not stop; the next one ends text and tokens."""
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=16,
+                                  temperature=0, stop=[","], logprobs=0,
+                                  extra_body={"min_tokens": 4}).choices[0]
+    tokens = r.logprobs.tokens
+    assert r.finish_reason == "stop" and len(tokens) > 4
+    assert "," in "".join(tokens[:4]) and r.text.startswith("".join(tokens[:4]))
+    assert "".join(tokens).startswith(r.text + ",")
+    assert "," not in "".join(tokens[:-1])[len("".join(tokens[:4])):]  # the first one after
+
+
 ERROR_CASES = [
     ("malformed json", "/v1/chat/completions", b'{"model": ', 400, None, "not valid JSON"),
     ("body not an object", "/v1/completions", b"[1, 2]", 400, None, "JSON object"),
