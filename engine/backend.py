@@ -10,6 +10,7 @@ sets `own_model_runner` and supplies its runner instead.
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import importlib
 from collections.abc import Callable
@@ -61,6 +62,13 @@ def device_memory(devices: list[jax.Device]) -> MemoryInfo:
 class Backend(abc.ABC):
     name: str = "base"
     capabilities: Capabilities = Capabilities()
+    hardware: str = ""
+    """The hardware as a user names it ('TPU', 'NVIDIA GPU'), for the no-device error."""
+    jax_plugin: str = ""
+    """The pip requirement that gives jax this hardware ('jax[tpu]'), for the same error."""
+    can_interpret: bool = False
+    """The kernels also run in the Pallas interpreter on the CPU (backend option interpret,
+    CLI --interpret): slow, for tests and porting."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -70,7 +78,25 @@ class Backend(abc.ABC):
         """Logical axis -> mesh axis rules the weights and KV cache were placed by."""
 
     def devices(self) -> list[jax.Device]:
-        return jax.devices(self.capabilities.platform)
+        """The platform's devices; ValueError, saying what jax does see, when it has none."""
+        try:
+            return jax.devices(self.capabilities.platform)
+        except RuntimeError:
+            raise ValueError(self.no_device_message()) from None
+
+    def no_device_message(self) -> str:
+        seen = collections.Counter(d.platform for d in jax.devices())
+        what = self.hardware or self.capabilities.platform
+        msg = (f"backend {self.name!r}: no {what} found; jax sees only "
+               f"{', '.join(f'{n} {p} device(s)' for p, n in seen.items())}.")
+        if self.jax_plugin:
+            msg += (f" On a machine with a {what}, install jax with its plugin: "
+                    f"pip install -U '{self.jax_plugin}'.")
+        if self.can_interpret:
+            msg += (" To run this backend's kernels in the Pallas interpreter on the CPU "
+                    "instead (slow; for tests and porting), pass --interpret (YAML: "
+                    "backend: {interpret: true}).")
+        return msg
 
     def model_devices(self) -> list[jax.Device]:
         """This process's devices that hold the model: the mesh's, or its first device."""

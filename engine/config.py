@@ -57,6 +57,11 @@ class BackendOptions:
     backend's default."""
     options: tuple[tuple[str, Any], ...] = ()
     """Backend-specific settings from the YAML file (kernel block sizes, ...)."""
+    interpret: bool | str | None = None
+    """Run the backend's kernels in the Pallas interpreter on the CPU (slow; for tests and
+    porting): true, or a backend's own mode (tpu: 'tpu', 'hlo'). None or false: run on the
+    backend's hardware, which must be present. Reaches the backend as its option
+    `interpret` (EngineConfig.build puts it in `options`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +201,8 @@ class EngineConfig:
         backend = sections["backend"]
         extra = {k: backend.pop(k) for k in list(backend)
                  if k not in {f.name for f in dataclasses.fields(BackendOptions)}}
+        if backend.get("interpret") is not None:
+            extra["interpret"] = backend["interpret"]
         backend["options"] = tuple(sorted({**dict(backend.get("options", ())), **extra}.items()))
         for name, vals in sections.items():  # a typo is a one-line error, not a traceback
             known = {f.name for f in dataclasses.fields(_SECTION_TYPES[name])}

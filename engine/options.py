@@ -14,6 +14,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(default: smollm2-135m-instruct)")
     p.add_argument("--backend", default="auto", help="cpu, cuda, rocm, tpu, ... or auto")
     p.add_argument("--config", default=None, help="YAML config file or preset name in configs/")
+    p.add_argument("--interpret", action="store_true", default=None,
+                   help="run the backend's kernels in the Pallas interpreter on the CPU: slow; "
+                   "for tests and porting (without it, tpu and cuda need their hardware)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--load-format", default=None, choices=["auto", "dummy"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -54,7 +57,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv", "seed",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
-                  "num_processes", "process_id")
+                  "num_processes", "process_id", "interpret")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

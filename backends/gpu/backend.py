@@ -8,11 +8,12 @@ query token), on which the ragged kernel would spend a whole query block each.
 Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
 ragged attention, which is correct for any mixed batch but slow for long prompts.
 
-Options (YAML `backend:` section): interpret (run the Pallas kernels in the interpreter:
-tests on a host without a GPU), decode_kernel (false: plain JAX for decodes),
-prefill_kernel (false: plain JAX for steps with prompt tokens), mixed_decode (false: the
-ragged kernel takes the decodes of a step with prompt tokens too), decode_impl ("gqa", the
-default: ours, kernels/gqa_decode.py; "jax": JAX's paged_attention, kernels/paged_decode.py).
+Options (YAML `backend:` section): interpret (true: run the Pallas kernels in the
+interpreter on the CPU, for tests on a host without a GPU; CLI --interpret),
+decode_kernel (false: plain JAX for decodes), prefill_kernel (false: plain JAX for steps
+with prompt tokens), mixed_decode (false: the ragged kernel takes the decodes of a step with
+prompt tokens too), decode_impl ("gqa", the default: ours, kernels/gqa_decode.py; "jax":
+JAX's paged_attention, kernels/paged_decode.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class TritonBackend(Backend):
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
-        self.interpret = bool(self.options.get("interpret", jax.default_backend() != "gpu"))
+        # Interpreting is asked for, never a fallback: without it the GPU must be present.
+        self.interpret = self.options.get("interpret", False)
+        if not isinstance(self.interpret, bool):
+            raise ValueError(f"backend option interpret must be true (the Pallas interpreter "
+                             f"on the CPU) or false (run on the GPU), got {self.interpret!r}")
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel

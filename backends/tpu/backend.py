@@ -1,10 +1,12 @@
 """The TPU backend: Pallas ragged paged attention over a head-major paged KV cache.
 
-On a TPU the kernel compiles through Mosaic. Without one (no TPU lent to CI), the same
-kernel runs in Pallas's interpret mode on the CPU, which is how it is tested: option
-`interpret` is 'auto' (interpret unless jax's default backend is 'tpu'), 'tpu' (the TPU
-simulator: DMAs, semaphores, NaN-filled scratch, bounds checks), 'hlo' (the kernel
-lowered to plain XLA: faster, less faithful) or false (compile for TPU, fail elsewhere).
+On a TPU the kernel compiles through Mosaic; without one the backend is an error that says
+so (ValueError), unless asked explicitly to interpret. The same kernel then runs in Pallas's
+interpret mode on the CPU, which is how it is tested without a TPU: option `interpret` is
+false (the default: compile for a TPU, which must be present unless `chip` names the one to
+compile for ahead of time), true or 'tpu' (the TPU simulator: DMAs, semaphores, NaN-filled
+scratch, bounds checks; CLI --interpret) or 'hlo' (the kernel lowered to plain XLA:
+faster, less faithful).
 
 Options (YAML `backend:` section or LLM(..., config=...)): interpret, mesh ('1x1': data x
 model; only one chip is implemented), chip ('v5e', 'v6e': the block-size table row; by
@@ -38,16 +40,15 @@ TPU_PAGE_SIZES = (16, 32, 64, 128, 256)
 
 
 def resolve_interpret(value: Any) -> Interpret:
-    """'auto' | 'tpu' | 'hlo' | true | false -> the kernel's `interpret` argument."""
-    if value in ("auto", None):
-        value = "off" if jax.default_backend() == "tpu" else "tpu"
+    """false | true | 'tpu' | 'hlo' -> the kernel's `interpret` argument."""
     if value is True or value == "tpu":
         return pltpu.InterpretParams()
     if value == "hlo":
         return True
-    if value is False or value == "off":
+    if value is False or value is None:
         return False
-    raise ValueError(f"backend option interpret must be auto, tpu, hlo or false, got {value!r}")
+    raise ValueError(f"backend option interpret must be false (run on a TPU), true or 'tpu' "
+                     f"(the Pallas TPU interpreter on the CPU) or 'hlo', got {value!r}")
 
 
 def parse_mesh(value: Any) -> tuple[int, int]:
@@ -64,13 +65,14 @@ def parse_mesh(value: Any) -> tuple[int, int]:
 
 class TpuBackend(Backend):
     name = "tpu"
+    hardware, jax_plugin, can_interpret = "TPU", "jax[tpu]", True
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         unknown = sorted(set(self.options) - set(KNOWN_OPTIONS))
         if unknown:
             raise ValueError(f"unknown tpu backend options {unknown}; known: {KNOWN_OPTIONS}")
-        self.interpret = resolve_interpret(self.options.get("interpret", "auto"))
+        self.interpret = resolve_interpret(self.options.get("interpret", False))
         self.mesh_shape = parse_mesh(self.options.get("mesh", "1x1"))
         self.block_overrides = {k: int(self.options[k]) for k in BLOCK_OPTIONS
                                 if self.options.get(k) is not None}
@@ -89,8 +91,8 @@ class TpuBackend(Backend):
             spmd_attention=False,
         )
         chip = self.options.get("chip")
-        if chip is None:
-            chip = jax.devices("tpu")[0].device_kind if on_tpu else "interpret"
+        if chip is None:  # no TPU and no chip to compile for ahead of time: the error here
+            chip = self.devices()[0].device_kind if on_tpu else "interpret"
         self.chip = chip_name(str(chip))
 
     def memory_info(self) -> MemoryInfo:

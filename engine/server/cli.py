@@ -51,6 +51,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.backend import get_backend
     from engine.config import EngineConfig
     from engine.llm import default_preset
     from engine.loader.hub import DEFAULT_MODEL
@@ -63,14 +64,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.dp < 1:
         raise ValueError(f"--dp must be >= 1, got {args.dp}")
-    if args.dp > 1:
-        from engine.server.router import serve_dp
-
-        return serve_dp(args)
     opts = engine_options(args)
     config = EngineConfig.build(args.config or default_preset(args.backend), model=model,
                                 backend=None if args.backend == "auto" else args.backend,
                                 **opts)
+    # Hardware the backend needs and jax does not see: one error line, before serving.
+    get_backend(config.backend.name, dict(config.backend.options)).devices()
+    if args.dp > 1:
+        from engine.server.router import serve_dp
+
+        return serve_dp(args)
     if config.parallel.process_id > 0:  # multi-host: a follower replays process 0's steps
         from engine.builder import build_engine
         from engine.parallel.mirror import follow

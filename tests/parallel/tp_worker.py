@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+import jax
+
 from engine import LLM, SamplingParams
 from engine.runner import model_forward
 
@@ -34,6 +36,8 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
         addr, n, pid = os.environ["ENGINE_TEST_DIST"].split(",")
         dist = {"coordinator_address": addr, "num_processes": int(n), "process_id": int(pid)}
     backend = os.environ.get("ENGINE_TEST_BACKEND", "cpu")
+    if backend == "cuda" and jax.default_backend() != "gpu":
+        dist["interpret"] = True  # the Pallas interpreter on the CPU
     if os.environ.get("ENGINE_TEST_EP"):
         dist["expert_parallel"] = True
     for tp in sizes:

@@ -6,6 +6,9 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVER_ONLY = ("fastapi", "uvicorn", "pydantic", "starlette")
 
@@ -39,3 +42,22 @@ def test_no_module_outside_engine_server_imports_the_server_stack() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path}: {n}" for n in names if n.split(".")[0] in SERVER_ONLY]
     assert not offenders
+
+
+@pytest.mark.skipif(jax.default_backend() == "tpu", reason="a TPU is present")
+@pytest.mark.parametrize("dp", ["1", "2"])
+def test_serve_without_the_hardware_exits_before_serving(dp, monkeypatch, capsys) -> None:
+    pytest.importorskip("uvicorn")
+    import engine.server.cli
+    import engine.server.router
+    from engine.cli import main
+
+    def serving(*args):
+        pytest.fail("the server started without the backend's hardware")
+
+    monkeypatch.setattr(engine.server.cli, "serve", serving)
+    monkeypatch.setattr(engine.server.router, "serve_dp", serving)
+    code = main(["serve", "--backend", "tpu", "--port", "0", "--dp", dp])
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("engine: error:")]
+    assert code == 2 and len(errors) == 1 and "no TPU found" in errors[0], errors

@@ -20,5 +20,5 @@ def test_cuda_backend_greedy_equals_cpu(tmp_path, decode_impl):
                 chunked_prefill_size=32, page_size=4)
     cpu = LLM(str(tmp_path), backend="cpu", **opts).generate(prompts, sp)
     cuda = LLM(str(tmp_path), backend="cuda", options={"decode_impl": decode_impl},
-               **opts).generate(prompts, sp)
+               interpret=True, **opts).generate(prompts, sp)
     assert [o.token_ids for o in cuda] == [o.token_ids for o in cpu]

@@ -28,6 +28,8 @@ from engine.backend import get_backend
 from tests.backends.ragged_batches import make_case
 
 ONE_BLOCK = BlockSizes(1, 16, 1)
+INTERPRET = {"interpret": True}
+"""The kernel in the Pallas TPU interpreter: there is no TPU in the default test run."""
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -44,8 +46,8 @@ def test_write_kv_equals_the_default_write_in_the_tpu_layout(stacked):
     slots = jnp.asarray(slots)
     layer = jnp.int32(1) if stacked else None
     want_k, want_v = write_kv(k0, v0, k, v, slots, layer)
-    got_k, got_v = TpuBackend().write_kv(from_oracle_layout(k0), from_oracle_layout(v0), k, v,
-                                         slots, layer)
+    got_k, got_v = TpuBackend(INTERPRET).write_kv(from_oracle_layout(k0),
+                                                  from_oracle_layout(v0), k, v, slots, layer)
     np.testing.assert_array_equal(got_k, from_oracle_layout(want_k))
     np.testing.assert_array_equal(got_v, from_oracle_layout(want_v))
     assert not np.array_equal(want_k, k0)  # the write did something
@@ -75,23 +77,25 @@ def test_chip_names():
 
 
 def test_backend_options():
-    backend = get_backend("tpu", {"kv_pages_per_block": 3})
-    assert isinstance(backend.interpret, pltpu.InterpretParams)  # no TPU here: interpret
+    backend = get_backend("tpu", {"kv_pages_per_block": 3, **INTERPRET})
+    assert isinstance(backend.interpret, pltpu.InterpretParams)
     assert backend.capabilities.platform == "cpu" and backend.chip == "interpret"
     assert backend.kv_cache_shape(10, 16, 2, 64) == (10, 2, 16, 64)
     assert TpuBackend({"interpret": "hlo"}).interpret is True
     with pytest.raises(ValueError, match="only a single chip"):
-        TpuBackend({"mesh": "2x4"})
+        TpuBackend({"mesh": "2x4", **INTERPRET})
     with pytest.raises(ValueError, match="unknown tpu backend options"):
         TpuBackend({"kv_page_per_block": 3})
     with pytest.raises(ValueError, match="interpret must be"):
         TpuBackend({"interpret": "maybe"})
+    with pytest.raises(ValueError, match="interpret must be"):
+        TpuBackend({"interpret": "auto"})  # interpreting is asked for, never a fallback
 
 
 def test_block_size_overrides_reach_the_kernel():
     case = make_case(np.random.default_rng(1), kv_lens=[40], q_lens=[3], page_size=8, hq=2,
                      hkv=1, d=16)
-    backend = TpuBackend({"kv_pages_per_block": 3, "queries_per_block": 32})
+    backend = TpuBackend({"kv_pages_per_block": 3, "queries_per_block": 32, **INTERPRET})
     bs = backend.block_sizes(jnp.asarray(case.q), jnp.asarray(case.k_cache), case.md)
     assert (bs.kv_pages_per_block, bs.queries_per_block) == (3, 32)
 
