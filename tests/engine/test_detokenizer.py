@@ -121,13 +121,13 @@ def test_prompt_is_context_not_output(tokenizer, prompt, text):
 def test_random_token_ids_match_full_decode(tokenizer, data):
     # Arbitrary ids include broken UTF-8. Byte-level decoding replaces only the bad bytes, so the
     # stream equals the full decode. Sentencepiece's ByteFallback turns a whole run of byte
-    # tokens into U+FFFDs if any byte is bad, which no stream can know in advance: there the
-    # check is for runs that decode cleanly.
+    # tokens into U+FFFDs if any byte is bad, which no stream can know in advance: for it the
+    # ids are the non-byte tokens (whole characters made of byte tokens are checked above).
     ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=30))
+    if "<0x00>" in tokenizer.get_vocab():
+        ids = [i for i in ids if not tokenizer.convert_ids_to_tokens(i).startswith("<0x")]
     chunks, _ = stream(tokenizer, [], ids)
-    full = decode(tokenizer, ids)
-    if "\ufffd" not in full or "<0x00>" not in tokenizer.get_vocab():
-        assert "".join(chunks) == full
+    assert "".join(chunks) == decode(tokenizer, ids)
 
 
 def test_multibyte_characters_are_held_until_complete(tokenizer):
@@ -140,6 +140,7 @@ def test_multibyte_characters_are_held_until_complete(tokenizer):
 def check_stop(tok, text: str, stop: list[str], expect: str, include: bool, **kw) -> None:
     """Stream `text`; no emitted chunk may reveal any stop string's start before it resolves."""
     ids = encode(tok, text)
+    stops = any(s in text for s in stop)
     detok = IncrementalDetokenizer(tok, [], stop=stop, include_stop_str_in_output=include, **kw)
     emitted = ""
     for i in ids:
@@ -149,7 +150,8 @@ def check_stop(tok, text: str, stop: list[str], expect: str, include: bool, **kw
             assert not any(s[:n] and emitted.endswith(s[:n])
                            for s in stop for n in range(1, len(s))), emitted
             assert not any(s in emitted for s in stop)
-    if detok.stopped is not None:
+    assert (detok.stopped is not None) is stops
+    if stops:
         assert detok.add(encode(tok, " more")) == ""  # nothing after the stop string
     emitted += detok.finish()
     assert emitted == expect == detok.text
@@ -161,7 +163,7 @@ def check_stop(tok, text: str, stop: list[str], expect: str, include: bool, **kw
 def test_stop_string_across_tokens(tokenizer, include):
     text = "hello world, the end you see"
     stop = ["d, the e", "xyz"]
-    assert len(encode(tokenizer, "d, the e")) > 1 or len(encode(tokenizer, text)) > 5
+    assert len(encode(tokenizer, "d, the e")) > 1  # the stop string spans tokens
     expect = "hello world, the e" if include else "hello worl"
     check_stop(tokenizer, text, stop, expect, include)
 

@@ -1,11 +1,13 @@
 """The CPU oracle equals dense causal attention on random mixed ragged batches."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.cpu.attention import ragged_paged_attention
+from engine.attention import write_kv
 from tests.backends.ragged_batches import make_case
 
 
@@ -41,9 +43,21 @@ def test_oracle_matches_dense_causal_attention(spec):
 
 
 def test_padding_tokens_do_not_write_or_disturb():
-    """Real tokens' outputs do not depend on what the padding tokens hold."""
+    """Padding tokens (past num_tokens, at the slot past the last page) write nothing into
+    the cache, and real tokens' outputs do not depend on what the padding tokens hold."""
     rng = np.random.default_rng(0)
     case = make_case(rng, kv_lens=[5, 9], q_lens=[1, 4], page_size=4, hq=4, hkv=2, d=8)
+    n, page, slots = case.num_tokens, case.md.page_size, np.asarray(case.md.slot_mapping)
+    assert len(case.q) > n  # the batch has padding tokens
+    k, v = rng.standard_normal((2, len(case.q), 2, 8)).astype(np.float32)  # [T, Hkv, D]
+    k[n:] = v[n:] = 1e3
+    got_k, got_v = write_kv(jnp.asarray(case.k_cache), jnp.asarray(case.v_cache),
+                            jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots))
+    want_k, want_v = np.array(case.k_cache), np.array(case.v_cache)
+    for i, slot in enumerate(slots[:n]):  # cache: [pages, page, Hkv, D]
+        want_k[slot // page, slot % page], want_v[slot // page, slot % page] = k[i], v[i]
+    np.testing.assert_array_equal(np.asarray(got_k), want_k)
+    np.testing.assert_array_equal(np.asarray(got_v), want_v)
     a = np.asarray(_attend(case.q, case.k_cache, case.v_cache, case.md))
     q2 = case.q.copy()
     q2[case.num_tokens:] = 1e3

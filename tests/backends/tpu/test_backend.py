@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from backends.tpu.kernels.ragged_paged_attention.tuned_block_sizes import (
     chip_name,
     vmem_bytes,
 )
-from engine.attention import write_kv
+from engine.attention import AttentionMetadata, write_kv
 from engine.backend import get_backend
 from tests.backends.ragged_batches import make_case
 
@@ -68,6 +69,47 @@ def test_block_sizes_fit_vmem_and_the_shapes(chip, dtype, itemsize, hkv, g, d, p
         used = vmem_bytes(bs, page_size=page, head_dim=d, num_q_per_kv=g, itemsize=itemsize)
         smallest = BlockSizes(1, bs.queries_per_block, 1)
         assert used <= VMEM_BUDGET_BYTES[chip] or bs == smallest
+
+
+def declared_vmem(bs: BlockSizes, *, page: int, d: int, g: int, hkv: int, dtype) -> int:
+    """VMEM the kernel itself declares for these block sizes, read from its traced
+    pallas_call (no TPU needed): its VMEM scratch, plus the q and output blocks, which the
+    pipeline double-buffers."""
+    i32, sds = jnp.int32, jax.ShapeDtypeStruct
+    t, npb = bs.queries_per_block, bs.kv_pages_per_block
+    md = AttentionMetadata(
+        positions=sds((t,), i32), slot_mapping=sds((t,), i32), token_seq=sds((t,), i32),
+        query_start=sds((2,), i32), seq_lens=sds((1,), i32), page_table=sds((1, npb), i32),
+        num_tokens=sds((), i32), page_size=page)
+    kv = sds((npb, hkv, page, d), dtype)
+    jaxpr = jax.make_jaxpr(lambda q, k, v, md: ragged_paged_attention(
+        q, k, v, md, scale=1.0, block_sizes=bs, interpret=False))(
+        sds((t, hkv * g, d), dtype), kv, kv, md)
+    eqns = list(jaxpr.eqns)
+    while (call := eqns.pop(0)).primitive.name != "pallas_call":  # inside the jit
+        eqns += [e for p in call.params.values() if hasattr(p, "jaxpr") for e in p.jaxpr.eqns]
+    gm = call.params["grid_mapping"]
+    size = lambda ref: math.prod(ref.inner_aval.shape) * ref.inner_aval.dtype.itemsize
+    space = lambda ref: str(ref.memory_space).lower()
+    blocks = sum(2 * size(b.block_aval) for b in gm.block_mappings
+                 if "any" not in space(b.block_aval))  # K/V stay in HBM (memory_space ANY)
+    return blocks + sum(size(s) for s in gm.scratch_avals if "vmem" in space(s))
+
+
+@pytest.mark.parametrize("chip, dtype, hkv, g, d, page", [
+    ("v5e", jnp.bfloat16, 8, 4, 128, 16), ("v6e", jnp.bfloat16, 8, 4, 128, 64),
+    ("v5e", jnp.float32, 3, 3, 64, 16), ("v6e", jnp.bfloat16, 1, 8, 128, 256)])
+def test_vmem_estimate_counts_what_the_kernel_allocates(chip, dtype, hkv, g, d, page):
+    """vmem_bytes (by which get_block_sizes fits the budget) against the kernel's own
+    allocations, plus its two f32 score tiles (s and p: [rows, K/V block tokens])."""
+    itemsize = jnp.dtype(dtype).itemsize
+    bs = get_block_sizes(chip, jnp.dtype(dtype).name, head_dim=d, page_size=page,
+                         num_kv_heads=hkv, num_q_per_kv=g, num_tokens=512, pages_per_seq=128,
+                         itemsize=itemsize)
+    rows = bs.kv_heads_per_block * g * bs.queries_per_block
+    scores = 2 * rows * bs.kv_pages_per_block * page * 4
+    assert vmem_bytes(bs, page_size=page, head_dim=d, num_q_per_kv=g, itemsize=itemsize) == \
+        declared_vmem(bs, page=page, d=d, g=g, hkv=hkv, dtype=dtype) + scores
 
 
 def test_chip_names():
