@@ -90,7 +90,7 @@ class Backend(abc.ABC):
         msg = (f"backend {self.name!r}: no {what} found; jax sees only "
                f"{', '.join(f'{n} {p} device(s)' for p, n in seen.items())}.")
         if self.jax_plugin:
-            msg += (f" On a machine with a {what}, install jax with its plugin: "
+            msg += (f" Where there is one, install jax with its plugin: "
                     f"pip install -U '{self.jax_plugin}'.")
         if self.can_interpret:
             msg += (" To run this backend's kernels in the Pallas interpreter on the CPU "

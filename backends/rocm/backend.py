@@ -27,6 +27,7 @@ OPS = ("triton", "aiter")
 
 class RocmBackend(TritonBackend):
     name = "rocm"
+    hardware, jax_plugin, can_interpret = "AMD GPU", "engine[rocm]", True
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
