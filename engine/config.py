@@ -57,6 +57,13 @@ class BackendOptions:
     backend's default."""
     options: tuple[tuple[str, Any], ...] = ()
     """Backend-specific settings from the YAML file (kernel block sizes, ...)."""
+    npu_device: str | None = None
+    """The npu backend's torch device: 'npu' (Ascend, through torch_npu) or 'cpu' (CPU torch
+    with the reference ops, no NPU needed); None: 'npu'. Other backends ignore it."""
+
+    def __post_init__(self) -> None:
+        if self.npu_device not in (None, "npu", "cpu"):
+            raise ValueError(f"npu_device must be npu or cpu, got {self.npu_device!r}")
 
 
 @dataclasses.dataclass(frozen=True)
