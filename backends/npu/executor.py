@@ -27,7 +27,8 @@ from backends.npu.kernels import make_attention, make_write_kv
 from backends.npu.primitives import RULES
 from backends.npu.prng import MASK
 
-_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
+          "custom_jvp_call",
           "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin", "named_call")
 _JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 

@@ -87,9 +87,8 @@ def _gather(params, ins, outs):
     return run
 
 
-_COMBINE = {"scatter": None, "scatter-add": "sum", "scatter_add": "sum",
-            "scatter-mul": "prod", "scatter_mul": "prod", "scatter-min": "amin",
-            "scatter_min": "amin", "scatter-max": "amax", "scatter_max": "amax"}
+_COMBINE = {"scatter": None, "scatter-add": "sum", "scatter-mul": "prod", "scatter-min": "amin",
+            "scatter-max": "amax"}
 
 
 def _scatter_rule(name: str):

@@ -52,7 +52,7 @@ for _name, _fn in {
     "xor": torch.bitwise_xor, "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le,
     "gt": torch.gt, "ge": torch.ge, "shift_left": torch.bitwise_left_shift,
     "shift_right_arithmetic": torch.bitwise_right_shift,
-    "stop_gradient": lambda x: x, "copy": lambda x: x, "copy_p": lambda x: x,
+    "stop_gradient": lambda x: x, "copy": lambda x: x, "random_clone": lambda x: x,
     "optimization_barrier": lambda *xs: list(xs),
     "random_wrap": lambda x: x, "random_unwrap": lambda x: x,
     "random_fold_in": prng.fold_in,
@@ -233,12 +233,6 @@ def _squeeze(params, ins, outs):
     return lambda x: x.reshape(shape)
 
 
-@rule("expand_dims")
-def _expand_dims(params, ins, outs):
-    shape = tuple(outs[0].shape)
-    return lambda x: x.reshape(shape)
-
-
 @rule("concatenate")
 def _concat(params, ins, outs):
     d = params["dimension"]
@@ -313,7 +307,7 @@ def _dot(lhs: torch.Tensor, rhs: torch.Tensor, dnums: Any, out_dt: torch.dtype) 
         out = torch.bmm(a.double(), b.double()).to(a.dtype)
     else:
         out = torch.bmm(a, b)
-    return out.reshape(*bshape, *lfs, *rfs).to(out_dt)
+    return out.reshape((*bshape, *lfs, *rfs)).to(out_dt)
 
 
 @rule("dot_general")
@@ -395,6 +389,7 @@ def _random_seed(params, ins, outs):
     return seed
 
 
-@rule("threefry2x32")
-def _threefry(params, ins, outs):
-    return lambda k1, k2, x1, x2: list(prng.threefry2x32(k1, k2, x1, x2))
+@rule("random_split")
+def _random_split(params, ins, outs):
+    shape = tuple(params["shape"])
+    return lambda keys: prng.split(keys, shape)

@@ -38,9 +38,9 @@ def fold_in(keys: torch.Tensor, msgs: torch.Tensor) -> torch.Tensor:
     return torch.stack([a, b], dim=-1)
 
 
-def random_bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """keys [..., 2] -> 32 random bits [..., *shape] per key: the hash of the flat index
-    (as a 64-bit count split high, low), xor-ed, as JAX's partitionable threefry."""
+def _hash_iota(keys: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [..., 2] -> the hash pair [..., *shape] of each flat index of `shape` (a 64-bit
+    count split into high and low words), as JAX's partitionable threefry."""
     n = 1
     for s in shape:
         n *= s
@@ -48,5 +48,15 @@ def random_bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     lead = keys.shape[:-1]
     k1 = keys[..., 0].reshape(*lead, *([1] * len(shape)))
     k2 = keys[..., 1].reshape(*lead, *([1] * len(shape)))
-    a, b = threefry2x32(k1, k2, idx >> 32, idx & MASK)
+    return threefry2x32(k1, k2, idx >> 32, idx & MASK)
+
+
+def random_bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """keys [..., 2] -> 32 random bits [..., *shape] per key (the hash pair, xor-ed)."""
+    a, b = _hash_iota(keys, shape)
     return a ^ b
+
+
+def split(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """keys [..., 2] -> new keys [..., *shape, 2] (the hash pair of each index)."""
+    return torch.stack(_hash_iota(keys, shape), dim=-1)
