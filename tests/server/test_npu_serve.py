@@ -18,8 +18,10 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_npu_cpu_server_streams_the_cpu_backends_greedy_chat(tmp_path, default_gguf,
-                                                             default_llm):
+                                                             default_llm, monkeypatch):
     want = default_llm.chat(CHAT, SamplingParams(max_tokens=8, temperature=0.0))[0]
+    # One torch thread in the server (see tests/backends/npu/conftest.py for why).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with running_server(tmp_path, ARGS, name="npu") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0,
                                timeout=300)

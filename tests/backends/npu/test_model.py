@@ -46,7 +46,7 @@ def run_chunks(fwd, params, kv, chunks: list[int], num_pages: int) -> list[np.nd
 
 
 MODELS = {"llama3": make_hf_model, "qwen2": make_hf_model, "qwen3": make_hf_model,
-          "mistral": make_hf_model, "mixtral": make_moe_model, "qwen3_moe": make_moe_model}
+          "mistral": make_hf_model, "mixtral": make_moe_model}
 
 
 @pytest.mark.parametrize("name,scan", [*((n, False) for n in MODELS), ("qwen3", True)])
