@@ -89,3 +89,9 @@ def test_smollm2_tokens_equal_cpu_backend(default_llm):
             assert step.keys() == ref_step.keys()
             np.testing.assert_allclose([step[t] for t in step], [ref_step[t] for t in step],
                                        atol=1e-4)
+    # a grammar-constrained row: the split step (forward, then the masked sample)
+    regex = SamplingParams(max_tokens=4, temperature=0.0, regex="[0-9]{3}")
+    ours = llm.generate("My favourite number is", regex)[0].outputs[0]
+    assert ours.token_ids == default_llm.generate("My favourite number is",
+                                                  regex)[0].outputs[0].token_ids
+    assert len(ours.text) == 3 and ours.text.isdigit()
