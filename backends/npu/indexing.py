@@ -22,7 +22,7 @@ def _fill_mode(mode: Any) -> bool:
 
 
 def _starts(indices: torch.Tensor, index_map: tuple[int, ...], dims: list[int],
-            window: list[int], clip: bool) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+            window: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Start per mapped operand dim [B...] (clamped so the window fits) and the in-bounds
     mask [B...] (False where a start had to move)."""
     starts, ok = {}, torch.ones(indices.shape[:-1], dtype=torch.bool, device=indices.device)
@@ -31,7 +31,6 @@ def _starts(indices: torch.Tensor, index_map: tuple[int, ...], dims: list[int],
         hi = dims[d] - window[d]
         ok = ok & (s >= 0) & (s <= hi)
         starts[d] = s.clamp(0, max(hi, 0))
-    del clip
     return starts, ok
 
 
@@ -50,7 +49,7 @@ def _gather(params, ins, outs):
     def run(operand, indices):
         bshape = indices.shape[:-1]
         nb = len(bshape)
-        starts, ok = _starts(indices, index_map, op_shape, list(slice_sizes), not fill)
+        starts, ok = _starts(indices, index_map, op_shape, list(slice_sizes))
         idx = []
         for d in range(rank):  # index of operand dim d, shaped [B..., window dims...]
             w = torch.arange(slice_sizes[d], device=operand.device).reshape(
@@ -113,7 +112,7 @@ def _scatter_rule(name: str):
         def run(operand, indices, updates):
             nb = indices.ndim - 1
             bshape = indices.shape[:-1]
-            starts, ok = _starts(indices, index_map, op_shape, window, not drop)
+            starts, ok = _starts(indices, index_map, op_shape, window)
             # updates laid out as [B..., window dims of win_operand_dims order]
             u = updates.permute(*scatter_dims, *uwin)
             wshape = [window[d] for d in win_operand_dims]
