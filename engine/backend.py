@@ -173,12 +173,17 @@ class Backend(abc.ABC):
     def compile_options(self) -> dict[str, Any]:
         return {}
 
+    def runner_class(self) -> type:
+        """With `own_model_runner`: the runner class, built with ModelRunner's arguments."""
+        raise NotImplementedError(f"backend {self.name!r} does not supply a model runner")
+
 
 _REGISTRY: dict[str, str] = {
     "cpu": "backends.cpu.backend:CpuBackend",
     "tpu": "backends.tpu.backend:TpuBackend",
     "cuda": "backends.cuda.backend:CudaBackend",
     "rocm": "backends.rocm.backend:RocmBackend",
+    "npu": "backends.npu.backend:NpuBackend",
 }
 
 

@@ -142,7 +142,10 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
-    backend = get_backend(config.backend.name, dict(config.backend.options))
+    backend_opts = dict(config.backend.options)
+    if config.backend.npu_device is not None:
+        backend_opts["npu_device"] = config.backend.npu_device
+    backend = get_backend(config.backend.name, backend_opts)
     init_distributed(config.parallel, backend.capabilities.platform)
     enable_persistent_cache(cache_dir() / "xla")
     caps = backend.capabilities
@@ -160,7 +163,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules):
         fuse_qkv(loaded.params, place)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
-    if config.cache.max_total_tokens is None and caps.platform != "cpu":
+    if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)
     num_pages = kv_pages(config, cfg, backend, dtype.itemsize,
                          kv_shards(cfg.num_kv_heads, mesh, rules), peak)
@@ -177,11 +180,13 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         chunked_prefill_size=s.chunked_prefill_size, schedule_policy=s.schedule_policy,
         disable_radix_cache=s.disable_radix_cache, max_model_len=max_len))
     eos = eos_ids(cfg, loaded)
-    runner = ModelRunner(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
-                         max_num_tokens=s.chunked_prefill_size,
-                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
-                         kv_dtype=dtype, eos_token_ids=eos, kv_place=place,
-                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket))
+    # A backend that runs no XLA programs (npu: torch) brings its own runner class.
+    runner_cls = backend.runner_class() if caps.own_model_runner else ModelRunner
+    runner = runner_cls(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
+                        max_num_tokens=s.chunked_prefill_size,
+                        max_num_seqs=s.max_running_requests, max_model_len=max_len,
+                        kv_dtype=dtype, eos_token_ids=eos, kv_place=place,
+                        buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket))
     if s.warmup_decode_len:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")

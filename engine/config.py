@@ -62,6 +62,13 @@ class BackendOptions:
     porting): true, or a backend's own mode (tpu: 'tpu', 'hlo'). None or false: run on the
     backend's hardware, which must be present. Reaches the backend as its option
     `interpret` (EngineConfig.build puts it in `options`)."""
+    npu_device: str | None = None
+    """The npu backend's torch device: 'npu' (Ascend, through torch_npu) or 'cpu' (CPU torch
+    with the reference ops, no NPU needed); None: 'npu'. Other backends ignore it."""
+
+    def __post_init__(self) -> None:
+        if self.npu_device not in (None, "npu", "cpu"):
+            raise ValueError(f"npu_device must be npu or cpu, got {self.npu_device!r}")
 
 
 @dataclasses.dataclass(frozen=True)

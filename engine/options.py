@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--npu-device", default=None, choices=["npu", "cpu"],
+                   help="--backend npu: run on the Ascend NPU (torch_npu) or on CPU torch with "
+                        "the reference ops (default: npu)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                    default=None, help="devices to shard the model over (mesh axis 'tp')")
     p.add_argument("--expert-parallel", action="store_true", default=None,
@@ -57,7 +60,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv", "seed",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
-                  "num_processes", "process_id", "interpret")
+                  "num_processes", "process_id", "interpret", "npu_device")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
