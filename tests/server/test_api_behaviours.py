@@ -125,7 +125,7 @@ def test_abort_request_ends_every_choice_of_an_n2_group(http) -> None:
 
 
 def test_abort_request_with_an_unknown_or_missing_rid(http) -> None:
-    body = {**LONG, "max_tokens": 40, "stream_options": {"include_usage": True}}
+    body = {**LONG, "max_tokens": 16, "stream_options": {"include_usage": True}}
     with streaming(http, "/v1/completions", body) as (_, lines):
         r = http.post("/abort_request", json={"rid": "cmpl-unknown"})
         assert r.status_code == 200 and r.json() == {"rid": "cmpl-unknown"}  # a no-op
@@ -134,11 +134,11 @@ def test_abort_request_with_an_unknown_or_missing_rid(http) -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == "rid"
         events = sse_events(lines)
     assert finishes(events) == {0: ["length"]}  # the running request was not touched
-    assert events[-1]["usage"]["completion_tokens"] == 40
+    assert events[-1]["usage"]["completion_tokens"] == 16
 
 
 def test_duplicate_request_id_is_400_and_the_first_runs_on(http) -> None:
-    sp = {"max_new_tokens": 60, "ignore_eos": True, "temperature": 0}
+    sp = {"max_new_tokens": 30, "ignore_eos": True, "temperature": 0}
     first_body = {"text": "Count to ten:", "sampling_params": sp, "rid": "dup"}
     again = {"text": "Hi", "sampling_params": {"max_new_tokens": 2}, "rid": "dup"}
     with streaming(http, "/generate", first_body) as (_, lines):
@@ -147,7 +147,7 @@ def test_duplicate_request_id_is_400_and_the_first_runs_on(http) -> None:
         events = [json.loads(line[6:]) for line in lines
                   if line.startswith("data: ") and line != "data: [DONE]"]
     assert events[-1]["meta_info"]["id"] == "dup"
-    assert events[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 60}
+    assert events[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 30}
     r = http.post("/generate", json=again)  # finished: the id is free again
     assert r.status_code == 200 and r.json()["meta_info"]["id"] == "dup"
 
@@ -261,13 +261,13 @@ def test_metric_values_after_a_known_workload(http, client) -> None:
     m2 = wait_idle(http)  # pages back in the pool (the prefix cache's are free)
     assert m2[SUCCESS % "abort"] - m1.get(SUCCESS % "abort", 0) == 1
 
-    # Two 200-token prompts, 60 tokens each, run together and need 2 x 17 pages of the 32:
+    # Two 224-token prompts, 36 tokens each, run together and need 2 x 17 pages of the 32:
     # one is preempted, recomputed later, and both still finish.
-    two = [[rng.randrange(1000, 40000) for _ in range(200)] for _ in range(2)]
-    r = client.completions.create(model=MODEL, prompt=two, max_tokens=60, timeout=300,
+    two = [[rng.randrange(1000, 40000) for _ in range(224)] for _ in range(2)]
+    r = client.completions.create(model=MODEL, prompt=two, max_tokens=36, timeout=300,
                                   extra_body={"ignore_eos": True})
     assert [c.finish_reason for c in r.choices] == ["length"] * 2
-    assert r.usage.completion_tokens == 120
+    assert r.usage.completion_tokens == 72
     m3 = wait_idle(http)
     assert m3["engine:num_preemptions_total"] - m2["engine:num_preemptions_total"] >= 1
     assert m3[SUCCESS % "length"] - m2[SUCCESS % "length"] == 2
