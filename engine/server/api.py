@@ -53,7 +53,8 @@ class ServerOptions:
     max_request_bytes: int = 32 << 20
     """Larger request bodies get a 413."""
     shutdown_timeout: float = 30.0
-    """On SIGTERM, in-flight requests may finish for this long; then they are aborted."""
+    """On SIGTERM or SIGINT, in-flight requests may finish for this long; then (or at a
+    second signal) they are aborted."""
     log_interval: float = 10.0
     """Seconds between status lines in the log (0: none)."""
 

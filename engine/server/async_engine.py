@@ -49,7 +49,8 @@ class AsyncEngine:
         self.loop, self.metrics, self.on_death = loop, metrics, on_death
         self._engine = engine
         running = engine.scheduler.config.max_running_requests
-        self._capacity = None if max_queued_requests is None else running + max_queued_requests
+        self.capacity = None if max_queued_requests is None else running + max_queued_requests
+        """Sequences running or queued at once (None: no limit)."""
         self._inflight = 0  # event-loop side: sequences of open groups
         self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.dead = False
@@ -79,8 +80,8 @@ class AsyncEngine:
         self._check_alive()
         group = RequestGroup(self.loop, gid, prompts, params, arrival or time.monotonic(),
                              self._release)
-        if self._capacity is not None and self._inflight + group.size > self._capacity:
-            raise QueueFullError(f"the server is at capacity ({self._capacity} sequences running "
+        if self.capacity is not None and self._inflight + group.size > self.capacity:
+            raise QueueFullError(f"the server is at capacity ({self.capacity} sequences running "
                                  "or queued); retry later")
         self._inflight += group.size
         self._send("add", group)
@@ -132,6 +133,9 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while self._serve_commands():
+                # Published before the step too: a step can take seconds (a compile), and
+                # meanwhile /metrics must count the requests just added or aborted.
+                self.stats = self._engine.scheduler.stats()
                 if self._engine.has_unfinished():
                     self._deliver(self._engine.step())
                 self.stats = self._engine.scheduler.stats()

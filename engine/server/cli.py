@@ -39,7 +39,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
                    help="larger request bodies get a 413")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may finish before an abort")
+                   help="on SIGTERM or SIGINT, seconds in-flight requests may finish before "
+                   "an abort (a second signal aborts them at once)")
     p.add_argument("--log-interval", type=float, default=10.0,
                    help="seconds between status lines in the log (0: none)")
     p.add_argument("--dp", type=int, default=1,
@@ -100,15 +101,25 @@ def serve(config: Any, options: Any) -> int:
 
     timers: list[threading.Timer] = []
 
+    signals: list[int] = []
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:  # first signal: drain, with a deadline
-                log.info("shutting down: in-flight requests may finish for %.0fs",
-                         options.shutdown_timeout)
+            signals.append(sig)
+            if len(signals) == 1:  # first signal: drain, with a deadline
+                log.info("shutting down: in-flight requests may finish for %.0fs (a second "
+                         "signal aborts them now)", options.shutdown_timeout)
                 timers.append(threading.Timer(options.shutdown_timeout, state.abort_all))
                 timers[-1].daemon = True
                 timers[-1].start()
-            super().handle_exit(sig, frame)
+            elif len(signals) == 2:  # second (SIGINT or SIGTERM): the deadline is now; the
+                # requests end with finish_reason "abort" and the drain completes at once.
+                # (uvicorn's own force-exit would drop the streams mid-response and skip
+                # the engine's shutdown.)
+                log.info("second signal: aborting the in-flight requests now")
+                state.abort_all()
+                return
+            super().handle_exit(sig, frame)  # a third: uvicorn stops waiting for anything
 
     def request_exit() -> None:
         server.should_exit = True

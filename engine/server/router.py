@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-engine-replica"
 READY_TIMEOUT_S = 900.0
+PROBE_TIMEOUT_S = 10.0
+"""/health and /metrics of a replica: answered by its event loop, never by its engine."""
+BROADCAST_TIMEOUT_S = 120.0
+"""/flush_cache and /abort_request sent to every replica: a flush waits for the replica's
+current step, which may be compiling (seconds on a GPU, longer on a loaded host)."""
 HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive",
                         "transfer-encoding", "te", "upgrade", "date", "server"})
 
@@ -143,13 +148,13 @@ def create_router_app(state: RouterState) -> FastAPI:
     for path in ("/v1/models", "/v1/models/{model:path}", "/health_generate"):
         app.add_api_route(path, any_replica, methods=["GET"])
 
-    async def fetch_all(request: Request, path: str, method: str = "GET",
-                        body: bytes = b"") -> list[httpx.Response | Exception]:
+    async def fetch_all(request: Request, path: str, method: str = "GET", body: bytes = b"",
+                        timeout: float = PROBE_TIMEOUT_S) -> list[httpx.Response | Exception]:
         assert state.client is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() in
                    ("authorization", "content-type")}
         calls = [state.client.request(method, u + path, headers=headers, content=body,
-                                      timeout=10.0) for u in state.urls]
+                                      timeout=timeout) for u in state.urls]
         return await asyncio.gather(*calls, return_exceptions=True)
 
     @app.get("/health")
@@ -177,7 +182,7 @@ def create_router_app(state: RouterState) -> FastAPI:
 
     async def broadcast(request: Request) -> Response:
         answers = await fetch_all(request, request.url.path, request.method,
-                                  await request.body())
+                                  await request.body(), BROADCAST_TIMEOUT_S)
         for a in answers:
             if isinstance(a, Exception):
                 return error(503, f"a replica did not answer: {a}")

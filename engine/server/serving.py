@@ -104,6 +104,11 @@ class Serving:
                      arrival: float, param: str) -> RequestGroup:
         if not prompts:
             raise ApiError(400, f"{param} must not be empty", param)
+        size, capacity = len(prompts) * params.n, self.aeng.capacity
+        if capacity is not None and size > capacity:  # never fits: a 503 "retry" would lie
+            raise ApiError(400, f"this request needs {size} sequences ({len(prompts)} "
+                           f"prompt(s) x n={params.n}), but the server runs or queues at most "
+                           f"{capacity} at once", "n" if params.n > 1 else param)
         try:
             return await self.aeng.submit(gid, prompts, params, arrival)
         except ValueError as e:

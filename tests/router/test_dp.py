@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import time
 
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL, SMALL, pid_alive, running_server
+from tests.server.conftest import API_KEY, MODEL, SMALL, pid_alive, running_server, sse_events
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -18,12 +21,17 @@ SYS_A = "You are a pirate who answers every question about the sea in rhymes. " 
 SYS_B = "You are a careful lawyer who cites the relevant statute for each claim. " * 3
 
 
-def test_dp_routes_by_prefix_streams_and_stops_cleanly(default_gguf, tmp_path) -> None:
-    with running_server(tmp_path, [*SMALL, "--dp", "2"], name="dp") as server:
+def test_dp_routes_broadcasts_and_survives_a_replica_death(default_gguf, tmp_path) -> None:
+    """Behind --api-key: routing by prefix, streams, the abort and flush broadcasts, then a
+    replica killed: the other serves on, /health says which died, the exit status says so."""
+    args = [*SMALL, "--dp", "2", "--api-key", API_KEY]
+    with running_server(tmp_path, args, name="dp") as server:
         children = server.children()
         assert len(children) == 2
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
                                timeout=300)
+        http = httpx.Client(base_url=server.url, timeout=60,
+                            headers={"Authorization": f"Bearer {API_KEY}"})
 
         def replica(prompt: str) -> str:
             raw = client.completions.with_raw_response.create(
@@ -40,16 +48,51 @@ def test_dp_routes_by_prefix_streams_and_stops_cleanly(default_gguf, tmp_path) -
         assert stream.response.headers["x-engine-replica"] == b
         chunks = list(stream)
         assert chunks[-1].choices[0].finish_reason == "length"
-
-        health = httpx.get(f"{server.url}/health", timeout=30)
-        assert health.status_code == 200 and health.json()["replicas"] == ["ok", "ok"]
-        page = httpx.get(f"{server.url}/metrics", timeout=30).text
+        page = http.get("/metrics").text
         routed = dict(re.findall(r'engine:router_requests_total\{replica="(\d)"\} (\d+)', page))
         assert routed == {a: "2", b: "2"}
         assert re.search(r'engine:generation_tokens_total\{replica="1",', page)
 
+        # The key guards every route but /health, on the router as on one server.
+        nokey = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            nokey.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+        for method, path in (("POST", "/flush_cache"), ("POST", "/abort_request"),
+                             ("GET", "/metrics"), ("GET", "/v1/models")):
+            assert httpx.request(method, server.url + path, json={"rid": "x"}).status_code == 401
+        health = httpx.get(f"{server.url}/health", timeout=30)
+        assert health.status_code == 200 and health.json()["replicas"] == ["ok", "ok"]
+
+        # /abort_request reaches the replica that runs the request, wherever it is; the
+        # flush is refused while it runs (by that replica), done by both once it is over.
+        body = {"model": MODEL, "prompt": SYS_A + "Sing", "max_tokens": 3000, "stream": True,
+                "ignore_eos": True}
+        with http.stream("POST", "/v1/completions", json=body) as s:
+            assert s.headers["x-engine-replica"] == a
+            lines = s.iter_lines()
+            rid = json.loads(next(x for x in lines if x.startswith("data: "))[6:])["id"]
+            assert http.post("/flush_cache").status_code == 400
+            r = http.post("/abort_request", json={"rid": rid})
+            assert r.status_code == 200 and r.json() == [{"rid": rid}] * 2
+            events = sse_events(lines)
+        assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "abort"
+        deadline = time.monotonic() + 60
+        while (flushed := http.post("/flush_cache")).status_code == 400:  # the abort lands
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert flushed.json() == [{"flushed": True}] * 2
+
+        pids = dict(re.findall(r"replica (\d): pid (\d+)", server.log_path.read_text()))
+        os.kill(int(pids[b]), signal.SIGKILL)
+        time.sleep(0.5)
+        assert replica(SYS_B + "Is this legal?") == a  # b's prefix goes to the survivor
+        health = httpx.get(f"{server.url}/health", timeout=30)
+        assert health.status_code == 503 and health.json()["replicas"][int(b)] == "dead"
+        assert f'engine:router_replica_up{{replica="{b}"}} 0' in http.get("/metrics").text
+        http.close()
+
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(90) == 0
+        assert server.proc.wait(90) == 1  # a replica died: not a clean run
     assert not [p for p in children if pid_alive(p)]
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.server.conftest import API_KEY, CAPACITY, MODEL, sse_events
+from tests.server.conftest import ABORTS, API_KEY, CAPACITY, MODEL, metrics, sse_events, wait_idle
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -31,33 +31,6 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 def succeeds(client) -> None:
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("length", "stop")
-
-
-def metrics(http: httpx.Client) -> dict[str, float]:
-    """Samples keyed by name plus any labels besides the model's: `engine:x`,
-    `engine:y{finished_reason="abort"}`."""
-    out = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name_labels, value = line.rsplit(" ", 1)
-            key = name_labels.replace(f'{{model_name="{MODEL}"}}', "")
-            out[key.replace(f'model_name="{MODEL}",', "")] = float(value)
-    return out
-
-
-ABORTS = 'engine:request_success_total{finished_reason="abort"}'
-
-
-def wait_idle(http: httpx.Client, timeout: float = 60.0) -> dict[str, float]:
-    """Until nothing runs or waits and no KV page is held (cached prefixes are free)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = metrics(http)
-        if (m["engine:num_requests_running"], m["engine:num_requests_waiting"],
-                m["engine:kv_cache_usage_perc"]) == (0, 0, 0):
-            return m
-        time.sleep(0.2)
-    pytest.fail(f"engine not idle after {timeout}s: {m}")
 
 
 def test_models_health_and_api_key(server, client) -> None:

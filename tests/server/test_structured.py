@@ -103,3 +103,27 @@ def test_invalid_constraints_are_400_and_the_server_keeps_serving(client, kwargs
     assert e.value.body["param"] == param
     r = chat(client, [{"role": "user", "content": "Hi"}], max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_guided_aliases_constrain_and_response_format_text_does_not(client) -> None:
+    ask = [{"role": "user", "content": "What is 7 times 6?"}]
+    answer = {"type": "object", "properties": {"answer": {"type": "integer"}},
+              "required": ["answer"], "additionalProperties": False}
+    for alias, value, max_tokens in (("guided_regex", PHONE, 30), ("guided_json", answer, 30),
+                                     ("guided_grammar", 'root ::= "It is " [0-9]+ "."', 12)):
+        r = chat(client, ask, max_tokens=max_tokens, extra_body={alias: value}).choices[0]
+        assert r.finish_reason == "stop", (alias, r.message.content)
+        if alias == "guided_regex":
+            assert re.fullmatch(PHONE, r.message.content)
+        elif alias == "guided_json":
+            jsonschema.validate(json.loads(r.message.content), answer)
+        else:
+            assert re.fullmatch(r"It is [0-9]+\.", r.message.content)
+    plain = chat(client, ask, max_tokens=12).choices[0]
+    text = chat(client, ask, max_tokens=12, response_format={"type": "text"}).choices[0]
+    assert (text.message.content, text.finish_reason) == (plain.message.content,
+                                                          plain.finish_reason)
+    assert not re.fullmatch(r"It is [0-9]+\.", plain.message.content)  # the model's own words
+    with pytest.raises(openai.BadRequestError, match="given twice") as e:
+        chat(client, ask, max_tokens=4, extra_body={"guided_regex": "a+", "regex": "b+"})
+    assert e.value.body["param"] == "regex"
