@@ -55,8 +55,9 @@ class AsyncEngine:
         self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.dead = False
         self.stats: SchedulerStats = engine.scheduler.stats()
-        self.step_compiles: int = engine.runner.serving_compiles
         """Snapshot taken by the engine thread after every step (read it, never the engine)."""
+        self.step_compiles: int = engine.runner.serving_compiles
+        """Step programs compiled while serving, as of that snapshot."""
         # Engine-thread state.
         self._tracks: dict[str, _Track] = {}
         self._groups: dict[str, RequestGroup] = {}
