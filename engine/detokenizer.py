@@ -4,7 +4,8 @@ Decoding: the vLLM prefix/read-offset scheme over token ids. `_ids[:read]` is a 
 of tokens whose text was already produced (context, so that leading-space stripping and byte
 merging decode as in the full text); `_ids[read:]` are tokens not yet turned into text. The new
 text is decode(_ids) minus decode(_ids[:read]). Text ending in U+FFFD (an incomplete UTF-8
-character) is held back until the character completes. Once text is produced, the tokens that
+character) is held back until the character completes; at the end it is dropped, so text cut
+inside a character (a length stop) never ends in U+FFFD. Once text is produced, the tokens that
 made it become the whole context, so the window stays a few tokens long and per-token cost does
 not depend on the output length.
 
@@ -83,7 +84,8 @@ class IncrementalDetokenizer:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """End of generation: flush text held back (partial characters, stop-string prefixes)."""
+        """End of generation: flush text held back (stop-string prefixes); an incomplete last
+        character is dropped."""
         if self._finished or self.stopped is not None:
             self._finished = True
             return ""
@@ -103,6 +105,8 @@ class IncrementalDetokenizer:
         if incomplete and not final and len(self._ids) - self._read <= MAX_PENDING:
             return ""
         new = full[len(self._context_text) :]
+        if final:  # an incomplete last character (cut by a length stop) is dropped, as vLLM
+            new = new.rstrip("\ufffd")
         del self._ids[: self._read]  # the tokens just decoded become the context
         self._read = len(self._ids)
         self._context_text = self._decode(self._ids)

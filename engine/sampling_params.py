@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from engine.structured.base import KINDS, GrammarSpec
+from engine.structured.schema import strict_schema
 
 MAX_LOGPROBS = 20
 
@@ -41,7 +42,8 @@ class SamplingParams:
     # Structured outputs: at most one constraint; the output then matches it and ends
     # (finish_reason "stop") as soon as the grammar is complete.
     json_schema: str | dict[str, Any] | None = None
-    """A JSON schema (object or its JSON text); {"type": "object"} is any JSON object."""
+    """A JSON schema (object or its JSON text); {"type": "object"} is any JSON object. Strict:
+    an object with `properties` allows no others unless it sets `additionalProperties`."""
     regex: str | None = None
     """The whole output matches this regular expression (Rust `regex` syntax)."""
     ebnf: str | None = None
@@ -129,8 +131,9 @@ class SamplingParams:
             schema = self.json_schema
             if isinstance(schema, str):
                 schema = json.loads(schema)
-            # Key order kept: properties are generated in the schema's order.
-            return GrammarSpec("json_schema", json.dumps(schema))
+            # Key order kept: properties are generated in the schema's order. Strict: objects
+            # that name their properties allow no others unless the schema says so.
+            return GrammarSpec("json_schema", json.dumps(strict_schema(schema)))
         if self.regex is not None:
             return GrammarSpec("regex", self.regex)
         if self.ebnf is not None:
