@@ -57,6 +57,10 @@ class ServerOptions:
     second signal) they are aborted."""
     log_interval: float = 10.0
     """Seconds between status lines in the log (0: none)."""
+    tool_call_parser: str | None = None
+    """engine.server.tools.TOOL_PARSERS name; None: chosen by the chat template."""
+    reasoning_parser: str | None = None
+    """engine.server.reasoning.REASONING_PARSERS name; None: no reasoning_content."""
 
 
 class ServerState:
@@ -91,7 +95,8 @@ class ServerState:
                                log_interval=self.options.log_interval,
                                on_death=lambda e: loop.call_soon_threadsafe(self._died, e))
             serving = Serving(aeng, model.tokenizer, self.options.served_model_name,
-                              model.cfg.vocab_size, engine.max_model_len)
+                              model.cfg.vocab_size, engine.max_model_len,
+                              self.options.tool_call_parser, self.options.reasoning_parser)
         except Exception as e:
             log.exception("loading the model failed")
             loop.call_soon_threadsafe(self._fail, f"loading the model failed: {e}", 0.0)

@@ -17,6 +17,11 @@ from engine.options import add_engine_args, engine_options
 
 log = logging.getLogger(__name__)
 
+TOOL_PARSER_NAMES = ("json", "llama3_json", "hermes", "mistral")
+"""engine.server.tools.TOOL_PARSERS' names (listed here: this module imports no server code)."""
+REASONING_PARSER_NAMES = ("qwen3", "deepseek_r1")
+"""engine.server.reasoning.REASONING_PARSERS' names."""
+
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
 
@@ -43,6 +48,12 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                    "an abort (a second signal aborts them at once)")
     p.add_argument("--log-interval", type=float, default=10.0,
                    help="seconds between status lines in the log (0: none)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSER_NAMES),
+                   help="how tool calls are read from the model's output (default: by the "
+                   "chat template: hermes for <tool_call>, mistral for [TOOL_CALLS], "
+                   "llama3_json for <|python_tag|>, else json)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSER_NAMES),
+                   help="move <think>...</think> into reasoning_content (default: none)")
     p.add_argument("--dp", type=int, default=1,
                    help="data parallelism: N engine replicas (processes) behind a router")
     p.add_argument("--router-policy", default="cache_aware",
@@ -85,7 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name or model or DEFAULT_MODEL,
         max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
-        shutdown_timeout=args.shutdown_timeout, log_interval=args.log_interval)
+        shutdown_timeout=args.shutdown_timeout, log_interval=args.log_interval,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     return serve(config, options)
 
 

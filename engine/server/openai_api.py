@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+from engine.server.chat_output import ChoiceOutput
 from engine.server.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -23,15 +26,25 @@ from engine.server.protocol import (
 )
 from engine.server.requests import RequestGroup
 from engine.server.serving import Results, Serving, new_id, now_s
+from engine.server.tools import ToolParser, ToolRequest
+from engine.structured import KINDS
 
 
 async def chat(s: Serving, request: Request, body: dict[str, Any], arrival: float) -> Response:
     req = parse(ChatCompletionRequest, body)
     s.check_model(req.model)
     params = chat_params(req, s.vocab_size)
-    ids = await s.encode_chat(chat_messages(req))
+    tools = ToolRequest.parse(req.tools, req.tool_choice, req.parallel_tool_calls)
+    params = _with_tools(params, req, tools, s.tool_parser)
+    ids = await s.encode_chat(chat_messages(req), tools, req.chat_template_kwargs)
     rid = new_id("chatcmpl")
-    group = await s.submit(rid, [ids], params, arrival, "messages")
+    try:
+        group = await s.submit(rid, [ids], params, arrival, "messages")
+    except ApiError as e:  # a forced tool choice compiles the tools' parameter schemas
+        if tools is not None and tools.forced and e.param == "json_schema":
+            raise ApiError(400, f"a tool's parameters do not compile: {e.message}",
+                           "tools") from None
+        raise
     head = {"id": rid, "object": "chat.completion.chunk", "created": now_s(),
             "model": s.model_name}
     k, want_lp = params.logprobs or 0, params.logprobs is not None
@@ -40,28 +53,85 @@ async def chat(s: Serving, request: Request, body: dict[str, Any], arrival: floa
     def logprobs(c: Any) -> dict | None:
         return s.chat_logprobs(c.token_ids, c.logprobs, k) if want_lp else None
 
+    def splitter() -> ChoiceOutput:
+        return ChoiceOutput(s.reasoning_parser, tools, s.tool_parser)
+
     async def events(g: RequestGroup) -> AsyncIterator[dict[str, Any]]:
         results = Results(params.n)
+        outs = [splitter() for _ in range(params.n)]
         for i in range(params.n):  # the first delta of each choice carries the role
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **usage_field}
         async for d in g:
             results.add(d)
-            choices = [{"index": c.index, "delta": {"content": c.text} if c.text else {},
-                        "logprobs": logprobs(c), "finish_reason": c.finish_reason}
-                       for c in d.choices if c.text or c.token_ids or c.finish_reason or want_lp]
+            choices = []
+            for c in d.choices:
+                delta: dict[str, Any] = outs[c.index].feed(c.text)
+                reason = c.finish_reason
+                if reason is not None:
+                    rest, calls = outs[c.index].finish()
+                    delta = _joined(delta, rest)
+                    if calls:
+                        delta["tool_calls"] = [{"index": j, **call.openai()}
+                                               for j, call in enumerate(calls)]
+                        reason = _finish(reason, calls)
+                if delta or c.token_ids or reason or want_lp:
+                    choices.append({"index": c.index, "delta": delta, "logprobs": logprobs(c),
+                                    "finish_reason": reason})
             if choices:
                 yield {**head, "choices": choices, **usage_field}
         if req.include_usage:
             yield {**head, "choices": [], "usage": results.usage()}
 
+    def message(c: Any) -> tuple[dict[str, Any], str | None]:
+        out = splitter()
+        first = out.feed(c.text)
+        rest, calls = out.finish()
+        fields = _joined(first, rest)
+        msg: dict[str, Any] = {"role": "assistant", "content": fields.get("content")
+                               if calls else fields.get("content", "")}
+        if s.reasoning_parser is not None:
+            msg["reasoning_content"] = fields.get("reasoning_content")
+        if calls:
+            msg["tool_calls"] = [call.openai() for call in calls]
+        return msg, _finish(c.finish_reason, calls)
+
     def build(r: Results) -> dict[str, Any]:
-        return {**head, "object": "chat.completion", "usage": r.usage(), "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text},
-             "logprobs": logprobs(c), "finish_reason": c.finish_reason}
-            for i, c in sorted(r.choices.items())]}
+        choices = []
+        for i, c in sorted(r.choices.items()):
+            msg, reason = message(c)
+            choices.append({"index": i, "message": msg, "logprobs": logprobs(c),
+                            "finish_reason": reason})
+        return {**head, "object": "chat.completion", "usage": r.usage(), "choices": choices}
 
     return await s.respond(request, group, bool(req.stream), events, build)
+
+
+def _with_tools(params: SamplingParams, req: ChatCompletionRequest, tools: ToolRequest | None,
+                parser: ToolParser) -> SamplingParams:
+    """A forced tool choice as a constraint; special tokens kept where they mark calls."""
+    if tools is None or tools.choice == "none":
+        return params
+    changes: dict[str, Any] = {}
+    if not parser.skip_special_tokens and req.skip_special_tokens is None:
+        changes["skip_special_tokens"] = False
+    schema = tools.forced_schema()
+    if schema is not None:
+        given = [k for k in KINDS if getattr(params, k) is not None]
+        if given:
+            raise ApiError(400, f"tool_choice {tools.choice!r} is enforced with a grammar and "
+                           f"cannot be combined with {given[0]} (or response_format)",
+                           "tool_choice")
+        changes["json_schema"] = schema
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def _joined(a: dict[str, str], b: dict[str, str]) -> dict[str, Any]:
+    return {k: a.get(k, "") + b.get(k, "") for k in (*a, *(k for k in b if k not in a))}
+
+
+def _finish(reason: str | None, calls: list[Any]) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 async def completions(s: Serving, request: Request, body: dict[str, Any],

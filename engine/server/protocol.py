@@ -7,6 +7,7 @@ Unknown fields are ignored, as OpenAI does, except features we do not implement 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -53,9 +54,11 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 """Field -> whether its value asks for something we do not implement yet."""
 
 
-def check_supported(body: dict[str, Any], where: str = "") -> None:
+def check_supported(body: dict[str, Any], where: str = "",
+                    implemented: Any = ()) -> None:
+    """`implemented`: fields this endpoint implements (tools on chat, not on completions)."""
     for key, asks in UNSUPPORTED.items():
-        if key in body and asks(body[key]):
+        if key in body and key not in implemented and asks(body[key]):
             raise ApiError(400, f"'{where}{key}' is not supported yet", f"{where}{key}",
                            "unsupported_parameter")
 
@@ -78,6 +81,7 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
 
 
 class _Sampling(_Body):
@@ -125,6 +129,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -145,7 +153,7 @@ class GenerateRequest(_Body):
 
 def parse(model: type[_Body], body: dict[str, Any]) -> Any:
     """Validate a JSON body into `model`; errors are a 400 naming the field."""
-    check_supported(body)
+    check_supported(body, implemented=model.model_fields)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -154,13 +162,12 @@ def parse(model: type[_Body], body: dict[str, Any]) -> Any:
         raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the chat template wants them: role and string content."""
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as chat templates want them: role and string content; an assistant's
+    tool_calls with their arguments as objects (HF templates render them with tojson), a
+    tool message's tool_call_id and name."""
     out = []
     for i, m in enumerate(req.messages):
-        if m.tool_calls:
-            raise ApiError(400, "'tool_calls' in messages are not supported yet",
-                           f"messages.{i}.tool_calls", "unsupported_parameter")
         content = m.content
         if isinstance(content, list):
             kinds = {p.type for p in content} - {"text"}
@@ -168,10 +175,32 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
                 raise ApiError(400, f"content parts of type {sorted(kinds)} are not supported "
                                "yet", f"messages.{i}.content", "unsupported_parameter")
             content = "\n".join(p.text or "" for p in content)
-        out.append({"role": m.role, "content": content or ""})
+        msg: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.tool_calls:
+            msg["tool_calls"] = [_history_call(c, f"messages.{i}.tool_calls.{j}")
+                                 for j, c in enumerate(m.tool_calls)]
+        msg.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", m.name))
+                    if v is not None})
+        out.append(msg)
     if not out:
         raise ApiError(400, "messages must not be empty", "messages")
     return out
+
+
+def _history_call(call: Any, where: str) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, f"{where} must be {{'id': ..., 'type': 'function', 'function': "
+                       "{'name': ..., 'arguments': ...}}", where)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise ApiError(400, f"{where}.function.arguments is not JSON: {args[:100]!r}",
+                           f"{where}.function.arguments") from None
+    return {"id": call.get("id") or "", "type": "function",
+            "function": {"name": fn["name"], "arguments": args}}
 
 
 def chat_params(req: ChatCompletionRequest, vocab_size: int) -> SamplingParams:

@@ -24,11 +24,41 @@ from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.server.async_engine import AsyncEngine
 from engine.server.protocol import ApiError, error_body
+from engine.server.reasoning import REASONING_PARSERS
 from engine.server.requests import Delta, EngineDeadError, QueueFullError, RequestGroup
+from engine.server.tools import TOOL_PARSERS, ToolRequest, detect_parser
+from engine.server.tools.request import template_takes_tools, tools_system_text
 
 log = logging.getLogger(__name__)
 
 Events = Callable[[RequestGroup], AsyncIterator[dict[str, Any]]]
+
+
+RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "tokenize",
+                                   "add_generation_prompt", "return_dict"})
+"""apply_chat_template arguments chat_template_kwargs may not set."""
+
+
+def with_tools_message(messages: list[dict[str, Any]], tools: ToolRequest) -> list[dict[str, Any]]:
+    """`messages` with the tools described in the system message (for a template that does
+    not take `tools`)."""
+    text = tools_system_text(tools.tools)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text},
+                *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def calls_as_content(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool_calls written into its content (the json parser's
+    format), for a template that renders content only."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    text = "\n".join(json.dumps({"name": c["function"]["name"],
+                                 "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                     for c in calls)
+    return {**message, "content": (message["content"] + "\n" + text).lstrip("\n")}
 
 
 class Results:
@@ -62,13 +92,22 @@ class Results:
 
 class Serving:
     def __init__(self, aeng: AsyncEngine, tokenizer: Any, model_name: str, vocab_size: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, tool_call_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
+        """`tool_call_parser`: a TOOL_PARSERS name, None to choose by the chat template;
+        `reasoning_parser`: a REASONING_PARSERS name, None for none."""
         self.aeng, self.model_name = aeng, model_name
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         # The engine thread decodes with the original; a Rust tokenizer must not be used
         # from two threads at once, so the HTTP side encodes with its own copy.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+        template = getattr(tokenizer, "chat_template", None)
+        template = template if isinstance(template, str) else None
+        self.template_takes_tools = template_takes_tools(template)
+        self.tool_parser = TOOL_PARSERS[tool_call_parser or detect_parser(template)]()
+        self.reasoning_parser = REASONING_PARSERS[reasoning_parser] if reasoning_parser \
+            else None
 
     # -- prompts ---------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -84,15 +123,31 @@ class Serving:
             tok.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
             for p in prompts])
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: ToolRequest | None = None,
+                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """The prompt of `messages`; `tools` go to the template (`tools=`), or into a system
+        message when the template does not take them; `template_kwargs` are the template's
+        own variables (e.g. enable_thinking)."""
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template", "messages")
+        kwargs = dict(template_kwargs or {})
+        taken = sorted(set(kwargs) & RESERVED_TEMPLATE_ARGS)
+        if taken:
+            raise ApiError(400, f"chat_template_kwargs must not set {taken}",
+                           "chat_template_kwargs")
+        if tools is not None and tools.choice != "none":
+            if self.template_takes_tools:
+                kwargs["tools"] = list(tools.tools)
+            else:
+                messages = with_tools_message(messages, tools)
+        if not self.template_takes_tools:
+            messages = [calls_as_content(m) for m in messages]
 
         def run() -> list[int]:
             try:
                 text = tok.apply_chat_template(messages, add_generation_prompt=True,
-                                               tokenize=False)
+                                               tokenize=False, **kwargs)
             except TemplateError as e:
                 raise ApiError(400, f"the chat template rejected the messages: {e}",
                                "messages") from None
