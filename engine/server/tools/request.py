@@ -22,6 +22,10 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 """Function names OpenAI accepts."""
 JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ",
+                          "key_separator": ": "}}
+"""llguidance's JSON options for enforced calls: fixed separators and no other whitespace,
+which a model not trained for tools would otherwise repeat until max_tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,7 @@ class ToolRequest:
     def forced_schema(self) -> dict[str, Any] | None:
         """The constraint of a required or named choice, None otherwise."""
         if self.choice == "function":
-            return self.parameters(self.named or "")
+            return {**self.parameters(self.named or ""), **COMPACT}
         if self.choice != "required":
             return None
         branches = [{"type": "object",
@@ -74,7 +78,7 @@ class ToolRequest:
                                   "items": {"anyOf": branches}}
         if not self.parallel:
             schema["maxItems"] = 1
-        return schema
+        return {**schema, **COMPACT}
 
     def parse_forced(self, text: str) -> list[ToolCall]:
         """The calls of an enforced output ([] when it was cut before it completed)."""
