@@ -167,7 +167,9 @@ class Engine:
         return list({id(o): o for o in outs}.values())
 
     def _needs_host_tokens(self, req: Request) -> bool:
-        return req.request_id in self._matchers or req.params.uses_penalties
+        # Prompt logprobs run their own step, which takes no placeholders.
+        return (req.request_id in self._matchers or req.params.uses_penalties
+                or req.params.prompt_logprobs is not None)
 
     @staticmethod
     def _add_placeholders(batch: ScheduledBatch) -> dict[str, int]:
@@ -231,6 +233,10 @@ class Engine:
         else:
             req.output_token_ids[at] = s.token
         comp.token_ids.append(s.token)
+        if p.prompt_logprobs is not None and group.output.prompt_logprobs is None:
+            # The first token: the whole prompt has been computed.
+            group.output.prompt_logprobs = [req.prompt_logprobs.get(i)
+                                            for i in range(req.num_prompt_tokens)]
         if p.logprobs is not None:
             comp.logprobs = comp.logprobs or []
             comp.logprobs.append({s.token: s.logprob, **dict(s.top)})

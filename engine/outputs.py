@@ -31,6 +31,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (largest over the n outputs)."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Per prompt token (SamplingParams.prompt_logprobs): {token_id: logprob} with the token
+    and the top-N, None for the first token and those before prompt_logprobs_start. Set
+    with the first generated token."""
 
     @property
     def finished(self) -> bool:

@@ -33,6 +33,7 @@ from engine.core.request import Request, ScheduledBatch
 from engine.model.config import ModelConfig
 from engine.model.llama import Params, forward
 from engine.parallel.sharding import to_host
+from engine.prompt_logprobs import make_prompt_step, prompt_inputs, record, wants_prompt_logprobs
 from engine.sampler import SamplingMode, SamplingRow, SamplingTensors, sample
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -109,6 +110,8 @@ class Launched:
     shape: tuple
     dispatched: float = 0.0
     """perf_counter() once dispatched (after any compilation)."""
+    prompt: Any = None
+    """Prompt logprobs on the device (engine.prompt_logprobs), when the batch asked."""
 
 
 def make_split_step(cfg: ModelConfig, backend: Backend) -> tuple[Callable, Callable]:
@@ -142,6 +145,7 @@ class ModelRunner:
     mask_time_s: float = 0.0
     mask_rows: int = 0
     _split: tuple[Callable, Callable] | None = None  # built on the first constrained batch
+    _prompt: Callable | None = None  # built on the first batch with prompt logprobs
     mirror: Any = None
     """Multi-host serving, on the leader: sends each step's inputs to the followers."""
 
@@ -289,7 +293,11 @@ class ModelRunner:
         if self.mirror is not None:  # multi-host serving: the followers run it too
             self.mirror.send(("step", (tokens, md, logits_idx, st, mode, src, prev is not None))
                              if masks is None else ("fwd", (tokens, md, logits_idx)))
-        if masks is None:
+        prompt = None
+        if wants_prompt_logprobs(batch):  # the engine runs these without placeholders
+            with mesh_context(self.backend):
+                out, prompt = self._prompt_step(batch, tokens, md, logits_idx, st, mode, masks)
+        elif masks is None:
             prev_tokens = self._no_prev if prev is None else prev.next_tokens
             with mesh_context(self.backend):
                 out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md,
@@ -303,7 +311,23 @@ class ModelRunner:
             self._compiled_while_serving(shape, self._compiles.compiles - compiles, t_prep)
         if shape not in self.compiled_shapes:  # it may have compiled: keep that out of the
             self._last_done = dispatched       # step in flight's time (step_log)
-        return Launched(batch, out, next_tokens, rows, shape, dispatched)
+        return Launched(batch, out, next_tokens, rows, shape, dispatched, prompt)
+
+    def _prompt_step(self, batch: ScheduledBatch, tokens: np.ndarray, md: AttentionMetadata,
+                     logits_idx: np.ndarray, st: SamplingTensors, mode: SamplingMode,
+                     masks: GrammarMasks | None) -> tuple[Any, Any]:
+        if self._prompt is None:
+            self._prompt = make_prompt_step(self.cfg, self.backend,
+                                            model_forward(self.cfg, self.backend),
+                                            functools.partial(replicated, backend=self.backend))
+        words = masks.words if masks is not None else 1
+        bitmask = np.full((logits_idx.shape[0], words), -1, np.int32)  # [S, W]: all allowed
+        if masks is not None:
+            masks.fill(bitmask)
+        pin = prompt_inputs(batch, tokens.shape[0])
+        out, self.kv, prompt = self._prompt(self.params, self.kv, tokens, md, pin.all_idx,
+                                            pin.targets, logits_idx, st, bitmask, mode, pin.k)
+        return out, prompt
 
     def _compiled_while_serving(self, shape: tuple, n: int, since: float) -> None:
         self.serving_compiles += n
@@ -328,6 +352,8 @@ class ModelRunner:
                                       for n, c in zip(q, ctx, strict=True)),
                                   done - max(launched.dispatched, self._last_done)))
         self._last_done = done
+        if launched.prompt is not None:
+            record(launched.batch, *to_host(launched.prompt))
         if launched.shape not in self.compiled_shapes:
             self.compiled_shapes.add(launched.shape)
             log.debug("step shape %s first run (wait %.2fs)", launched.shape, done - t0)

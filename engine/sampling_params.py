@@ -35,6 +35,12 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the chosen token's logprob plus the top k alternatives."""
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: each prompt token's logprob (the first has none) plus the top k
+    alternatives, computed in the prompt's own steps."""
+    prompt_logprobs_start: int = 0
+    """Prompt positions before this get no prompt logprobs (SGLang's logprob_start_len);
+    the prefix cache still serves them."""
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -88,6 +94,10 @@ class SamplingParams:
             bad("n", "must be at least 1")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs_start < 0:
+            bad("prompt_logprobs_start", "must be non-negative")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             bad("seed", "must be a non-negative 63-bit integer")
         if any(t < 0 for t in self.stop_token_ids or []):

@@ -42,6 +42,9 @@ class Request:
     """Prompt + output tokens this request may reach (set by the engine from max_tokens)."""
     group: str | None = None
     """Sibling group of an n > 1 request (same prompt): the scheduler shares its prompt pages."""
+    prompt_logprobs: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
+    """Prompt position -> {its token: logprob, top alternatives...}, as the runner computes
+    them (params.prompt_logprobs)."""
 
     @property
     def all_token_ids(self) -> list[int]:

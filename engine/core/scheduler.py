@@ -31,8 +31,12 @@ LPM_MAX_WAITING = 128
 
 
 def _match_tokens(req: Request) -> list[int]:
-    # One token is always left to compute, so the step produces logits to sample from.
-    return req.all_token_ids[:-1]
+    # One token is always left to compute, so the step produces logits to sample from. Prompt
+    # logprobs from position s on need the logits of positions s - 1 on: computed, not cached.
+    n = req.num_tokens - 1
+    if req.params.prompt_logprobs is not None:
+        n = min(n, max(req.params.prompt_logprobs_start - 1, 0))
+    return req.all_token_ids[:n]
 
 
 def _fcfs(waiting: list[Request], cache: RadixCache) -> list[Request]:

@@ -251,7 +251,7 @@ class AsyncEngine:
         if out.finished:
             self.metrics.e2e.observe(now - track.group.arrival)
         return Delta(track.index, len(out.prompt_token_ids), out.num_cached_tokens, choices,
-                     out.finished)
+                     out.finished, out.prompt_logprobs)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:

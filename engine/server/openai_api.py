@@ -148,6 +148,19 @@ async def completions(s: Serving, request: Request, body: dict[str, Any],
     head = {"id": rid, "object": "text_completion", "created": now_s(), "model": s.model_name}
     k, want_lp, n = params.logprobs or 0, params.logprobs is not None, params.n
     usage_field = {"usage": None} if req.include_usage else {}
+    # echo: each choice starts with its prompt (and, with logprobs, the prompt's logprobs).
+    echoed = [p if isinstance(p, str) else s.decode(p) for p in prompts] if req.echo else None
+
+    def prompt_part(r: Results, p: int) -> tuple[str, dict | None]:
+        if echoed is None:
+            return "", None
+        lps = r.prompt_logprobs.get(p) if want_lp else None
+        return echoed[p], s.completion_logprobs(ids[p], lps, k, 0) if want_lp else None
+
+    def joined(a: dict | None, b: dict | None) -> dict | None:
+        if a is None or b is None:
+            return a or b
+        return {key: a[key] + b[key] for key in a}
 
     async def events(g: RequestGroup) -> AsyncIterator[dict[str, Any]]:
         results, offsets = Results(n), {}
@@ -158,10 +171,13 @@ async def completions(s: Serving, request: Request, body: dict[str, Any],
                 if not (c.text or c.token_ids or c.finish_reason or want_lp):
                     continue
                 i, lp = d.prompt_index * n + c.index, None
+                text, plp = prompt_part(results, d.prompt_index) if i not in offsets \
+                    else ("", None)
+                offsets.setdefault(i, len(text))
                 if want_lp:
-                    lp = s.completion_logprobs(c.token_ids, c.logprobs, k, offsets.get(i, 0))
-                    offsets[i] = offsets.get(i, 0) + sum(map(len, lp["tokens"]))
-                choices.append({"index": i, "text": c.text, "logprobs": lp,
+                    lp = s.completion_logprobs(c.token_ids, c.logprobs, k, offsets[i])
+                    offsets[i] += sum(map(len, lp["tokens"]))
+                choices.append({"index": i, "text": text + c.text, "logprobs": joined(plp, lp),
                                 "finish_reason": c.finish_reason})
             if choices:
                 yield {**head, "choices": choices, **usage_field}
@@ -169,11 +185,14 @@ async def completions(s: Serving, request: Request, body: dict[str, Any],
             yield {**head, "choices": [], "usage": results.usage()}
 
     def build(r: Results) -> dict[str, Any]:
-        return {**head, "usage": r.usage(), "choices": [
-            {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-             "logprobs": s.completion_logprobs(c.token_ids, c.logprobs, k, 0) if want_lp
-             else None}
-            for i, c in sorted(r.choices.items())]}
+        choices = []
+        for i, c in sorted(r.choices.items()):
+            text, plp = prompt_part(r, i // n)
+            lp = s.completion_logprobs(c.token_ids, c.logprobs, k, len(text)) if want_lp \
+                else None
+            choices.append({"index": i, "text": text + c.text, "finish_reason": c.finish_reason,
+                            "logprobs": joined(plp, lp)})
+        return {**head, "usage": r.usage(), "choices": choices}
 
     return await s.respond(request, group, bool(req.stream), events, build)
 
@@ -185,7 +204,7 @@ async def generate(s: Serving, request: Request, body: dict[str, Any],
     req = parse(GenerateRequest, body)
     if (req.text is None) == (req.input_ids is None):
         raise ApiError(400, "give exactly one of text and input_ids", "text")
-    params = native_params(req.sampling_params, s.vocab_size)
+    params = native_params(req.sampling_params, s.vocab_size, req)
     given: Any = req.text if req.text is not None else req.input_ids
     single = isinstance(given, str) or bool(given and isinstance(given[0], int))
     ids = await s.encode([given] if single else list(given))
@@ -199,6 +218,9 @@ async def generate(s: Serving, request: Request, body: dict[str, Any],
             "id": group.engine_ids[p], "prompt_tokens": r.prompt_tokens[p],
             "completion_tokens": len(c.token_ids), "cached_tokens": r.cached_tokens[p],
             "finish_reason": _native_finish(c), "e2e_latency": time.monotonic() - arrival}}
+        if req.return_logprob:
+            out["meta_info"].update(_native_logprobs(
+                s, ids[p], r.prompt_logprobs.get(p), c, params, bool(req.return_text_in_logprobs)))
         return {**out, "index": i} if many else out
 
     async def events(g: RequestGroup) -> AsyncIterator[dict[str, Any]]:
@@ -213,6 +235,31 @@ async def generate(s: Serving, request: Request, body: dict[str, Any],
         return items if many else items[0]
 
     return await s.respond(request, group, bool(req.stream), events, build)
+
+
+def _native_logprobs(s: Serving, prompt: list[int], prompt_lps: list | None,
+                     c: CompletionOutput, params: SamplingParams, text: bool) -> dict[str, Any]:
+    """SGLang's logprob fields: [logprob, token id, text or None] per token (the first
+    prompt token's logprob is None), and the top ones per position."""
+    k = params.logprobs or 0
+
+    def entry(lp: float | None, tid: int) -> list:
+        return [lp, tid, s.token_text(tid) if text else None]
+
+    def tops(lp: dict[int, float] | None) -> list | None:
+        return None if lp is None else [entry(v, t) for t, v in
+                                        sorted(lp.items(), key=lambda kv: -kv[1])[:k]]
+
+    start = params.prompt_logprobs_start if params.prompt_logprobs is not None else len(prompt)
+    lps = prompt_lps or [None] * len(prompt)
+    return {
+        "input_token_logprobs": [entry(None if lps[i] is None else lps[i][prompt[i]], prompt[i])
+                                 for i in range(start, len(prompt))],
+        "input_top_logprobs": [tops(lps[i]) for i in range(start, len(prompt))],
+        "output_token_logprobs": [entry(lp[t], t) for t, lp in
+                                  zip(c.token_ids, c.logprobs or [], strict=True)],
+        "output_top_logprobs": [tops(lp) for lp in c.logprobs or []],
+    }
 
 
 def _native_finish(c: CompletionOutput) -> dict[str, Any] | None:

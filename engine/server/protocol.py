@@ -139,6 +139,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    echo: bool | None = False
 
 
 class GenerateRequest(_Body):
@@ -149,6 +150,11 @@ class GenerateRequest(_Body):
     sampling_params: dict[str, Any] | None = None
     stream: bool | None = False
     rid: str | None = None
+    return_logprob: bool | None = False
+    logprob_start_len: int | None = -1
+    """Prompt positions from this one on get logprobs; -1: none (SGLang's default)."""
+    top_logprobs_num: int | None = 0
+    return_text_in_logprobs: bool | None = False
 
 
 def parse(model: type[_Body], body: dict[str, Any]) -> Any:
@@ -216,8 +222,11 @@ def chat_params(req: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
 
 
 def completion_params(req: CompletionRequest, vocab_size: int) -> SamplingParams:
-    return make_params(_common(req) | dict(max_tokens=req.max_tokens, logprobs=req.logprobs),
-                       vocab_size, {})
+    # echo with logprobs: the prompt's tokens get theirs too (computed while it prefills).
+    prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
+    return make_params(_common(req) | dict(max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                           prompt_logprobs=prompt_lp),
+                       vocab_size, {"prompt_logprobs": "logprobs"})
 
 
 def _common(req: _Sampling) -> dict[str, Any]:
@@ -280,7 +289,9 @@ NATIVE_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
 """SGLang's sampling parameter names that differ from ours (ours are accepted too)."""
 
 
-def native_params(raw: dict[str, Any] | None, vocab_size: int) -> SamplingParams:
+def native_params(raw: dict[str, Any] | None, vocab_size: int,
+                  req: GenerateRequest | None = None) -> SamplingParams:
+    """SamplingParams of /generate: `sampling_params`, and the body's logprob fields."""
     raw = dict(raw or {})
     check_supported(raw, "sampling_params.")
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -290,7 +301,14 @@ def native_params(raw: dict[str, Any] | None, vocab_size: int) -> SamplingParams
         if name not in fields:
             raise ApiError(400, f"unknown sampling parameter {key!r}", f"sampling_params.{key}")
         kwargs[name] = value
+    if req is not None and req.return_logprob:
+        kwargs["logprobs"] = req.top_logprobs_num or 0
+        if req.logprob_start_len is not None and req.logprob_start_len >= 0:
+            kwargs["prompt_logprobs"] = req.top_logprobs_num or 0
+            kwargs["prompt_logprobs_start"] = req.logprob_start_len
     back = {v: f"sampling_params.{k}" for k, v in NATIVE_NAMES.items() if k in raw}
+    back |= {"logprobs": "top_logprobs_num", "prompt_logprobs": "top_logprobs_num",
+             "prompt_logprobs_start": "logprob_start_len"}
     return make_params(kwargs, vocab_size, back, prefix="sampling_params.",
                        defaults={"max_tokens": NATIVE_MAX_NEW_TOKENS})
 

@@ -41,6 +41,8 @@ class Delta:
     cached_tokens: int
     choices: list[ChoiceDelta]
     finished: bool
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """The prompt's logprobs (RequestOutput.prompt_logprobs) once known, on every delta."""
 
 
 class RequestGroup:

@@ -69,9 +69,12 @@ class Results:
         self.choices: dict[int, CompletionOutput] = {}
         self.prompt_tokens: dict[int, int] = {}
         self.cached_tokens: dict[int, int] = {}
+        self.prompt_logprobs: dict[int, list[dict[int, float] | None]] = {}
 
     def add(self, d: Delta) -> None:
         self.prompt_tokens[d.prompt_index] = d.prompt_tokens
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs[d.prompt_index] = d.prompt_logprobs
         self.cached_tokens[d.prompt_index] = d.cached_tokens
         for c in d.choices:
             out = self.choices.setdefault(d.prompt_index * self.n + c.index,
@@ -189,6 +192,9 @@ class Serving:
             return Response(status_code=499)
         return JSONResponse(build(results))
 
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
 
@@ -208,16 +214,20 @@ class Serving:
                                              for t, v in self.top(lp, k)]})
         return {"content": content}
 
-    def completion_logprobs(self, ids: list[int], lps: list[dict[int, float]] | None, k: int,
-                            offset: int) -> dict:
+    def completion_logprobs(self, ids: list[int], lps: list[dict[int, float] | None] | None,
+                            k: int, offset: int) -> dict:
+        """OpenAI's completion logprobs; a None entry (the first prompt token's, with echo)
+        is null."""
         texts, lps = [self.token_text(t) for t in ids], lps or []
         offsets = []
         for t in texts:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": texts, "token_logprobs": [_finite(lp[t]) for t, lp in zip(ids, lps,
-                                                                                     strict=True)],
-                "top_logprobs": [dict(self.top(lp, k)) for lp in lps], "text_offset": offsets}
+        return {"tokens": texts,
+                "token_logprobs": [None if lp is None else _finite(lp[t])
+                                   for t, lp in zip(ids, lps, strict=True)],
+                "top_logprobs": [None if lp is None else dict(self.top(lp, k)) for lp in lps],
+                "text_offset": offsets}
 
 
 class GroupStream(StreamingResponse):
