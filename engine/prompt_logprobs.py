@@ -91,10 +91,8 @@ def record(batch: ScheduledBatch, chosen: np.ndarray, top_ids: np.ndarray,
             for j in range(n):
                 pos = sq.start_pos + j + 1  # the prompt position scored by row off + j
                 if p.prompt_logprobs_start <= pos < r.num_prompt_tokens:
-                    tok = r.prompt_token_ids[pos]
-                    r.prompt_logprobs[pos] = {tok: float(chosen[off + j]), **{
-                        int(a): float(b) for a, b in zip(top_ids[off + j, :k],
-                                                         top_lp[off + j, :k], strict=True)}}
-                    # the chosen token's own value wins over its (equal) top-k copy
-                    r.prompt_logprobs[pos][tok] = float(chosen[off + j])
+                    lp = {int(a): float(b) for a, b in zip(top_ids[off + j, :k],
+                                                           top_lp[off + j, :k], strict=True)}
+                    lp[r.prompt_token_ids[pos]] = float(chosen[off + j])
+                    r.prompt_logprobs[pos] = lp
         off += n

@@ -1,11 +1,13 @@
-"""Tool calling and reasoning output over HTTP, through the real `openai` client.
+"""Tool calling, reasoning output and prompt logprobs over HTTP, through the real `openai`
+client, against one server.
 
 The server runs a tiny random-weight Llama whose tokenizer is the default model's with a
 Hermes/Qwen-style chat template written here (it takes `tools=` and `enable_thinking`), with
 `--reasoning-parser qwen3`; the tool-call parser is chosen by the template (hermes). A random
 model was never trained for tools: required and named choices must still return valid calls
 (the grammar enforces them), and `auto` is checked on canned outputs that a `choice`
-constraint makes the model write.
+constraint makes the model write. Prompt logprobs (completions' echo, /generate's
+return_logprob) are checked against HF transformers on the same weights.
 """
 
 from __future__ import annotations
@@ -211,3 +213,57 @@ def test_chat_template_kwargs_reach_the_template(client) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, extra_body={"chat_template_kwargs": {"tokenize": True}})
     assert e.value.body["param"] == "chat_template_kwargs"
+
+
+# -- prompt logprobs --------------------------------------------------------------------------
+
+PROMPT = "The quick brown fox jumps over the lazy dog. It was not amused, and neither was I."
+
+
+@pytest.fixture(scope="module")
+def hf_prompt_logprobs(tiny_dir, default_tokenizer):
+    """(prompt ids, HF's log-softmax [P, V]: row i scores the token at i + 1)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = default_tokenizer.encode(PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return ids, torch.log_softmax(logits, -1).numpy()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_returns_the_prompts_logprobs(client, hf_prompt_logprobs, stream) -> None:
+    ids, ref = hf_prompt_logprobs
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1, temperature=0,
+                                  echo=True, logprobs=1, stream=stream)
+    chunks = list(r) if stream else [r]
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    lp = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    for ch in chunks:
+        for key in lp:
+            lp[key] += getattr(ch.choices[0].logprobs, key) if ch.choices else []
+    assert text.startswith(PROMPT) and len(lp["tokens"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-3)
+    # The top alternative at each prompt position is HF's most likely token.
+    for i in range(1, len(ids)):
+        best = max(lp["top_logprobs"][i].values())
+        assert best == pytest.approx(float(ref[i - 1].max()), abs=1e-3)
+
+
+def test_generate_returns_input_logprobs_from_logprob_start_len(client, hf_prompt_logprobs):
+    import httpx
+
+    ids, ref = hf_prompt_logprobs
+    url = str(client.base_url).removesuffix("/v1/")
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 2, "temperature": 0},
+            "return_logprob": True, "logprob_start_len": 5, "top_logprobs_num": 2}
+    meta = httpx.post(f"{url}/generate", json=body, timeout=120).json()["meta_info"]
+    got = meta["input_token_logprobs"]
+    assert [t for _, t, _ in got] == ids[5:]
+    assert [lp for lp, _, _ in got] == pytest.approx(
+        [float(ref[i - 1, ids[i]]) for i in range(5, len(ids))], abs=1e-3)
+    assert [len(top) for top in meta["input_top_logprobs"]] == [2] * (len(ids) - 5)
+    assert len(meta["output_token_logprobs"]) == 2
