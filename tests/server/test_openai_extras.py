@@ -267,3 +267,50 @@ def test_generate_returns_input_logprobs_from_logprob_start_len(client, hf_promp
         [float(ref[i - 1, ids[i]]) for i in range(5, len(ids))], abs=1e-3)
     assert [len(top) for top in meta["input_top_logprobs"]] == [2] * (len(ids) - 5)
     assert len(meta["output_token_logprobs"]) == 2
+
+
+# -- lm-evaluation-harness ----------------------------------------------------------------------
+
+MC_DOCS = [
+    {"question": "The capital of France is", "choices": [" Paris", " Rome", " a fish"],
+     "answer": 0},
+    {"question": "Two plus two equals", "choices": [" four", " five"], "answer": 0},
+    {"question": "The sky on a clear day is", "choices": [" blue", " green", " loud"],
+     "answer": 0},
+]
+
+
+def test_lm_eval_loglikelihood_task_matches_its_hf_model(client, tiny_dir, tmp_path,
+                                                         monkeypatch) -> None:
+    # A multiple-choice task over local data (no hub), run through lm_eval's local-completions
+    # model against the server (echo + logprobs) and through its HF model on the same weights.
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
+    tasks = TaskManager(include_path=str(tmp_path))
+
+    def scores(model: str, args: dict) -> list[list[tuple[float, bool]]]:
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_mc"],
+                                      task_manager=tasks, log_samples=True, batch_size=1)
+        samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+        return [[tuple(r[0]) for r in s["resps"]] for s in samples]
+
+    url = str(client.base_url).rstrip("/") + "/completions"
+    served = scores("local-completions", {"model": NAME, "base_url": url,
+                                          "tokenizer_backend": "huggingface",
+                                          "tokenizer": str(tiny_dir)})
+    hf = scores("hf", {"pretrained": str(tiny_dir), "dtype": "float32", "device": "cpu"})
+    assert [len(s) for s in served] == [len(d["choices"]) for d in MC_DOCS]
+    for got, want in zip(served, hf, strict=True):
+        assert [g for g, _ in got] == pytest.approx([w for w, _ in want], abs=1e-3)
+        assert [g for _, g in got] == [w for _, w in want]  # is_greedy
