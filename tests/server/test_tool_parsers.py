@@ -159,3 +159,18 @@ def test_bad_tools_are_400_naming_the_field(tools, choice, param) -> None:
     with pytest.raises(ApiError) as e:
         ToolRequest.parse(tools, choice, None)
     assert e.value.status == 400 and e.value.param == param
+
+
+def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
+    from engine.server.serving import calls_as_content, with_tools_message
+
+    tools = ToolRequest.parse(TOOLS, "auto", None)
+    msgs = with_tools_message([{"role": "user", "content": "Weather?"}], tools)
+    assert msgs[0]["role"] == "system" and '"name": "get_weather"' in msgs[0]["content"]
+    merged = with_tools_message([{"role": "system", "content": "Be brief."}], tools)
+    assert len(merged) == 1 and merged[0]["content"].startswith("Be brief.\n\n")
+    # An earlier call, in the json parser's format: what the model would write reads back.
+    msg = calls_as_content({"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_time",
+                                                     "arguments": {"tz": "UTC"}}}]})
+    assert run(msg["content"], "json") == ({}, [UTC])
