@@ -28,3 +28,24 @@ GPU_MEM_FRACTION = "0.94"
 def default_gpu_memory_fraction() -> None:
     """Set XLA_PYTHON_CLIENT_MEM_FRACTION unless the user has; before JAX starts a GPU."""
     os.environ.setdefault(XLA_MEM_FRACTION, GPU_MEM_FRACTION)
+
+
+ENGINE_CPU_ISA = "ENGINE_CPU_ISA"
+"""Cap on the CPU kernels' instruction set: 'avx512', 'avx2', 'generic' (portable C++) or
+'none' (no kernels: the plain-JAX path). Unset: the best this CPU runs. For tests and
+comparisons; a level above what the CPU has is lowered to it."""
+CPU_ISA_LEVELS = ("generic", "avx2", "avx512")
+
+
+def cpu_isa_cap() -> int | None:
+    """The highest CPU kernel ISA level allowed (index into CPU_ISA_LEVELS), -1 for 'none',
+    None when unset. An unknown value raises with the accepted ones."""
+    value = os.environ.get(ENGINE_CPU_ISA, "").strip().lower()
+    if not value:
+        return None
+    if value == "none":
+        return -1
+    if value not in CPU_ISA_LEVELS:
+        raise ValueError(f"{ENGINE_CPU_ISA}={value!r}; use one of: none, "
+                         f"{', '.join(CPU_ISA_LEVELS)}")
+    return CPU_ISA_LEVELS.index(value)

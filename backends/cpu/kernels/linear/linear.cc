@@ -1,0 +1,427 @@
+// The CPU linear layer y[M, N] = x[M, K] @ W^T as an XLA FFI handler, W stored by output
+// channel: row n of W holds the K weights of output n (PyTorch's and GGUF's layout), in one
+// of these formats (the `fmt` attribute, engine.model.quant.FORMATS keeps the same numbers):
+//   0 f32   float32 [N, K]
+//   1 bf16  bfloat16 [N, K] (uint16 bits)
+//   2 int8  int8 [N, K] with float32 scales [N] (weight-only, per output channel)
+//   3 q8_0  GGUF blocks of 32 along K: f16 d, 32 x int8 q; w = d * q          (34 bytes)
+//   4 q4_0  GGUF blocks of 32: f16 d, 16 bytes of nibbles; w = d * (q - 8)    (18 bytes)
+//   5 q4_1  GGUF blocks of 32: f16 d, f16 m, 16 bytes of nibbles; w = d*q + m (20 bytes)
+// In a nibble block, byte j holds element j in its low nibble and element j + 16 in its high.
+//
+// The work is split over tiles of 4 output rows: a tile's rows are decoded to float32 in a
+// thread-local buffer (f32 rows are read in place), then every x row is dotted with the 4
+// decoded rows (each x load feeds 4 FMAs). Batch-1 decode is bound by reading W, so the
+// tiles are shared among a small pool of threads (one per core).
+//
+// ISA levels (the `isa` attribute, chosen in Python from engine_cpu_isa() and the
+// ENGINE_CPU_ISA override): 0 generic C++, 1 AVX2 + FMA + F16C, 2 AVX-512 F/BW/VL. Every
+// level computes the same sums in float32; only the summation order differs.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Fmt : int32_t { F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, NUM_FMTS = 6 };
+constexpr int kTile = 4;    // output rows decoded together
+constexpr int kBlock = 32;  // GGUF block length along K
+
+// Bytes of one W row of K weights.
+int64_t RowBytes(int32_t fmt, int64_t k) {
+  switch (fmt) {
+    case F32: return 4 * k;
+    case BF16: return 2 * k;
+    case INT8: return k;
+    case Q8_0: return k / kBlock * 34;
+    case Q4_0: return k / kBlock * 18;
+    case Q4_1: return k / kBlock * 20;
+  }
+  return -1;
+}
+
+float HalfToFloat(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400u)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t Load16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+
+// ---------------------------------------------------------------------------------------
+// Generic C++ (level 0).
+
+void DecodeRowGeneric(int32_t fmt, const uint8_t* row, int64_t k, float* out) {
+  if (fmt == BF16) {
+    for (int64_t i = 0; i < k; ++i) {
+      uint32_t bits = uint32_t(Load16(row + 2 * i)) << 16;
+      std::memcpy(out + i, &bits, 4);
+    }
+  } else if (fmt == INT8) {
+    for (int64_t i = 0; i < k; ++i) out[i] = float(int8_t(row[i]));
+  } else if (fmt == Q8_0) {
+    for (int64_t b = 0; b < k / kBlock; ++b, row += 34) {
+      float d = HalfToFloat(Load16(row));
+      for (int j = 0; j < kBlock; ++j) out[b * kBlock + j] = d * float(int8_t(row[2 + j]));
+    }
+  } else {  // Q4_0, Q4_1
+    const int head = fmt == Q4_0 ? 2 : 4;
+    for (int64_t b = 0; b < k / kBlock; ++b, row += head + 16) {
+      float d = HalfToFloat(Load16(row));
+      float m = fmt == Q4_0 ? -8.0f * d : HalfToFloat(Load16(row + 2));
+      float* o = out + b * kBlock;
+      for (int j = 0; j < 16; ++j) {
+        o[j] = d * float(row[head + j] & 0xf) + m;
+        o[j + 16] = d * float(row[head + j] >> 4) + m;
+      }
+    }
+  }
+}
+
+// y[j] = dot(x, w[j]) for the tile's rows j < rows.
+void DotTileGeneric(const float* x, const float* const* w, int rows, int64_t k, float* y) {
+  for (int j = 0; j < rows; ++j) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < k; ++i) s += x[i] * w[j][i];
+    y[j] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C (level 1).
+
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+
+AVX2_FN inline float Hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 unsigned bytes -> 8 floats.
+AVX2_FN inline __m256 U8ToPs(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+
+AVX2_FN void DecodeRowAvx2(int32_t fmt, const uint8_t* row, int64_t k, float* out) {
+  if (fmt == BF16) {
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i));
+      __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+      _mm256_storeu_ps(out + i, _mm256_castsi256_ps(w));
+    }
+    DecodeRowGeneric(fmt, row + 2 * i, k - i, out + i);
+  } else if (fmt == INT8) {
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i));
+      _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+    }
+    DecodeRowGeneric(fmt, row + i, k - i, out + i);
+  } else if (fmt == Q8_0) {
+    for (int64_t b = 0; b < k / kBlock; ++b, row += 34) {
+      __m256 d = _mm256_set1_ps(_cvtsh_ss(Load16(row)));
+      for (int j = 0; j < kBlock; j += 8) {
+        __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 2 + j));
+        __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+        _mm256_storeu_ps(out + b * kBlock + j, w);
+      }
+    }
+  } else {  // Q4_0, Q4_1
+    const int head = fmt == Q4_0 ? 2 : 4;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int64_t b = 0; b < k / kBlock; ++b, row += head + 16) {
+      float df = _cvtsh_ss(Load16(row));
+      __m256 d = _mm256_set1_ps(df);
+      __m256 m = _mm256_set1_ps(fmt == Q4_0 ? -8.0f * df : _cvtsh_ss(Load16(row + 2)));
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + head));
+      __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+      float* o = out + b * kBlock;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(d, U8ToPs(lo), m));
+      _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(d, U8ToPs(_mm_srli_si128(lo, 8)), m));
+      _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(d, U8ToPs(hi), m));
+      _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(d, U8ToPs(_mm_srli_si128(hi, 8)), m));
+    }
+  }
+}
+
+AVX2_FN void DotTileAvx2(const float* x, const float* const* w, int rows, int64_t k, float* y) {
+  if (rows < kTile) return DotTileGeneric(x, w, rows, k, y);
+  // Two accumulators per row (16 columns a step) keep 8 FMAs in flight.
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m256 xa = _mm256_loadu_ps(x + i), xb = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w[0] + i), a0);
+    a1 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w[1] + i), a1);
+    a2 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w[2] + i), a2);
+    a3 = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w[3] + i), a3);
+    b0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w[0] + i + 8), b0);
+    b1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w[1] + i + 8), b1);
+    b2 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w[2] + i + 8), b2);
+    b3 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w[3] + i + 8), b3);
+  }
+  float s[kTile] = {Hsum256(_mm256_add_ps(a0, b0)), Hsum256(_mm256_add_ps(a1, b1)),
+                    Hsum256(_mm256_add_ps(a2, b2)), Hsum256(_mm256_add_ps(a3, b3))};
+  for (int j = 0; j < kTile; ++j) {
+    for (int64_t t = i; t < k; ++t) s[j] += x[t] * w[j][t];
+    y[j] = s[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512 F/BW/VL (level 2): wider dot products; the GGUF blocks decode as in AVX2.
+
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+AVX512_FN void DecodeRowAvx512(int32_t fmt, const uint8_t* row, int64_t k, float* out) {
+  int64_t i = 0;
+  if (fmt == BF16) {
+    for (; i + 16 <= k; i += 16) {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i));
+      __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      _mm512_storeu_ps(out + i, _mm512_castsi512_ps(w));
+    }
+    DecodeRowAvx2(fmt, row + 2 * i, k - i, out + i);
+  } else if (fmt == INT8) {
+    for (; i + 16 <= k; i += 16) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+      _mm512_storeu_ps(out + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+    }
+    DecodeRowAvx2(fmt, row + i, k - i, out + i);
+  } else {
+    DecodeRowAvx2(fmt, row, k, out);
+  }
+}
+
+AVX512_FN void DotTileAvx512(const float* x, const float* const* w, int rows, int64_t k,
+                             float* y) {
+  if (rows < kTile) return DotTileGeneric(x, w, rows, k, y);
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m512 xa = _mm512_loadu_ps(x + i), xb = _mm512_loadu_ps(x + i + 16);
+    a0 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w[0] + i), a0);
+    a1 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w[1] + i), a1);
+    a2 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w[2] + i), a2);
+    a3 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w[3] + i), a3);
+    b0 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w[0] + i + 16), b0);
+    b1 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w[1] + i + 16), b1);
+    b2 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w[2] + i + 16), b2);
+    b3 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w[3] + i + 16), b3);
+  }
+  float s[kTile] = {_mm512_reduce_add_ps(_mm512_add_ps(a0, b0)),
+                    _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)),
+                    _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)),
+                    _mm512_reduce_add_ps(_mm512_add_ps(a3, b3))};
+  for (int j = 0; j < kTile; ++j) {
+    for (int64_t t = i; t < k; ++t) s[j] += x[t] * w[j][t];
+    y[j] = s[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// A small pool: parallel_for(n, fn) runs fn(0..n-1) on the caller and the workers. Workers
+// spin briefly after a job (the next linear layer follows within microseconds in a decode
+// step), then sleep on a condition variable so an idle engine costs no CPU.
+
+class Pool {
+ public:
+  Pool() {
+    cpu_set_t set;
+    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
+                                                             : int(std::thread::hardware_concurrency());
+    for (int t = 1; t < std::max(cores, 1); ++t) workers_.emplace_back([this] { Work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      ++gen_;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return int(workers_.size()) + 1; }
+
+  void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) {
+    // One job at a time; a concurrent caller (XLA may run independent ops in parallel) runs
+    // its job alone rather than waiting.
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || workers_.empty() || n == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      n_ = n;
+      next_.store(0);
+      done_.store(0);
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    Drain();
+    while (done_.load(std::memory_order_acquire) < n) _mm_pause();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = nullptr;  // no worker joins this job from here on
+    }
+    while (active_.load(std::memory_order_acquire) > 0) _mm_pause();  // all out of Drain
+  }
+
+ private:
+  void Drain() {
+    for (int64_t i; (i = next_.fetch_add(1)) < n_;) {
+      (*fn_)(i);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+  void Work() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spin = 0; spin < 20000 && gen_.load() == seen; ++spin) _mm_pause();
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return gen_.load() != seen; });
+      seen = gen_.load();
+      if (stop_) return;
+      if (fn_ == nullptr) continue;  // woke after the job was finished
+      active_.fetch_add(1);
+      lock.unlock();
+      Drain();
+      active_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_, busy_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> next_{0}, done_{0};
+  std::atomic<int> active_{0};  // workers inside Drain()
+  int64_t n_ = 0;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  bool stop_ = false;
+};
+
+Pool& GetPool() {
+  static Pool* pool = new Pool();  // never destroyed: workers may outlive static teardown
+  return *pool;
+}
+
+bool CpuHas(int level) {
+  __builtin_cpu_init();
+  if (level >= 2 && !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl"))) {
+    return false;
+  }
+  return level < 1 || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                       __builtin_cpu_supports("f16c"));
+}
+
+ffi::Error Linear(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scales,
+                  ffi::ResultBuffer<ffi::F32> y, int32_t fmt, int32_t isa) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0]) {
+    return ffi::Error::InvalidArgument("engine_cpu_linear: x must be [M, K] and y [M, N]");
+  }
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (fmt < 0 || fmt >= NUM_FMTS) return ffi::Error::InvalidArgument("unknown weight format");
+  if (fmt >= Q8_0 && k % kBlock != 0) {
+    return ffi::Error::InvalidArgument("GGUF block formats need K divisible by 32");
+  }
+  const int64_t row_bytes = RowBytes(fmt, k);
+  if (int64_t(w.size_bytes()) != n * row_bytes) {
+    return ffi::Error::InvalidArgument("engine_cpu_linear: W has the wrong byte count");
+  }
+  const int64_t ns = scales.element_count();
+  if (ns != 0 && ns != n) return ffi::Error::InvalidArgument("scales must be [N] or empty");
+  if (isa < 0 || isa > 2 || !CpuHas(isa)) {
+    return ffi::Error::InvalidArgument("engine_cpu_linear: ISA level not supported here");
+  }
+  auto decode = isa == 2 ? DecodeRowAvx512 : isa == 1 ? DecodeRowAvx2 : DecodeRowGeneric;
+  auto dot = isa == 2 ? DotTileAvx512 : isa == 1 ? DotTileAvx2 : DotTileGeneric;
+  const float* xp = x.typed_data();
+  const float* sp = ns ? scales.typed_data() : nullptr;
+  const uint8_t* wp = static_cast<const uint8_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+  const int64_t tiles = (n + kTile - 1) / kTile;
+
+  auto run_tiles = [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    if (fmt != F32 && int64_t(buf.size()) < kTile * k) buf.resize(kTile * k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile;
+      const int rows = int(std::min<int64_t>(kTile, n - n0));
+      const float* wr[kTile];
+      for (int j = 0; j < rows; ++j) {
+        const uint8_t* row = wp + (n0 + j) * row_bytes;
+        if (fmt == F32) {
+          wr[j] = reinterpret_cast<const float*>(row);
+        } else {
+          decode(fmt, row, k, buf.data() + j * k);
+          wr[j] = buf.data() + j * k;
+        }
+      }
+      float out[kTile];
+      for (int64_t r = 0; r < m; ++r) {
+        dot(xp + r * k, wr, rows, k, out);
+        for (int j = 0; j < rows; ++j) yp[r * n + n0 + j] = sp ? out[j] * sp[n0 + j] : out[j];
+      }
+    }
+  };
+  // Below ~64k multiply-adds a job is cheaper alone than handed to the pool.
+  Pool& pool = GetPool();
+  const int64_t chunks = m * n * k < (1 << 16) ? 1 : std::min<int64_t>(tiles, 4 * pool.size());
+  if (chunks <= 1) {
+    run_tiles(0, tiles);
+  } else {
+    pool.ParallelFor(chunks, [&](int64_t c) {
+      run_tiles(tiles * c / chunks, tiles * (c + 1) / chunks);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EngineCpuLinear, Linear,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()         // W, by output channel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scales [N] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
+                                  .Attr<int32_t>("fmt")
+                                  .Attr<int32_t>("isa"));
+
+// The highest ISA level this CPU runs (0 generic, 1 AVX2, 2 AVX-512).
+extern "C" int engine_cpu_isa() { return CpuHas(2) ? 2 : CpuHas(1) ? 1 : 0; }

@@ -1,0 +1,164 @@
+"""One quantized-weight format for every backend, and the plain-JAX reference for each kind.
+
+A `QuantizedWeight` stands in for a model weight of logical shape `in_shape + out_shape`
+(what the model's einsum reads, e.g. w_gate [E] + [F], wo [Hq, D] + [E]). Its data is
+stored by output channel, the layout PyTorch and GGUF use: row n holds the K = prod(in_shape)
+weights of output n = flat index into out_shape.
+
+    format  data                                   scales
+    f32     float32 [N, K]                         [0]
+    bf16    bfloat16 [N, K]                        [0]
+    int8    int8 [N, K]                            float32 [N] (per output channel)
+    q8_0    uint8 [N, K/32 * 34]  (GGUF blocks)    [0]
+    q4_0    uint8 [N, K/32 * 18]  (GGUF blocks)    [0]
+    q4_1    uint8 [N, K/32 * 20]  (GGUF blocks)    [0]
+
+GGUF blocks of 32 weights along K, little-endian: q8_0 = f16 d, 32 x int8 q (w = d*q);
+q4_0 = f16 d, 16 bytes of nibbles (w = d*(q - 8)); q4_1 = f16 d, f16 m, 16 bytes (w = d*q + m);
+byte j of the nibbles holds element j (low nibble) and element j + 16 (high nibble).
+
+Stacked layers (lax.scan) add a leading layer axis to data and scales. The model calls
+`linear(x, w, eq)` for every projection; the backend's `linear` runs quantized weights (its
+kernel, or `reference_linear` here, the oracle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
+"""Format name -> the number the CPU kernel's `fmt` attribute uses."""
+BLOCK = 32
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    data: jax.Array
+    """[(L,) N, K] or [(L,) N, K/32 * block bytes] by format (module docstring)."""
+    scales: jax.Array
+    """float32 [(L,) N] for int8, [(L,) 0] otherwise."""
+    fmt: str
+    in_shape: tuple[int, ...]
+    """The logical weight's contracted dims (product K)."""
+    out_shape: tuple[int, ...]
+    """The logical weight's output dims (product N)."""
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.out_shape)
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["data", "scales"],
+                                 meta_fields=["fmt", "in_shape", "out_shape"])
+
+
+def row_bytes(fmt: str, k: int) -> int:
+    """Bytes of one output channel's K weights."""
+    if fmt in BLOCK_BYTES:
+        return k // BLOCK * BLOCK_BYTES[fmt]
+    return k * {"f32": 4, "bf16": 2, "int8": 1}[fmt]
+
+
+def _f16(blocks: jax.Array, at: int) -> jax.Array:
+    """The little-endian float16 at byte `at` of each block [..., B, bytes] -> f32 [..., B, 1]."""
+    h = jax.lax.bitcast_convert_type(blocks[..., at:at + 2], jnp.float16)
+    return h.astype(jnp.float32)[..., None]
+
+
+def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int) -> jax.Array:
+    """float32 [..., K] from stored rows [..., row bytes] (any leading dims)."""
+    if fmt in ("f32", "bf16"):
+        return data.astype(jnp.float32)
+    if fmt == "int8":
+        return data.astype(jnp.float32) * scales[..., None]
+    if fmt not in BLOCK_BYTES:
+        raise ValueError(f"unknown quantized format {fmt!r}; known: {', '.join(FORMATS)}")
+    blocks = data.reshape(*data.shape[:-1], k // BLOCK, BLOCK_BYTES[fmt])  # [..., B, bytes]
+    d = _f16(blocks, 0)
+    if fmt == "q8_0":
+        q = jax.lax.bitcast_convert_type(blocks[..., 2:], jnp.int8).astype(jnp.float32)
+        w = d * q
+    else:
+        head = 2 if fmt == "q4_0" else 4
+        nib = blocks[..., head:]  # [..., B, 16]
+        q = jnp.concatenate([nib & 0xF, nib >> 4], axis=-1).astype(jnp.float32)  # [..., B, 32]
+        w = d * (q - 8.0) if fmt == "q4_0" else d * q + _f16(blocks, 2)
+    return w.reshape(*data.shape[:-1], k)
+
+
+def dequantize(w: QuantizedWeight) -> jax.Array:
+    """The logical weight, float32 [(L,) *in_shape, *out_shape]."""
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k)  # [(L,) N, K]
+    lead = nk.shape[:-2]
+    return jnp.swapaxes(nk, -1, -2).reshape(*lead, *w.in_shape, *w.out_shape)
+
+
+def reference_linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x [T, *in_shape] -> [T, *out_shape] in x's dtype: dequantize, then one float32 dot
+    (the oracle every kernel is tested against)."""
+    t = x.shape[0]
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k)  # [N, K]
+    y = jnp.dot(x.reshape(t, w.k).astype(jnp.float32), nk.T,
+                precision=jax.lax.Precision.HIGHEST)  # [T, N]
+    return y.reshape(t, *w.out_shape).astype(x.dtype)
+
+
+def embed_rows(embed: jax.Array | QuantizedWeight, tokens: jax.Array, dtype: jnp.dtype
+               ) -> jax.Array:
+    """Embedding rows [T, E] of `tokens` [T]. A quantized embedding [V, E] is stored as the
+    tied head's weight (in_shape (E,), out_shape (V,)): its rows are the token vectors."""
+    if not isinstance(embed, QuantizedWeight):
+        return embed[tokens]
+    rows = dequantize_rows(embed.data[tokens], embed.scales[tokens] if embed.scales.size else
+                           embed.scales, embed.fmt, embed.k)
+    return rows.astype(dtype)
+
+
+def pack(w: jax.Array, n_in: int, fmt: str) -> QuantizedWeight:
+    """A float weight [(L,) *in_shape, *out_shape] (its first n_in dims after L contracted)
+    as f32, bf16 or int8 (weight-only, symmetric, per output channel: scale = max|w| / 127)."""
+    return _pack(w, n_in, fmt, stacked=False)
+
+
+def _pack(w: jax.Array, n_in: int, fmt: str, stacked: bool) -> QuantizedWeight:
+    lead = w.shape[:1] if stacked else ()
+    dims = w.shape[len(lead):]
+    in_shape, out_shape = tuple(dims[:n_in]), tuple(dims[n_in:])
+    k, n = math.prod(in_shape), math.prod(out_shape)
+    nk = jnp.swapaxes(w.reshape(*lead, k, n), -1, -2).astype(jnp.float32)  # [(L,) N, K]
+    empty = jnp.zeros((*lead, 0), jnp.float32)
+    if fmt == "f32":
+        return QuantizedWeight(nk, empty, fmt, in_shape, out_shape)
+    if fmt == "bf16":
+        return QuantizedWeight(nk.astype(jnp.bfloat16), empty, fmt, in_shape, out_shape)
+    if fmt != "int8":
+        raise ValueError(f"cannot quantize to {fmt!r} at load; use f32, bf16 or int8")
+    scale = jnp.max(jnp.abs(nk), axis=-1) / 127.0  # [(L,) N]
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(nk / scale[..., None]), -127, 127).astype(jnp.int8)
+    return QuantizedWeight(q, scale, fmt, in_shape, out_shape)
+
+
+def pack_stacked(w: jax.Array, n_in: int, fmt: str) -> QuantizedWeight:
+    """`pack` for weights stacked on a leading layer axis [L, ...] (lax.scan)."""
+    return _pack(w, n_in, fmt, stacked=True)
+
+
+def from_gguf_rows(raw: np.ndarray, fmt: str, in_shape: tuple[int, ...],
+                   out_shape: tuple[int, ...]) -> QuantizedWeight:
+    """GGUF blocks kept as they are: raw uint8 [N, K/32 * block bytes] of one tensor."""
+    k, n = math.prod(in_shape), math.prod(out_shape)
+    if fmt not in BLOCK_BYTES or k % BLOCK or raw.shape != (n, row_bytes(fmt, k)):
+        raise ValueError(f"{fmt} rows {raw.shape} do not fit a weight of K={k}, N={n}")
+    data = jnp.asarray(np.ascontiguousarray(raw, dtype=np.uint8))
+    return QuantizedWeight(data, jnp.zeros((0,), jnp.float32), fmt, in_shape, out_shape)
