@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from engine.attention import AttentionMetadata, write_kv
 from engine.model.config import ModelConfig
+from engine.model.quant import QuantizedWeight, reference_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,11 @@ class Backend(abc.ABC):
         from engine.parallel.sharding import shard_heads
 
         return shard_heads(self.attention, self.mesh, self.kv_cache_axes(), self.mesh_rules)
+
+    def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
+        """x [T, *in_shape] @ a quantized weight -> [T, *out_shape] (engine.model.quant).
+        Default: the plain-JAX reference (dequantize, then one float32 dot)."""
+        return reference_linear(x, w)
 
     def compile_options(self) -> dict[str, Any]:
         return {}

@@ -35,6 +35,8 @@ class LoadedModel:
     params: dict
     tokenizer: object | None
     name: str
+    path: Path | None = None
+    """The checkpoint loaded (None for dummy weights)."""
 
 
 def load_tokenizer(path: Path | str | None):
@@ -76,7 +78,7 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
     with jax.default_device(backend.model_devices()[0]):
         params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan, place=place)
     return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
-                       model or "smollm2-135m-instruct")
+                       model or "smollm2-135m-instruct", Path(ckpt.path))
 
 
 def qkv_fusable(cfg: ModelConfig, mesh: Any, rules: dict[str, Any]) -> bool:
@@ -162,6 +164,10 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     cfg = loaded.cfg
     if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules):
         fuse_qkv(loaded.params, place)
+    if config.model.quantization is not None:  # projections as QuantizedWeights
+        from engine.loader.quantize import quantize_params
+
+        quantize_params(loaded.params, cfg, config.model.quantization, loaded.path)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)

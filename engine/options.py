@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "sequence bucket")
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
+    p.add_argument("--quantization", default=None, choices=["int8", "gguf"],
+                   help="int8: weight-only per-channel int8 made at load; gguf: keep a GGUF "
+                   "file's Q8_0/Q4_0/Q4_1 blocks as they are")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--npu-device", default=None, choices=["npu", "cpu"],
                    help="--backend npu: run on the Ascend NPU (torch_npu) or on CPU torch with "
@@ -58,7 +61,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_total_tokens",
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
-                  "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv", "seed",
+                  "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv",
+                  "quantization", "seed",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
                   "num_processes", "process_id", "interpret", "npu_device")
 

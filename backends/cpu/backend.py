@@ -1,4 +1,5 @@
-"""The CPU backend: plain-JAX attention (the oracle) on the host's memory."""
+"""The CPU backend: plain-JAX attention (the oracle) on the host's memory; quantized linear
+layers through the C++ kernels of backends/cpu/kernels (plain JAX without them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 from backends.cpu.attention import ragged_paged_attention
 from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo
+from engine.model.quant import QuantizedWeight, reference_linear
 
 
 class CpuBackend(Backend):
@@ -25,3 +27,14 @@ class CpuBackend(Backend):
         *, scale: float, layer: jax.Array | None = None,
     ) -> jax.Array:
         return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
+
+    def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
+        """The C++ kernel for decode-sized steps (tuning.MAX_KERNEL_TOKENS), where it beats
+        XLA's dot; otherwise, or without the kernel library, the plain-JAX reference."""
+        from backends.cpu.kernels import linear as kernels
+        from backends.cpu.kernels.linear.tuning import MAX_KERNEL_TOKENS
+
+        isa = kernels.isa_level()
+        if isa < 0 or x.shape[0] > MAX_KERNEL_TOKENS.get(w.fmt, 0):
+            return reference_linear(x, w)
+        return kernels.kernel(x, w, isa)

@@ -22,11 +22,21 @@ import numpy as np
 from engine.attention import AttentionMetadata, write_kv
 from engine.model.config import ModelConfig
 from engine.model.moe import moe_ffn
+from engine.model.quant import QuantizedWeight, embed_rows, reference_linear
 
 Params = dict[str, Any]
 KVCache = Any  # list of (K, V) per layer, or a stacked (K [L,...], V [L,...]) under scan
 Attend = Callable[..., jax.Array]  # (q, k_cache, v_cache, md, *, layer) -> [T, Hq, D]
 WriteKV = Callable[..., tuple[jax.Array, jax.Array]]  # (k_cache, v_cache, k, v, slots, layer)
+Linear = Callable[[jax.Array, QuantizedWeight], jax.Array]  # x [T, *in] -> [T, *out]
+
+
+def project(x: jax.Array, w: Any, eq: str, linear: Linear) -> jax.Array:
+    """A projection: the einsum `eq` for a plain weight, the backend's `linear` for a
+    QuantizedWeight (engine.model.quant; the same logical weight, stored by output channel)."""
+    if isinstance(w, QuantizedWeight):
+        return linear(x, w)
+    return jnp.einsum(eq, x, w)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -67,20 +77,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def attention_block(
     lp: Params, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None,
-    write: WriteKV = write_kv,
+    write: WriteKV = write_kv, linear: Linear = reference_linear,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     if "wqkv" in lp:  # one GEMM (engine.model.weights.fuse_qkv); c = G query heads, K, V
-        qkv = jnp.einsum("te,ekcd->tkcd", h, lp["wqkv"])
+        qkv = project(h, lp["wqkv"], "te,ekcd->tkcd", linear)
         if cfg.qkv_bias:
             qkv = qkv + lp["bqkv"]
         g = qkv.shape[2] - 2
         q = qkv[:, :, :g].reshape(qkv.shape[0], -1, qkv.shape[3])  # q head = kv head * G + g
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
     else:
-        q = jnp.einsum("te,ehd->thd", h, lp["wq"])  # q: [T, Hq, D]
-        k = jnp.einsum("te,ekd->tkd", h, lp["wk"])  # k: [T, Hkv, D]
-        v = jnp.einsum("te,ekd->tkd", h, lp["wv"])  # v: [T, Hkv, D]
+        q = project(h, lp["wq"], "te,ehd->thd", linear)  # q: [T, Hq, D]
+        k = project(h, lp["wk"], "te,ekd->tkd", linear)  # k: [T, Hkv, D]
+        v = project(h, lp["wv"], "te,ekd->tkd", linear)  # v: [T, Hkv, D]
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
@@ -91,14 +101,15 @@ def attention_block(
     k = apply_rope(k, md.positions, inv_freq)
     k_cache, v_cache = write(k_cache, v_cache, k, v, md.slot_mapping, layer)
     o = attend(q, k_cache, v_cache, md, layer=layer)  # o: [T, Hq, D]
-    return x + jnp.einsum("thd,hde->te", o, lp["wo"]), k_cache, v_cache
+    return x + project(o, lp["wo"], "thd,hde->te", linear), k_cache, v_cache
 
 
-def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig, linear: Linear = reference_linear
+              ) -> jax.Array:
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("te,ef->tf", h, lp["w_gate"])
-    up = jnp.einsum("te,ef->tf", h, lp["w_up"])
-    return x + jnp.einsum("tf,fe->te", jax.nn.silu(gate) * up, lp["w_down"])
+    gate = project(h, lp["w_gate"], "te,ef->tf", linear)
+    up = project(h, lp["w_up"], "te,ef->tf", linear)
+    return x + project(jax.nn.silu(gate) * up, lp["w_down"], "tf,fe->te", linear)
 
 
 def moe_block(lp: Params, x: jax.Array, cfg: ModelConfig, expert_axis: str | None = None
@@ -110,18 +121,20 @@ def decoder_layer(
     lp: Params, x: jax.Array, kv: tuple[jax.Array, jax.Array],
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None = None,
     write: WriteKV = write_kv, expert_axis: str | None = None,
+    linear: Linear = reference_linear,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """`kv` is this layer's (K, V), or all layers' stacked caches with `layer` the index."""
-    x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer, write)
+    x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer, write,
+                                          linear)
     if cfg.is_moe:
         return moe_block(lp, x, cfg, expert_axis), (k_cache, v_cache)
-    return mlp_block(lp, x, cfg), (k_cache, v_cache)
+    return mlp_block(lp, x, cfg, linear), (k_cache, v_cache)
 
 
 def forward(
     params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
     logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend, write: WriteKV = write_kv,
-    expert_axis: str | None = None,
+    expert_axis: str | None = None, linear: Linear = reference_linear,
 ) -> tuple[jax.Array, KVCache]:
     """tokens [T] -> (logits f32 [S, V] at rows `logits_idx` [S], updated KV cache).
 
@@ -130,13 +143,15 @@ def forward(
     stacked on a leading layer axis (lax.scan); the KV cache has the matching form.
     `expert_axis` names the mesh axis the MoE expert weights are split over, for the
     shard_map expert-parallel path (engine.model.moe); None leaves partitioning to XLA.
+    `linear` runs the projections whose weights are quantized (engine.model.quant).
     """
-    x = params["embed"][tokens]  # x: [T, E]
+    x = embed_rows(params["embed"], tokens, params["norm"].dtype)  # x: [T, E]
     if isinstance(params["layers"], dict):
         def body(carry, lp_and_l):
             x, kv_all = carry
             lp, li = lp_and_l
-            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li, write, expert_axis)
+            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li, write, expert_axis,
+                                      linear)
             return (x, kv_all), None
 
         layer_ids = jnp.arange(cfg.num_layers)
@@ -145,10 +160,13 @@ def forward(
         new_kv = []
         for lp, layer_kv in zip(params["layers"], kv, strict=True):
             x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend, write=write,
-                                        expert_axis=expert_axis)
+                                        expert_axis=expert_axis, linear=linear)
             new_kv.append(layer_kv)
         kv = new_kv
     x = rms_norm(x[logits_idx], params["norm"], cfg.rms_norm_eps)  # x: [S, E]
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [E, V]
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    if isinstance(head, QuantizedWeight):  # stored [V, E] by output channel either way
+        return linear(x.astype(jnp.float32), head), kv
+    head = head.T if cfg.tie_word_embeddings else head  # [E, V]
     logits = jnp.einsum("se,ev->sv", x, head, preferred_element_type=jnp.float32)
     return logits, kv

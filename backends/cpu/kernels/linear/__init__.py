@@ -16,7 +16,7 @@ import numpy as np
 
 from backends.cpu.kernels import build
 from engine import envs
-from engine.model.quant import FORMATS, BLOCK, QuantizedWeight, reference_linear, row_bytes
+from engine.model.quant import BLOCK, FORMATS, QuantizedWeight, reference_linear, row_bytes
 
 log = logging.getLogger(__name__)
 

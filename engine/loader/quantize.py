@@ -1,0 +1,122 @@
+"""Quantized weights at load (`--quantization`): the model's projections as QuantizedWeights.
+
+    int8  weight-only, per output channel, made from the loaded float weights (any source:
+          HF, GGUF, dummy). The tied embedding is quantized too (it is the head's weight;
+          its rows, dequantized, are the token vectors).
+    gguf  a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (read again from the
+          memory-mapped file); tensors of other types stay the float weights loaded.
+
+Projections: wqkv (or wq/wk/wv), wo, w_gate, w_up, w_down, and the head (lm_head, or embed
+when tied). Norms, biases and MoE experts stay float. Runs after fuse_qkv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.model.config import ModelConfig
+from engine.model.quant import QuantizedWeight, from_gguf_rows, pack, pack_stacked
+
+METHODS = ("int8", "gguf")
+PROJECTIONS = {"wqkv": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
+               "w_down": 1}
+"""Layer weight -> number of contracted (input) dims of its logical shape."""
+GGUF_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+"""GGUF tensor types kept as blocks -> the QuantizedWeight format."""
+_GGUF_LAYER = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+               "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+
+
+def quantize_params(params: dict, cfg: ModelConfig, method: str, source: Path | None) -> dict:
+    """The params with their projections quantized by `method` (in place; returned)."""
+    if method not in METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "gguf":
+        if source is None or source.suffix != ".gguf":
+            raise ValueError(f"quantization gguf needs a .gguf model file, got {source}")
+        return _keep_gguf(params, cfg, source)
+    stacked = isinstance(params["layers"], dict)
+    packer = pack_stacked if stacked else pack
+    for lp in [params["layers"]] if stacked else params["layers"]:
+        for name, n_in in PROJECTIONS.items():
+            if name in lp:
+                lp[name] = packer(lp[name], n_in, "int8")
+    if cfg.tie_word_embeddings:
+        params["embed"] = _embed_as_head(params["embed"])
+    else:
+        params["lm_head"] = pack(params["lm_head"], 1, "int8")
+    return params
+
+
+def _embed_as_head(embed: jax.Array) -> QuantizedWeight:
+    """embed [V, E] is the tied head's weight by output channel: quantize its rows."""
+    return pack(embed.T, 1, "int8")  # logical [E] + [V]
+
+
+def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:
+    from engine.loader.gguf import read_gguf, unpermute_rows
+
+    file = read_gguf(path)
+    e, d, hq, hk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+
+    def rows(name: str) -> tuple[str, np.ndarray] | None:
+        """(format, raw rows [N, row bytes]) of a tensor kept as blocks, or None."""
+        info = file.tensors.get(name)
+        kind = getattr(info.qtype, "name", None) if info is not None else None
+        if kind not in GGUF_KEPT or info.shape[-1] % 32:
+            return None
+        raw = np.array(file.raw(info))  # a copy: the file is closed below
+        if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            raw = unpermute_rows(raw, hq if "attn_q" in name else hk)  # as the float load
+        return GGUF_KEPT[kind], raw
+
+    layers = []
+    try:
+        for i in range(cfg.num_layers):
+            got = {n: rows(f"blk.{i}.{g}.weight") for n, g in _GGUF_LAYER.items()}
+            kept: dict[str, Any] = {}
+            f = cfg.intermediate_size
+            shapes = {"wq": (hq, d), "wk": (hk, d), "wv": (hk, d), "w_gate": (f,), "w_up": (f,)}
+            for n, shape in shapes.items():
+                if got[n] is not None:
+                    kept[n] = from_gguf_rows(got[n][1], got[n][0], (e,), shape)
+            if got["wo"] is not None:
+                kept["wo"] = from_gguf_rows(got["wo"][1], got["wo"][0], (hq, d), (e,))
+            if got["w_down"] is not None:
+                kept["w_down"] = from_gguf_rows(got["w_down"][1], got["w_down"][0], (f,), (e,))
+            qkv = [got[n] for n in ("wq", "wk", "wv")]
+            if all(q is not None for q in qkv) and len({q[0] for q in qkv}) == 1:
+                # fuse_qkv's order, by rows: per KV head its G query heads, then its K and V.
+                q, k, v = (x[1].reshape(hk, -1, d, x[1].shape[-1]) for x in qkv)  # [Hkv, G|1, D, B]
+                fused = np.concatenate([q, k, v], axis=1).reshape(-1, q.shape[-1])
+                kept["wqkv"] = from_gguf_rows(fused, qkv[0][0], (e,), (hk, hq // hk + 2, d))
+            layers.append(kept)
+        head = rows("output.weight" if "output.weight" in file.tensors else "token_embd.weight")
+    finally:
+        try:
+            file.buffer.close()
+        except BufferError:
+            pass
+    stacked = isinstance(params["layers"], dict)
+    for i, kept in enumerate(layers):
+        lp = params["layers"] if stacked else params["layers"][i]
+        for name in list(kept):
+            if name in lp:
+                continue
+            del kept[name]  # e.g. wq when the params hold the fused wqkv
+    if stacked:
+        names = [n for n in layers[0] if all(n in k for k in layers)]
+        for n in names:
+            params["layers"][n] = jax.tree.map(lambda *xs: jnp.stack(xs), *[k[n] for k in layers])
+    else:
+        for lp, kept in zip(params["layers"], layers, strict=True):
+            lp.update(kept)
+    if head is not None:
+        w = from_gguf_rows(head[1], head[0], (e,), (cfg.vocab_size,))
+        params["embed" if cfg.tie_word_embeddings else "lm_head"] = w
+    return params
