@@ -39,6 +39,9 @@ class Capabilities:
     min_seq_bucket: int = 4
     """Smallest sequence bucket. A kernel whose decode step wants one query row per token
     (T == S, no pad or slice around it) sets the smallest token bucket, 16."""
+    min_token_bucket: int = 16
+    """Smallest token bucket of a step. The CPU backend takes 1: its batch-1 decode step then
+    computes one token row, not 16 (the linear kernels' cost grows with the rows)."""
     spmd_attention: bool = True
     """The attention is plain JAX that XLA's SPMD partitioner can shard. False for custom
     kernels: under tensor parallelism they run per device over their heads (shard_map)."""

@@ -121,7 +121,8 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
     inputs at the largest token, sequence and page buckets, with every sampling feature on)."""
     page, s = config.cache.page_size, config.scheduler
     max_len = config.model.max_model_len or cfg.max_position_embeddings
-    buckets = step_buckets(s, -(-max_len // page), backend.capabilities.min_seq_bucket)
+    buckets = step_buckets(s, -(-max_len // page), backend.capabilities.min_seq_bucket,
+                           backend.capabilities.min_token_bucket)
     shape = backend.kv_cache_shape(PROBE_PAGES, page, cfg.num_kv_heads, cfg.head_dim)
     axes = backend.kv_cache_axes()
     if scan:
@@ -192,7 +193,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                         max_num_tokens=s.chunked_prefill_size,
                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
                         kv_dtype=dtype, eos_token_ids=eos, kv_place=place,
-                        buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket))
+                        buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket,
+                                             caps.min_token_bucket))
     if s.warmup_decode_len:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")

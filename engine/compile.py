@@ -131,11 +131,12 @@ def abstract_batch(t: int, s: int, p: int, decode_only: bool, page: int, vocab: 
                                                        sharding=sharding), concrete)
 
 
-def step_buckets(scheduler: Any, max_pages: int, min_seqs: int) -> Buckets:
+def step_buckets(scheduler: Any, max_pages: int, min_seqs: int, min_tokens: int = 16
+                 ) -> Buckets:
     """The buckets of an engine's steps, from its SchedulingOptions (engine.config)."""
     s = scheduler
     return Buckets.make(s.chunked_prefill_size, s.max_running_requests, max_pages,
-                        min_seqs=min_seqs, page_buckets=s.page_buckets,
+                        min_tokens=min_tokens, min_seqs=min_seqs, page_buckets=s.page_buckets,
                         wide_tokens=s.wide_tokens)
 
 

@@ -126,7 +126,8 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
     s = config.scheduler
-    buckets = step_buckets(s, -(-max_len // page), backend.capabilities.min_seq_bucket)
+    buckets = step_buckets(s, -(-max_len // page), backend.capabilities.min_seq_bucket,
+                           backend.capabilities.min_token_bucket)
     grid = reachable(buckets)[:limit]
     log.info("%s on %s: %d pages x %d, max_model_len %d, %d buckets x %d sampling modes",
              config.model.model, target or backend.name, num_pages, page, max_len, len(grid),

@@ -170,7 +170,8 @@ class ModelRunner:
                                       place=kv_place or (lambda shape, axes: where))
         max_pages = -(-max_model_len // page_size)
         self.buckets = buckets or Buckets.make(max_num_tokens, max_num_seqs, max_pages,
-                                               min_seqs=backend.capabilities.min_seq_bucket)
+                                               min_seqs=backend.capabilities.min_seq_bucket,
+                                               min_tokens=backend.capabilities.min_token_bucket)
         self._step = make_step(cfg, backend, self.buckets.seqs[-1])
         self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()

@@ -15,7 +15,8 @@ from engine.model.quant import QuantizedWeight, reference_linear
 
 class CpuBackend(Backend):
     name = "cpu"
-    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False)
+    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False,
+                                min_token_bucket=1)
 
     def memory_info(self) -> MemoryInfo:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

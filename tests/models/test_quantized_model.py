@@ -1,0 +1,116 @@
+"""SmolLM2-135M-Instruct (the default GGUF) with quantized projections, against float32.
+
+- GGUF blocks kept (--quantization gguf) through the CPU kernel: the same logits as the float32
+  oracle (the file's blocks dequantized at load, plain JAX), and the same greedy tokens.
+- int8 weight-only per channel (--quantization int8): top-1 agreement and logit error bounded.
+Each of 8 varied texts is cut to 32 tokens; the next-token prediction at every position is
+compared (teacher-forced greedy: the float32 model's input at each step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from backends.cpu.attention import ragged_paged_attention
+from backends.cpu.kernels import linear as kernels
+from engine.attention import AttentionMetadata
+from engine.loader.checkpoint import load_checkpoint
+from engine.loader.quantize import quantize_params
+from engine.model.llama import forward
+from engine.model.quant import QuantizedWeight, reference_linear
+from engine.model.weights import fuse_qkv, params_from_hf
+
+TEXTS = [
+    "The capital of France is Paris, a city known for the Eiffel Tower, the Louvre and its cafes "
+    "along the Seine, where visitors walk for hours.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
+    "fibonacci(n - 2)\n\nprint([fibonacci(i) for i in range(10)])",
+    "Once upon a time, in a small village at the edge of a dark forest, there lived an old "
+    "woodcutter and his three curious children, who loved to explore the hills.",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20",
+    "Water boils at 100 degrees Celsius at sea level, but at higher altitudes the boiling point "
+    "is lower because the air pressure drops as you climb higher into the mountains.",
+    "Translate to French: Good morning, my friend. How are you today? I hope the weather is nice "
+    "where you live, and that your family is well and happy this spring.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
+    "to make glucose and release oxygen into the air that all animals and people need to breathe.",
+    "<|im_start|>user\nWhat are the three primary colors?<|im_end|>\n<|im_start|>assistant\n"
+    "The three primary colors are red, blue and yellow. Mixing them gives the other colors.",
+]
+N = 32
+PAGE = 16
+
+
+@pytest.fixture(scope="module")
+def models(default_gguf, default_tokenizer):
+    ckpt = load_checkpoint(str(default_gguf), progress=False)
+    cfg = ckpt.config
+
+    def params(method: str | None) -> dict:
+        p = params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=True)
+        fuse_qkv(p)
+        return p if method is None else quantize_params(p, cfg, method, default_gguf)
+
+    ids = [default_tokenizer.encode(t)[:N] for t in TEXTS]
+    assert all(len(i) == N for i in ids)
+    return cfg, ids, {m: params(m) for m in (None, "int8", "gguf")}
+
+
+def logits(cfg, params, ids: list[list[int]], linear) -> np.ndarray:
+    """Next-token logits [texts, N, V] of each text run as one sequence (one prompt step)."""
+    pages = N // PAGE + 1
+    kv0 = jax.tree.map(lambda a: jnp.zeros_like(a), _kv(cfg, pages))
+    fwd = jax.jit(functools.partial(
+        forward, cfg=cfg, linear=linear,
+        attend=functools.partial(ragged_paged_attention, scale=cfg.head_dim**-0.5)))
+    md = AttentionMetadata.one_sequence(0, N, np.arange(pages, dtype=np.int32)[None],
+                                        PAGE, pages)
+    out = []
+    for seq in ids:
+        tok = np.zeros(md.positions.shape[0], np.int32)
+        tok[:N] = seq
+        out.append(np.asarray(fwd(params, kv0, tok, md, np.arange(N, dtype=np.int32))[0]))
+    return np.stack(out)
+
+
+def _kv(cfg, pages: int):
+    shape = (cfg.num_layers, pages, PAGE, cfg.num_kv_heads, cfg.head_dim)
+    return (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def oracle(models):
+    cfg, ids, params = models
+    return logits(cfg, params[None], ids, reference_linear)
+
+
+def test_projections_are_quantized(models):
+    _, _, params = models
+    lp = params["gguf"]["layers"]
+    assert isinstance(lp["wqkv"], QuantizedWeight) and lp["wqkv"].fmt == "q4_1"
+    assert params["gguf"]["embed"].fmt == "q8_0"  # token_embd is Q8_0 in this file
+    assert {params["int8"]["layers"][n].fmt for n in ("wqkv", "wo", "w_gate", "w_down")} == {"int8"}
+
+
+@pytest.mark.skipif(kernels.isa_level() < 0, reason="the CPU kernel library is not built here")
+def test_gguf_blocks_through_kernel_equal_float32_oracle(models, oracle):
+    cfg, ids, params = models
+    isa = kernels.isa_level()
+    got = logits(cfg, params["gguf"], ids, functools.partial(kernels.kernel, isa=isa))
+    np.testing.assert_allclose(got, oracle, atol=2e-3, rtol=1e-3)
+    assert (got.argmax(-1) == oracle.argmax(-1)).all()
+
+
+def test_int8_agrees_with_float32(models, oracle):
+    cfg, ids, params = models
+    got = logits(cfg, params["int8"], ids, reference_linear)
+    agree = float((got.argmax(-1) == oracle.argmax(-1)).mean())
+    err = np.abs(got - oracle).max(-1) / np.abs(oracle).max(-1)  # per position, relative
+    # Measured 2026-12-03: agreement 0.93, relative max logit error median 0.02, max 0.08.
+    assert agree >= 0.85, agree
+    assert np.median(err) <= 0.05 and err.max() <= 0.2, (np.median(err), err.max())
