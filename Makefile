@@ -21,10 +21,12 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[gguf]'
+	$(BIN)/python -m backends.cpu.kernels.build
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m backends.cpu.kernels.build
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

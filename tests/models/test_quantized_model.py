@@ -111,6 +111,7 @@ def test_int8_agrees_with_float32(models, oracle):
     got = logits(cfg, params["int8"], ids, reference_linear)
     agree = float((got.argmax(-1) == oracle.argmax(-1)).mean())
     err = np.abs(got - oracle).max(-1) / np.abs(oracle).max(-1)  # per position, relative
-    # Measured 2026-12-03: agreement 0.93, relative max logit error median 0.02, max 0.08.
+    # Measured 2026-12-03: agreement 0.957 (245 of 256), relative max logit error median
+    # 0.037, max 0.078 (absolute 2.1 on logits up to 44).
     assert agree >= 0.85, agree
-    assert np.median(err) <= 0.05 and err.max() <= 0.2, (np.median(err), err.max())
+    assert np.median(err) <= 0.06 and err.max() <= 0.2, (np.median(err), err.max())
