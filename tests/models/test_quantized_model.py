@@ -19,7 +19,7 @@ import pytest
 from backends.cpu.attention import ragged_paged_attention
 from backends.cpu.kernels import linear as kernels
 from engine.attention import AttentionMetadata
-from engine.loader.checkpoint import load_checkpoint
+from engine.loader.load import load_checkpoint
 from engine.loader.quantize import quantize_params
 from engine.model.llama import forward
 from engine.model.quant import QuantizedWeight, reference_linear
