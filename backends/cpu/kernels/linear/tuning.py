@@ -1,17 +1,21 @@
 """When the CPU linear kernel runs: by weight format, the largest token count T of a step.
 
 Above it the backend dequantizes the weight in XLA and uses XLA's own dot (a blocked GEMM
-that reuses each weight over many rows better than the kernel's 4-row tiles). From a
-microbenchmark of 2026-12-03 on a 2-core AMD EPYC (AVX-512; load average ~8, so indicative
-only) at SmolLM2-135M's shapes (K=576; N=192, 576, 1536, 49152), in ms, XLA float32 dot vs
-the kernel:
-    T=1:  N=1536 1.10 vs f32 0.35 / bf16 0.14 / int8 0.25;  N=49152 16.9 vs 27.0 / 11.6 / 9.3
-          N=576  0.07 vs 0.19 / 0.22 / 0.26 (small layers: the call and thread hand-off cost)
-    T=8:  N=1536 0.18 vs 1.13 / 1.32 / 1.25;  N=49152 48.9 vs 84.8 / 58.5 / 32.9
-    T=32: N=1536 0.81 vs 3.98 / 4.87 / 3.96;  N=49152 60.4 vs 81.4 / 128 / 84.3
-Plain float32 weights stay on XLA's dot (they are not packed for the kernel); quantized ones
-take the kernel for decode-sized steps.
+that reuses each weight over many rows better than the kernel's 4-row tiles). Measured
+2026-12-03 on a 2-core AMD EPYC (AVX-512) pinned to one core (taskset), other work on the
+host (load average ~15), best of 20-30 runs, so indicative only; K=576 (SmolLM2-135M), ms,
+kernel vs the plain-JAX reference (dequantize + XLA dot) of the same weight:
+    q4_1  N=1536:  T=1 0.08 vs 1.74;  T=8 0.21 vs 0.46
+          N=49152: T=1 2.3 vs 232;    T=8 19 vs 260
+    q8_0  N=49152: T=1 2.0 vs 49;     T=8 34 vs 225
+    int8  N=1536:  T=1 0.056 vs 0.052; T=8 0.20 vs 0.22; T=32 0.71 vs 0.43
+          N=49152: T=1 1.8 vs 1.3;    T=8 24 vs 264;   T=32 100 vs 368
+    f32   N=49152: T=1 11.5 vs XLA's dot on the [K, N] weight 4.6 (XLA wins: float32
+          weights are not packed for the kernel)
+XLA fuses an int8 dequantization into a one-row dot well, but not the GGUF bit unpacking,
+and not any of them at several rows.
 """
 
-MAX_KERNEL_TOKENS = {"f32": 1, "bf16": 4, "int8": 4, "q8_0": 4, "q4_0": 4, "q4_1": 4}
-"""Format -> the largest T the kernel runs at; larger steps dequantize and use XLA's dot."""
+MAX_KERNEL_TOKENS = {"f32": 1, "bf16": 4, "int8": 64, "q8_0": 64, "q4_0": 64, "q4_1": 64}
+"""Format -> the largest T the kernel runs at; larger steps (prompt chunks) dequantize and
+use XLA's dot."""
