@@ -41,15 +41,17 @@ class ModelOptions:
     quantization: str | None = None
     """Quantized projection weights (engine.loader.quantize): 'int8' (weight-only, per
     output channel, made at load from any checkpoint) or 'gguf' (a GGUF file's Q8_0/Q4_0/
-    Q4_1 blocks kept as they are); None keeps the float weights."""
+    Q4_1 blocks kept as they are), 'f32' (float32 weights stored by output channel for the
+    CPU kernels: no precision change); None keeps the weights as loaded."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
-        if self.quantization not in (None, "int8", "gguf"):
-            raise ValueError(f"quantization must be int8 or gguf, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "gguf", "f32"):
+            raise ValueError(f"quantization must be int8, gguf or f32, got "
+                             f"{self.quantization!r}")
         if not isinstance(self.fuse_qkv, bool):
             raise ValueError(f"fuse_qkv must be true or false, got {self.fuse_qkv!r}")
 

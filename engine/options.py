@@ -39,9 +39,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "sequence bucket")
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
-    p.add_argument("--quantization", default=None, choices=["int8", "gguf"],
+    p.add_argument("--quantization", default=None, choices=["int8", "gguf", "f32"],
                    help="int8: weight-only per-channel int8 made at load; gguf: keep a GGUF "
-                   "file's Q8_0/Q4_0/Q4_1 blocks as they are")
+                   "file's Q8_0/Q4_0/Q4_1 blocks as they are; f32: float32 weights laid out "
+                   "for the CPU kernels")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--npu-device", default=None, choices=["npu", "cpu"],
                    help="--backend npu: run on the Ascend NPU (torch_npu) or on CPU torch with "

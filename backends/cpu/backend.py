@@ -30,12 +30,14 @@ class CpuBackend(Backend):
         return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
-        """The C++ kernel for decode-sized steps (tuning.MAX_KERNEL_TOKENS), where it beats
-        XLA's dot; otherwise, or without the kernel library, the plain-JAX reference."""
+        """The C++ kernel for decode-sized steps and wide quantized heads (kernels/linear/
+        tuning.py), where it beats XLA; otherwise, or without the kernel library, the
+        plain-JAX reference."""
         from backends.cpu.kernels import linear as kernels
-        from backends.cpu.kernels.linear.tuning import MAX_KERNEL_TOKENS
+        from backends.cpu.kernels.linear.tuning import MAX_KERNEL_TOKENS, WIDE_N
 
         isa = kernels.isa_level()
-        if isa < 0 or x.shape[0] > MAX_KERNEL_TOKENS.get(w.fmt, 0):
+        wide = w.n >= WIDE_N and w.fmt != "f32"
+        if isa < 0 or (x.shape[0] > MAX_KERNEL_TOKENS.get(w.fmt, 0) and not wide):
             return reference_linear(x, w)
         return kernels.kernel(x, w, isa)

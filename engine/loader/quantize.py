@@ -5,6 +5,8 @@
           its rows, dequantized, are the token vectors).
     gguf  a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (read again from the
           memory-mapped file); tensors of other types stay the float weights loaded.
+    f32   no quantization: float32 weights stored by output channel, so that decode-sized
+          steps take the CPU kernel (faster than XLA's dot there; same values).
 
 Projections: wqkv (or wq/wk/wv), wo, w_gate, w_up, w_down, and the head (lm_head, or embed
 when tied). Norms, biases and MoE experts stay float. Runs after fuse_qkv.
@@ -20,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.model.config import ModelConfig
-from engine.model.quant import QuantizedWeight, from_gguf_rows, pack, pack_stacked
+from engine.model.quant import from_gguf_rows, pack, pack_stacked
 
-METHODS = ("int8", "gguf")
+METHODS = ("int8", "gguf", "f32")
 PROJECTIONS = {"wqkv": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
                "w_down": 1}
 """Layer weight -> number of contracted (input) dims of its logical shape."""
@@ -45,17 +47,12 @@ def quantize_params(params: dict, cfg: ModelConfig, method: str, source: Path | 
     for lp in [params["layers"]] if stacked else params["layers"]:
         for name, n_in in PROJECTIONS.items():
             if name in lp:
-                lp[name] = packer(lp[name], n_in, "int8")
-    if cfg.tie_word_embeddings:
-        params["embed"] = _embed_as_head(params["embed"])
+                lp[name] = packer(lp[name], n_in, method)
+    if cfg.tie_word_embeddings:  # embed [V, E] is the head's weight by output channel
+        params["embed"] = pack(params["embed"].T, 1, method)  # logical [E] + [V]
     else:
-        params["lm_head"] = pack(params["lm_head"], 1, "int8")
+        params["lm_head"] = pack(params["lm_head"], 1, method)
     return params
-
-
-def _embed_as_head(embed: jax.Array) -> QuantizedWeight:
-    """embed [V, E] is the tied head's weight by output channel: quantize its rows."""
-    return pack(embed.T, 1, "int8")  # logical [E] + [V]
 
 
 def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:

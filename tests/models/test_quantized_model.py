@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct (the default GGUF) with quantized projections, against float32.
 
-- GGUF blocks kept (--quantization gguf) through the CPU kernel: the same logits as the float32
-  oracle (the file's blocks dequantized at load, plain JAX), and the same greedy tokens.
+- GGUF blocks kept (--quantization gguf), and float32 weights laid out for the kernel
+  (--quantization f32), through the CPU kernel: the same logits as the float32 oracle (the
+  file's blocks dequantized at load, plain JAX), and the same greedy tokens.
 - int8 weight-only per channel (--quantization int8): top-1 agreement and logit error bounded.
 Each of 8 varied texts is cut to 32 tokens; the next-token prediction at every position is
 compared (teacher-forced greedy: the float32 model's input at each step).
@@ -58,7 +59,7 @@ def models(default_gguf, default_tokenizer):
 
     ids = [default_tokenizer.encode(t)[:N] for t in TEXTS]
     assert all(len(i) == N for i in ids)
-    return cfg, ids, {m: params(m) for m in (None, "int8", "gguf")}
+    return cfg, ids, {m: params(m) for m in (None, "int8", "gguf", "f32")}
 
 
 def logits(cfg, params, ids: list[list[int]], linear) -> np.ndarray:
@@ -98,10 +99,13 @@ def test_projections_are_quantized(models):
 
 
 @pytest.mark.skipif(kernels.isa_level() < 0, reason="the CPU kernel library is not built here")
-def test_gguf_blocks_through_kernel_equal_float32_oracle(models, oracle):
+@pytest.mark.parametrize("method", ["gguf", "f32"])
+def test_kernel_path_equals_float32_oracle(models, oracle, method):
+    """The Q4_1 blocks kept, or the float32 weights laid out for the kernel: every
+    projection through the kernel, the same logits and greedy tokens as the oracle."""
     cfg, ids, params = models
     isa = kernels.isa_level()
-    got = logits(cfg, params["gguf"], ids, functools.partial(kernels.kernel, isa=isa))
+    got = logits(cfg, params[method], ids, functools.partial(kernels.kernel, isa=isa))
     np.testing.assert_allclose(got, oracle, atol=2e-3, rtol=1e-3)
     assert (got.argmax(-1) == oracle.argmax(-1)).all()
 
