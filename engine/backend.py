@@ -40,8 +40,8 @@ class Capabilities:
     """Smallest sequence bucket. A kernel whose decode step wants one query row per token
     (T == S, no pad or slice around it) sets the smallest token bucket, 16."""
     min_token_bucket: int = 16
-    """Smallest token bucket of a step. The CPU backend takes 1: its batch-1 decode step then
-    computes one token row, not 16 (the linear kernels' cost grows with the rows)."""
+    """Smallest token bucket of a step (a power of two up to 16). The CPU backend lowers it
+    with its option min_token_bucket, so that a batch-1 decode step computes one row."""
     spmd_attention: bool = True
     """The attention is plain JAX that XLA's SPMD partitioner can shard. False for custom
     kernels: under tensor parallelism they run per device over their heads (shard_map)."""

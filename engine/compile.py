@@ -62,8 +62,9 @@ class Buckets:
     def make(cls, max_tokens: int, max_seqs: int, max_pages: int, *, min_tokens: int = 16,
              min_seqs: int = 4, min_pages: int = 4, page_buckets: str = "pow2",
              wide_tokens: int = WIDE_TOKENS) -> Buckets:
-        """Token buckets are powers of two from min_tokens (16, or fewer for a backend whose
-        decode step should compute fewer padded rows: the CPU's 1), then multiples of 16. Page
+        """Token buckets are powers of two from min_tokens (16, or fewer where a backend's
+        decode step should compute fewer padded rows: the CPU's option), up to max_tokens
+        rounded to a multiple of 16. Page
         buckets: 'pow2', powers of two up to max_pages; 'max', max_pages alone (one page
         table width for every step, for kernels that read only each sequence's own pages)."""
         if page_buckets not in PAGE_BUCKETS:

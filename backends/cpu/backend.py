@@ -3,7 +3,9 @@ layers through the C++ kernels of backends/cpu/kernels (plain JAX without them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import jax
 
@@ -15,8 +17,20 @@ from engine.model.quant import QuantizedWeight, reference_linear
 
 class CpuBackend(Backend):
     name = "cpu"
-    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False,
-                                min_token_bucket=1)
+    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False)
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        # Option min_token_bucket (1, 2, 4, 8 or 16; default 16): the smallest token bucket.
+        # 1 makes a batch-1 decode step compute one row, not 16 (the linear kernels' cost
+        # grows with the rows), at the price of more step programs, which a full warm-up
+        # (engine.compile.warmup_grid) does not all cover yet.
+        small = self.options.get("min_token_bucket")
+        if small is not None:
+            if small not in (1, 2, 4, 8, 16):
+                raise ValueError(f"cpu option min_token_bucket must be 1, 2, 4, 8 or 16, "
+                                 f"got {small!r}")
+            self.capabilities = dataclasses.replace(self.capabilities, min_token_bucket=small)
 
     def memory_info(self) -> MemoryInfo:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
