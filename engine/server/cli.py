@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.llm import default_preset
     from engine.loader.hub import DEFAULT_MODEL
+    from engine.parallel.mesh import init_distributed
     from engine.server.api import ServerOptions
 
     if args.model_path and args.model and args.model_path != args.model:
@@ -80,8 +81,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig.build(args.config or default_preset(args.backend), model=model,
                                 backend=None if args.backend == "auto" else args.backend,
                                 **opts)
-    # Hardware the backend needs and jax does not see: one error line, before serving.
-    get_backend(config.backend.name, dict(config.backend.options)).devices()
+    # Hardware the backend needs and jax does not see: one error line, before serving (after
+    # jax.distributed's start, which must precede the first device query; a no-op for one
+    # process, and the builder's own call is then one too).
+    backend = get_backend(config.backend.name, dict(config.backend.options))
+    init_distributed(config.parallel, backend.capabilities.platform)
+    backend.devices()
     if args.dp > 1:
         from engine.server.router import serve_dp
 
