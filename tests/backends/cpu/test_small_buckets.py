@@ -1,0 +1,41 @@
+"""The CPU backend's buckets start at 1 token and 1 sequence: a batch-1 decode step computes
+one row, not 16, and gives the tokens the padded step gave."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from backends.cpu.backend import CpuBackend
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from tests.bench.test_offline_bench import TINY
+
+
+def _generate(config: Path, prompts: list[list[int]]) -> tuple[list[list[int]], set[tuple]]:
+    llm = LLM(str(config), backend="cpu", load_format="dummy", max_total_tokens=1024,
+              max_running_requests=8, chunked_prefill_size=64)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = [o.token_ids for o in llm.generate(prompts, params)]
+    return outs, llm.engine.runner.compiled_shapes
+
+
+def test_small_decode_buckets_give_the_padded_steps_tokens(tmp_path: Path, monkeypatch) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    rng = np.random.default_rng(0)
+    one = [rng.integers(1, 500, size=21).tolist()]
+    three = [rng.integers(1, 500, size=int(n)).tolist() for n in (7, 30, 12)]
+    small = [_generate(config, p) for p in (one, three)]
+    # (tokens, sequences, pages, decode-only, ...): batch-1 decodes ran as 1 x 1, three
+    # sequences' as 4 x 4: no padding rows beyond the next power of two.
+    decode = {s[:2] for s in small[0][1] | small[1][1] if s[3]}
+    assert decode == {(1, 1), (4, 4)}, decode
+    monkeypatch.setattr(CpuBackend, "capabilities", dataclasses.replace(
+        CpuBackend.capabilities, min_token_bucket=16, min_seq_bucket=4))  # the old buckets
+    padded = [_generate(config, p) for p in (one, three)]
+    assert {s[:2] for s in padded[0][1] if s[3]} == {(16, 4)}
+    assert [s[0] for s in small] == [p[0] for p in padded]
