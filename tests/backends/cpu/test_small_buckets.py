@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.cpu.backend import CpuBackend
+from engine.compile import Buckets, reachable
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from tests.bench.test_offline_bench import TINY
@@ -39,3 +40,15 @@ def test_small_decode_buckets_give_the_padded_steps_tokens(tmp_path: Path, monke
     padded = [_generate(config, p) for p in (one, three)]
     assert {s[:2] for s in padded[0][1] if s[3]} == {(16, 4)}
     assert [s[0] for s in small] == [p[0] for p in padded]
+
+
+def test_buckets_below_16_tokens_serve_decode_only_steps() -> None:
+    b = Buckets.make(64, 8, 16, min_tokens=1, min_seqs=1)
+    assert b.tokens == (1, 2, 4, 8, 16, 32, 64) and b.seqs == (1, 2, 4, 8)
+    assert b.shape_for(1, 1, 3) == (1, 1, 4)  # a batch-1 decode
+    assert b.shape_for(3, 3, 3) == (4, 4, 4)
+    assert b.shape_for(5, 1, 1) == (16, 1, 4)  # a 5-token prompt chunk: 16 tokens, as before
+    assert b.shape_for(6, 3, 1) == (16, 4, 4)
+    grid = reachable(b)
+    assert {(t, s) for t, s, _, dec in grid if t < 16} == {(1, 1), (2, 2), (4, 4), (8, 8)}
+    assert all(dec for t, _, _, dec in grid if t < 16)
