@@ -4,6 +4,7 @@ one row, not 16, and gives the tokens the padded step gave."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -52,3 +53,10 @@ def test_buckets_below_16_tokens_serve_decode_only_steps() -> None:
     grid = reachable(b)
     assert {(t, s) for t, s, _, dec in grid if t < 16} == {(1, 1), (2, 2), (4, 4), (8, 8)}
     assert all(dec for t, _, _, dec in grid if t < 16)
+    # reachable() is exactly the programs batches need (as for the default buckets in
+    # tests/backends/tpu/test_precompile.py), here with wide steps from 32 tokens.
+    b = dataclasses.replace(b, wide_tokens=32)
+    needed = {(*b.shape_for(n_tok, n_seq, n_pages), n_tok == n_seq)
+              for n_tok, n_seq, n_pages in itertools.product(range(1, 65), range(1, 9),
+                                                             range(1, 17)) if n_seq <= n_tok}
+    assert set(reachable(b)) == needed and len(reachable(b)) == len(needed)
