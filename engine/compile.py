@@ -48,6 +48,11 @@ running) gives the 13 programs the GPU run compiled, 6 of them 8192-token prompt
 H200; by arithmetic, 240 padded logit rows of an 8B model's 128k vocabulary cost < 1 ms."""
 
 
+PROMPT_MIN_TOKENS = 16
+"""Steps with prompt tokens take a token bucket of at least this many: smaller buckets (a
+backend's min_token_bucket below 16: the CPU's) serve decode-only steps alone, so they add
+decode programs only, not one per small prompt chunk too (which warm-up would not cover)."""
+
 PAGE_BUCKETS = ("pow2", "max")
 
 
@@ -79,8 +84,9 @@ class Buckets:
         )
 
     def shape_for(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
-        t = round_up(num_tokens, self.tokens)
-        wide = t >= self.wide_tokens and num_tokens > num_seqs  # prompt tokens in a wide step
+        prompt = num_tokens > num_seqs
+        t = round_up(max(num_tokens, PROMPT_MIN_TOKENS) if prompt else num_tokens, self.tokens)
+        wide = t >= self.wide_tokens and prompt  # prompt tokens in a wide step
         return (t, self.seqs[-1] if wide else round_up(num_seqs, self.seqs),
                 round_up(num_pages, self.pages))
 
@@ -90,12 +96,14 @@ def reachable(buckets: Buckets) -> list[tuple[int, int, int, bool]]:
     least one token, so the sequence bucket's smallest member (the previous bucket + 1) must
     fit in the token bucket; a decode-only step (n tokens for n sequences) is a separate
     program where some n rounds up to both buckets. Steps with prompt tokens of `wide_tokens`
-    or more take the largest sequence bucket only (Buckets.shape_for), whatever their count."""
+    or more take the largest sequence bucket only (Buckets.shape_for), whatever their count;
+    token buckets below PROMPT_MIN_TOKENS are decode-only."""
     out = []
     for t in buckets.tokens:
         wide = t >= buckets.wide_tokens
         for s in buckets.seqs:
             mixed = s == buckets.seqs[-1] if wide else _lowest(s, buckets.seqs) <= t
+            mixed &= t >= PROMPT_MIN_TOKENS  # (the largest bucket is always >= 16)
             both = max(_lowest(t, buckets.tokens), _lowest(s, buckets.seqs)) <= min(t, s)
             for decode_only in (False,) * mixed + (True,) * both:
                 out.extend((t, s, p, decode_only) for p in buckets.pages)

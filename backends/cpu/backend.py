@@ -17,14 +17,16 @@ from engine.model.quant import QuantizedWeight, reference_linear
 
 class CpuBackend(Backend):
     name = "cpu"
-    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False)
+    # Buckets from 1 token and 1 sequence: the attention takes any token count, and a GEMM
+    # here costs by its rows (compute-bound at 16 rows on 2 AVX2 cores), so a batch-1 decode
+    # step computes one row, not 16 (the default smallest token bucket) with 15 of padding.
+    capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False,
+                                min_seq_bucket=1, min_token_bucket=1)
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
-        # Option min_token_bucket (1, 2, 4, 8 or 16; default 16): the smallest token bucket.
-        # 1 makes a batch-1 decode step compute one row, not 16 (the linear kernels' cost
-        # grows with the rows), at the price of more step programs, which a full warm-up
-        # (engine.compile.warmup_grid) does not all cover yet.
+        # Option min_token_bucket (1, 2, 4, 8 or 16; default 1, see capabilities): the
+        # smallest token bucket. 16 gives back the padded decode steps (fewer programs).
         small = self.options.get("min_token_bucket")
         if small is not None:
             if small not in (1, 2, 4, 8, 16):

@@ -6,15 +6,18 @@ import argparse
 import logging
 
 from engine.bench.datasets import add_dataset_args, make_requests
+from engine.bench.latency_baselines import BASELINES
 from engine.options import add_engine_args, make_llm
 
 log = logging.getLogger(__name__)
 
 
 def cmd_offline(args: argparse.Namespace) -> int:
+    from engine.bench.hostload import HostLoad
     from engine.bench.offline import run_engine, write_json
     from engine.bench.roofline import copy_bandwidth, matmul_rate
 
+    load = HostLoad.start(on_cpu(args))
     hf = None
     if args.baseline == "hf":  # first: see engine.bench.hf_baseline.baseline
         from engine.bench.hf_baseline import baseline
@@ -44,28 +47,48 @@ def cmd_offline(args: argparse.Namespace) -> int:
                                f"{results[0].name}" if r is not results[0] else
                                f"{r.name}: {r.output_throughput:.1f} output tok/s"
                                for r in results))
+    load.finish()
     if args.output_json:
         write_json(args.output_json, results, {k: v for k, v in vars(args).items()
-                                               if k != "func"})
+                                               if k != "func"}, host_load=load.as_dict())
     return 0
+
+
+def on_cpu(args: argparse.Namespace) -> bool:
+    from engine.backend import detect_backend
+
+    return (detect_backend() if args.backend == "auto" else args.backend) == "cpu"
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
     import json
 
+    from engine.bench.hostload import HostLoad
     from engine.bench.latency import HEADER, measure, row_line
+    from engine.bench.latency_baselines import compare_line, run_baselines
     from engine.bench.roofline import copy_bandwidth
 
+    load = HostLoad.start(on_cpu(args))
+    base = run_baselines(args) if args.baseline else []  # first: as for --baseline hf offline
     llm = make_llm(args)
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s\n{HEADER}", flush=True)
     rows = []
+
+    def dump() -> None:  # rewritten after every row: a cut-off run keeps what it had
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump({"copy_bandwidth": bw, "rows": rows, "baseline_rows": base,
+                           "host_load": load.as_dict()}, f, indent=2)
+
     for b in args.batch_size:
         rows.append(measure(llm, b, args.input_len, args.output_len))
         print(row_line(rows[-1], bw), flush=True)
-        if args.output_json:  # rewritten after every row: a cut-off run keeps what it had
-            with open(args.output_json, "w") as f:
-                json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=2)
+        dump()
+    for r in base:
+        print(compare_line(r, next(e for e in rows if e["batch"] == r["batch"])), flush=True)
+    load.finish()
+    dump()
     return 0
 
 
@@ -125,6 +148,10 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--baseline", nargs="+", choices=list(BASELINES), default=None,
+                   help="also run the same batches through these, before the engine: hf "
+                   "(transformers generate on the same weights), llama.cpp (llama-cpp-python, "
+                   "the 'bench' extra, on the GGUF file itself; batch 1)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_latency)
 

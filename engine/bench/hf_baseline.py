@@ -48,15 +48,20 @@ def load_hf_model(model: str | None, load_format: str, dtype: str, device: str):
         with torch.device(device):  # random init on the GPU: minutes faster than on the CPU
             m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     else:
-        from engine.loader import hub
-
-        path = Path(hub.fetch_model(model) if model is None or model in hub.ALIASES else model)
+        path = model_path(model)
         if path.suffix == ".gguf":
             m = transformers.AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch_dtype)
         else:
             m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     return m.to(device).eval()
+
+
+def model_path(model: str | None) -> Path:
+    """The weights' file or folder: an alias (or None, the default model) fetched first."""
+    from engine.loader import hub
+
+    return Path(hub.fetch_model(model) if model is None or model in hub.ALIASES else model)
 
 
 def run_hf(model, reqs: list[BenchRequest], batch_size: int, device: str) -> OfflineResult:

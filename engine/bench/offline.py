@@ -153,6 +153,8 @@ def step_totals(llm, rates: tuple[float, float] | None) -> dict[str, dict]:
     return {"step_time": times, "bound_s": bound if rates else None}
 
 
-def write_json(path: str, results: list[OfflineResult], args: dict) -> None:
+def write_json(path: str, results: list[OfflineResult], args: dict,
+               host_load: dict | None = None) -> None:
     with open(path, "w") as f:
-        json.dump({"args": args, "results": [r.as_dict() for r in results]}, f, indent=2)
+        json.dump({"args": args, "results": [r.as_dict() for r in results],
+                   "host_load": host_load}, f, indent=2)

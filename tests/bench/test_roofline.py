@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from engine.bench.hostload import BUSY_LOAD
 from engine.bench.roofline import ModelCost, StepWork
 from engine.cli import main
 from engine.llm import LLM
@@ -59,20 +60,34 @@ def test_runner_logs_each_steps_tokens_context_and_causal_pairs(tmp_path: Path):
     assert all(w.seconds > 0 for w in log)
 
 
-def test_latency_rows_carry_the_roofline(tmp_path: Path, capsys):
+def test_latency_rows_carry_the_roofline_and_the_hf_baseline(tmp_path: Path, capsys):
+    """(The HF baseline rides on this run: one engine build for both; see
+    tests/bench/test_latency_baselines.py for the rest of --baseline.)"""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY))
     out = tmp_path / "latency.json"
     assert main(["bench", "latency", "--backend", "cpu", "--load-format", "dummy", "--model",
                  str(config), "--batch-size", "1", "2", "--input-len", "16", "--output-len", "4",
-                 "--output-json", str(out)]) == 0
+                 "--baseline", "hf", "--output-json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["copy_bandwidth"] > 0
     one, two = data["rows"]
     assert two["weight_bytes"] - one["weight_bytes"] == TINY["hidden_size"] * 4  # a row more
     assert two["kv_bytes_read"] == 2 * one["kv_bytes_read"] > 0
     assert 0 < one["roofline_s"] and 0 < one["decode_step_s"]
-    assert "x roofline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x roofline" in printed
+    # The same batches through HF generate, each compared with the engine's row.
+    base = data["baseline_rows"]
+    assert [(r["name"], r["batch"], r["input_len"]) for r in base] == [
+        ("hf transformers", 1, 16), ("hf transformers", 2, 16)]
+    assert all(r["prefill_s"] > 0 and r["decode_step_s"] > 0 for r in base)
+    lines = [ln for ln in printed.splitlines() if "engine / hf transformers" in ln]
+    assert len(lines) == 2 and "batch   1" in lines[0] and "batch   2" in lines[1]
+    load = data["host_load"]  # read around the run, flagged on a loaded host
+    assert load["load_before"] >= 0 and load["load_after"] >= 0
+    assert load["busy_host"] == (load["load_before"] > BUSY_LOAD)
+    assert "load average before" in printed and "load average after" in printed
 
 
 def test_a_mixture_of_experts_token_multiplies_k_of_x_experts():

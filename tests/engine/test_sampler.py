@@ -6,6 +6,7 @@ Each SamplingMode compiles once (the jitted sampler is shared); rows are padded 
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -273,3 +274,51 @@ def test_from_rows_validates():
         SamplingTensors.from_rows([row(top_k=3)], V, S, SamplingMode(all_greedy=False))
     with pytest.raises(ValueError, match="out of range"):
         SamplingTensors.from_rows([row(repetition_penalty=1.1, output=[V])], V, S)
+
+
+def _primitives(mode: SamplingMode, rows: list[SamplingRow]) -> set[str]:
+    """Primitive names in the sampler's program for `mode` (nested jaxprs included)."""
+    t = SamplingTensors.from_rows(rows, V, S, mode)
+    names: set[str] = set()
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(lambda x, t: sample(x, t, mode))(np.zeros((S, V), np.float32), t).jaxpr)
+    return names
+
+
+def test_a_greedy_batch_pays_for_no_sort_and_no_random_numbers():
+    """All rows greedy: argmax only; the same tokens and logprobs as the general program
+    (which sorts for top-k/top-p and draws noise) on the same rows."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 3, (S, V)).astype(np.float32)
+    rows = [row(seed=s, step=s, temperature=0.0, logprobs=3) for s in range(S)]
+    fast = SamplingMode.from_rows(rows)
+    general = SamplingMode(all_greedy=False, filters=True, num_logprobs=3)
+    assert fast.all_greedy and not fast.filters and general.covers(fast)
+    prims = _primitives(fast, rows)
+    assert "argmax" in prims and not prims & {"sort", "random_bits", "threefry2x32"}
+    assert "sort" in _primitives(general, rows)  # (the check can fail)
+    a, b = run(logits, rows, fast), run(logits, rows, general)
+    np.testing.assert_array_equal(a.tokens, logits.argmax(-1))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_mixed_batch_without_top_k_or_top_p_does_not_sort():
+    """Sampled rows without top-k/top-p beside greedy ones: no sort, and every row's token as
+    under the sorting program (greedy rows: the argmax; sampled rows: the same draw)."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, (S, V)).astype(np.float32)
+    rows = [row(seed=s, step=3, temperature=0.0 if s % 2 else 0.9) for s in range(S)]
+    mode = SamplingMode.from_rows(rows)
+    assert not mode.all_greedy and not mode.filters
+    assert "sort" not in _primitives(mode, rows)
+    a = run(logits, rows, mode).tokens
+    b = run(logits, rows, SamplingMode(all_greedy=False, filters=True)).tokens
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[1::2], logits[1::2].argmax(-1))

@@ -32,7 +32,8 @@ def test_steps_outside_the_warmup_grid_are_counted_and_named(
     assert runner.serving_compiles >= 1
     late = [r for r in caplog.records if "while serving" in r.getMessage()]
     assert late and all(r.levelno == logging.WARNING for r in late)
-    assert "32 tokens, 4 sequences x 4 pages, with prompt tokens" in late[0].getMessage()
+    # (one sequence: the CPU's sequence buckets start at 1)
+    assert "32 tokens, 1 sequences x 4 pages, with prompt tokens" in late[0].getMessage()
     before = runner.serving_compiles
     caplog.clear()
     llm.generate([[7, 8, 9] * 7], greedy)  # the same shapes again: nothing compiles
@@ -53,7 +54,9 @@ def test_a_full_warmup_leaves_nothing_to_compile(tmp_path: Path) -> None:
     runner = llm.engine.runner
     assert runner.buckets.pages == (16,)  # 256 tokens of context in pages of 16
     grid = reachable(runner.buckets)
-    assert len(grid) == 5  # 3 prompt steps (16, 32, 64 tokens) + 2 decode-only
+    # 3 prompt steps (16, 32, 64 tokens) + 4 decode-only (1, 2, 4 and 8 sequences: the CPU's
+    # buckets start at one token and one sequence; prompt steps at 16 tokens)
+    assert len(grid) == 7
     assert warmup_grid(runner.buckets, 16, 256, True) == grid
     rng = np.random.default_rng(0)
     for wave in (1, 3, 8, 5):

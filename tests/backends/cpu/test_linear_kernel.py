@@ -122,9 +122,10 @@ def test_missing_compiler_falls_back_to_plain_jax(monkeypatch, tmp_path, caplog)
 
 
 def test_min_token_bucket_option():
-    """Batch-1 decode steps of one row (so the kernel computes one), as a backend option."""
-    assert CpuBackend().capabilities.min_token_bucket == 16
-    assert CpuBackend({"min_token_bucket": 1}).capabilities.min_token_bucket == 1
-    assert CpuBackend.capabilities.min_token_bucket == 16  # the class default is unchanged
+    """Batch-1 decode steps of one row (so the kernel computes one) by default; the backend
+    option gives back a larger smallest bucket."""
+    assert CpuBackend().capabilities.min_token_bucket == 1
+    assert CpuBackend({"min_token_bucket": 16}).capabilities.min_token_bucket == 16
+    assert CpuBackend.capabilities.min_token_bucket == 1  # the class default is unchanged
     with pytest.raises(ValueError, match="1, 2, 4, 8 or 16"):
         CpuBackend({"min_token_bucket": 3})
