@@ -165,10 +165,17 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     cfg = loaded.cfg
     if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules):
         fuse_qkv(loaded.params, place)
-    if config.model.quantization is not None:  # projections as QuantizedWeights
+    quant = config.model.quantization
+    if quant is not None and mesh is not None:  # quantized weights are not sharded yet
+        if quant != "f32":
+            raise ValueError(f"quantization {quant} does not work with a sharded model yet "
+                             f"(--tp or several processes): drop one of them")
+        log.info("quantization f32 (the CPU kernels' weight layout) is off under a mesh")
+        quant = None
+    if quant is not None:  # projections as QuantizedWeights
         from engine.loader.quantize import quantize_params
 
-        quantize_params(loaded.params, cfg, config.model.quantization, loaded.path)
+        quantize_params(loaded.params, cfg, quant, loaded.path)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)
