@@ -145,10 +145,7 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
-    backend_opts = dict(config.backend.options)
-    if config.backend.npu_device is not None:
-        backend_opts["npu_device"] = config.backend.npu_device
-    backend = get_backend(config.backend.name, backend_opts)
+    backend = get_backend(config.backend.name, dict(config.backend.options))
     init_distributed(config.parallel, backend.capabilities.platform)
     enable_persistent_cache(cache_dir() / "xla")
     caps = backend.capabilities

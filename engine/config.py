@@ -72,7 +72,8 @@ class BackendOptions:
     `interpret` (EngineConfig.build puts it in `options`)."""
     npu_device: str | None = None
     """The npu backend's torch device: 'npu' (Ascend, through torch_npu) or 'cpu' (CPU torch
-    with the reference ops, no NPU needed); None: 'npu'. Other backends ignore it."""
+    with the reference ops, no NPU needed); None: 'npu'. Other backends ignore it. Reaches the
+    backend as its option `npu_device` (EngineConfig.build puts it in `options`)."""
 
     def __post_init__(self) -> None:
         if self.npu_device not in (None, "npu", "cpu"):
@@ -216,8 +217,9 @@ class EngineConfig:
         backend = sections["backend"]
         extra = {k: backend.pop(k) for k in list(backend)
                  if k not in {f.name for f in dataclasses.fields(BackendOptions)}}
-        if backend.get("interpret") is not None:
-            extra["interpret"] = backend["interpret"]
+        for key in ("interpret", "npu_device"):  # typed fields that reach the backend
+            if backend.get(key) is not None:   # as options
+                extra[key] = backend[key]
         backend["options"] = tuple(sorted({**dict(backend.get("options", ())), **extra}.items()))
         for name, vals in sections.items():  # a typo is a one-line error, not a traceback
             known = {f.name for f in dataclasses.fields(_SECTION_TYPES[name])}
