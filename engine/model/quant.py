@@ -12,6 +12,15 @@ weights of output n = flat index into out_shape.
     q8_0    uint8 [N, K/32 * 34]  (GGUF blocks)    [0]
     q4_0    uint8 [N, K/32 * 18]  (GGUF blocks)    [0]
     q4_1    uint8 [N, K/32 * 20]  (GGUF blocks)    [0]
+    fp8     float8_e4m3fn [N, K]                   float32 [N] (per output channel)
+    int4    uint8 [N, K/2] (two 4-bit codes/byte)  float32 [N, K/G] (per group of G along K)
+
+int4 (group-wise, asymmetric; what AWQ and GPTQ checkpoints hold): byte j of a row holds
+codes 2j (low nibble) and 2j + 1 (high nibble), q in [0, 15]; `zeros` float32 [N, K/G] holds
+each group's zero point in code units, and w = (q - zero) * scale. G = K / scales.shape[-1].
+fp8 stores the weight divided by its channel's scale (w = data * scale); how activations are
+handled (weight-only, or per-token e4m3 activations: W8A8) is the backend's choice, and its
+reference says which.
 
 GGUF blocks of 32 weights along K, little-endian: q8_0 = f16 d, 32 x int8 q (w = d*q);
 q4_0 = f16 d, 16 bytes of nibbles (w = d*(q - 8)); q4_1 = f16 d, f16 m, 16 bytes (w = d*q + m);
@@ -48,6 +57,8 @@ class QuantizedWeight:
     """The logical weight's contracted dims (product K)."""
     out_shape: tuple[int, ...]
     """The logical weight's output dims (product N)."""
+    zeros: jax.Array | None = None
+    """int4 only: float32 [(L,) N, K/G] zero points (code units); None for other formats."""
 
     @property
     def k(self) -> int:
@@ -58,7 +69,13 @@ class QuantizedWeight:
         return math.prod(self.out_shape)
 
 
-jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["data", "scales"],
+    @property
+    def group_size(self) -> int:
+        """int4: weights per scale along K (G); K for per-channel formats."""
+        return self.k // self.scales.shape[-1] if self.fmt == "int4" else self.k
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["data", "scales", "zeros"],
                                  meta_fields=["fmt", "in_shape", "out_shape"])
 
 
@@ -66,7 +83,9 @@ def row_bytes(fmt: str, k: int) -> int:
     """Bytes of one output channel's K weights."""
     if fmt in BLOCK_BYTES:
         return k // BLOCK * BLOCK_BYTES[fmt]
-    return k * {"f32": 4, "bf16": 2, "int8": 1}[fmt]
+    if fmt == "int4":
+        return k // 2
+    return k * {"f32": 4, "bf16": 2, "int8": 1, "fp8": 1}[fmt]
 
 
 def _f16(blocks: jax.Array, at: int) -> jax.Array:
@@ -75,12 +94,21 @@ def _f16(blocks: jax.Array, at: int) -> jax.Array:
     return h.astype(jnp.float32)[..., None]
 
 
-def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int) -> jax.Array:
+def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int,
+                    zeros: jax.Array | None = None) -> jax.Array:
     """float32 [..., K] from stored rows [..., row bytes] (any leading dims)."""
     if fmt in ("f32", "bf16"):
         return data.astype(jnp.float32)
-    if fmt == "int8":
+    if fmt in ("int8", "fp8"):
         return data.astype(jnp.float32) * scales[..., None]
+    if fmt == "int4":
+        if zeros is None:
+            raise ValueError("int4 rows need their zero points")
+        q = jnp.stack([data & 0xF, data >> 4], axis=-1).reshape(*data.shape[:-1], k)  # [..., K]
+        groups = scales.shape[-1]
+        q = q.reshape(*data.shape[:-1], groups, k // groups).astype(jnp.float32)
+        w = (q - zeros[..., None]) * scales[..., None]  # [..., K/G, G]
+        return w.reshape(*data.shape[:-1], k)
     if fmt not in BLOCK_BYTES:
         raise ValueError(f"unknown quantized format {fmt!r}; known: {', '.join(FORMATS)}")
     blocks = data.reshape(*data.shape[:-1], k // BLOCK, BLOCK_BYTES[fmt])  # [..., B, bytes]
@@ -98,7 +126,7 @@ def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int) -> jax
 
 def dequantize(w: QuantizedWeight) -> jax.Array:
     """The logical weight, float32 [(L,) *in_shape, *out_shape]."""
-    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k)  # [(L,) N, K]
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [(L,) N, K]
     lead = nk.shape[:-2]
     return jnp.swapaxes(nk, -1, -2).reshape(*lead, *w.in_shape, *w.out_shape)
 
@@ -107,7 +135,7 @@ def reference_linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [T, *in_shape] -> [T, *out_shape] in x's dtype: dequantize, then one float32 dot
     (the oracle every kernel is tested against)."""
     t = x.shape[0]
-    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k)  # [N, K]
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [N, K]
     y = jnp.dot(x.reshape(t, w.k).astype(jnp.float32), nk.T,
                 precision=jax.lax.Precision.HIGHEST)  # [T, N]
     return y.reshape(t, *w.out_shape).astype(x.dtype)
@@ -119,18 +147,29 @@ def embed_rows(embed: jax.Array | QuantizedWeight, tokens: jax.Array, dtype: jnp
     tied head's weight (in_shape (E,), out_shape (V,)): its rows are the token vectors."""
     if not isinstance(embed, QuantizedWeight):
         return embed[tokens]
-    rows = dequantize_rows(embed.data[tokens], embed.scales[tokens] if embed.scales.size else
-                           embed.scales, embed.fmt, embed.k)
+    per_row = embed.scales.ndim > 0 and embed.scales.shape[0] == embed.n
+    rows = dequantize_rows(embed.data[tokens], embed.scales[tokens] if per_row else
+                           embed.scales, embed.fmt, embed.k,
+                           None if embed.zeros is None else embed.zeros[tokens])
     return rows.astype(dtype)
 
 
-def pack(w: jax.Array, n_in: int, fmt: str) -> QuantizedWeight:
+INT4_GROUP = 128
+"""int4's default group size along K (AWQ's and GPTQ's usual one); smaller K takes K."""
+FP8_MAX = 448.0
+"""The largest finite float8_e4m3fn."""
+
+
+def pack(w: jax.Array, n_in: int, fmt: str, group: int = INT4_GROUP) -> QuantizedWeight:
     """A float weight [(L,) *in_shape, *out_shape] (its first n_in dims after L contracted)
-    as f32, bf16 or int8 (weight-only, symmetric, per output channel: scale = max|w| / 127)."""
-    return _pack(w, n_in, fmt, stacked=False)
+    as f32, bf16, int8 (weight-only, symmetric, per output channel: scale = max|w| / 127),
+    fp8 (per output channel: scale = max|w| / 448) or int4 (asymmetric, per `group` along K:
+    scale = (max - min) / 15, zero = round(-min / scale))."""
+    return _pack(w, n_in, fmt, stacked=False, group=group)
 
 
-def _pack(w: jax.Array, n_in: int, fmt: str, stacked: bool) -> QuantizedWeight:
+def _pack(w: jax.Array, n_in: int, fmt: str, stacked: bool, group: int = INT4_GROUP
+          ) -> QuantizedWeight:
     lead = w.shape[:1] if stacked else ()
     dims = w.shape[len(lead):]
     in_shape, out_shape = tuple(dims[:n_in]), tuple(dims[n_in:])
@@ -141,17 +180,43 @@ def _pack(w: jax.Array, n_in: int, fmt: str, stacked: bool) -> QuantizedWeight:
         return QuantizedWeight(nk, empty, fmt, in_shape, out_shape)
     if fmt == "bf16":
         return QuantizedWeight(nk.astype(jnp.bfloat16), empty, fmt, in_shape, out_shape)
+    if fmt == "fp8":
+        scale = jnp.max(jnp.abs(nk), axis=-1) / FP8_MAX  # [(L,) N]
+        scale = jnp.where(scale > 0, scale, 1.0)
+        q = (nk / scale[..., None]).astype(jnp.float8_e4m3fn)
+        return QuantizedWeight(q, scale, fmt, in_shape, out_shape)
+    if fmt == "int4":
+        return _pack_int4(nk, min(group, k), in_shape, out_shape)
     if fmt != "int8":
-        raise ValueError(f"cannot quantize to {fmt!r} at load; use f32, bf16 or int8")
+        raise ValueError(f"cannot quantize to {fmt!r} at load; use f32, bf16, int8, fp8 or "
+                         f"int4")
     scale = jnp.max(jnp.abs(nk), axis=-1) / 127.0  # [(L,) N]
     scale = jnp.where(scale > 0, scale, 1.0)
     q = jnp.clip(jnp.round(nk / scale[..., None]), -127, 127).astype(jnp.int8)
     return QuantizedWeight(q, scale, fmt, in_shape, out_shape)
 
 
-def pack_stacked(w: jax.Array, n_in: int, fmt: str) -> QuantizedWeight:
+def _pack_int4(nk: jax.Array, group: int, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...]) -> QuantizedWeight:
+    """nk float32 [(L,) N, K] -> int4 codes [(L,) N, K/2], scales and zeros [(L,) N, K/G]."""
+    *lead, n, k = nk.shape
+    if k % group or group % 2:
+        raise ValueError(f"int4 needs K={k} divisible by an even group size, got {group}")
+    g = nk.reshape(*lead, n, k // group, group)  # [(L,) N, K/G, G]
+    lo, hi = jnp.min(g, axis=-1), jnp.max(g, axis=-1)
+    scale = (hi - lo) / 15.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    q = jnp.clip(jnp.round(g / scale[..., None]) + zero[..., None], 0, 15).astype(jnp.uint8)
+    q = q.reshape(*lead, n, k // 2, 2)
+    data = q[..., 0] | (q[..., 1] << 4)  # [(L,) N, K/2]
+    return QuantizedWeight(data, scale, "int4", in_shape, out_shape, zero)
+
+
+def pack_stacked(w: jax.Array, n_in: int, fmt: str, group: int = INT4_GROUP
+                 ) -> QuantizedWeight:
     """`pack` for weights stacked on a leading layer axis [L, ...] (lax.scan)."""
-    return _pack(w, n_in, fmt, stacked=True)
+    return _pack(w, n_in, fmt, stacked=True, group=group)
 
 
 def from_gguf_rows(raw: np.ndarray, fmt: str, in_shape: tuple[int, ...],
