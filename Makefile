@@ -9,7 +9,7 @@ PROMPT ?= What is the capital of France?
 HOST ?= 127.0.0.1
 PORT ?= 30000
 
-# make image: docker/$(BACKEND)/Dockerfile, tagged engine:$(BACKEND) (DOCKER=podman works too)
+# make image: docker/Dockerfile for $(BACKEND), tagged engine:$(BACKEND) (DOCKER=podman works too)
 BACKEND ?= cpu
 DOCKER ?= docker
 .PHONY: run chat test lint model install clean
@@ -48,7 +48,7 @@ test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 image:
-	$(DOCKER) build -f docker/$(BACKEND)/Dockerfile -t engine:$(BACKEND) .
+	$(DOCKER) build -f docker/Dockerfile --build-arg BACKEND=$(BACKEND) -t engine:$(BACKEND) .
 
 clean:
 	rm -rf $(VENV)

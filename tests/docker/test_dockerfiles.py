@@ -1,6 +1,6 @@
-"""The five images' Dockerfiles, parsed (dockerfile-parse): a pinned vendor base, the backend's
-extra, a non-root user, `engine serve` behind the entry point, a health check, the cache as
-a volume, no model inside; and `make image` picks the file."""
+"""The images' one Dockerfile, parsed (dockerfile-parse) for each backend: a pinned vendor base
+stage, the backend's extra, a non-root user, `engine serve` behind the entry point, a health
+check, the cache as a volume, no model inside; and `make image` passes the backend."""
 
 from __future__ import annotations
 
@@ -22,14 +22,27 @@ def instructions(df: DockerfileParser, name: str) -> list[str]:
     return [i["value"] for i in df.structure if i["instruction"] == name]
 
 
+def parse(backend: str) -> DockerfileParser:
+    return DockerfileParser(path=str(ROOT / "docker" / "Dockerfile"),
+                            build_args={"BACKEND": backend})
+
+
+def stage_images(df: DockerfileParser) -> dict[str, str]:
+    """Stage name -> its base image (ARG defaults substituted), for `FROM image AS name`."""
+    froms = [v.split() for v in instructions(df, "FROM")]
+    return {f[2]: image for f, image in zip(froms, df.parent_images, strict=True)
+            if len(f) == 3 and f[1].upper() == "AS"}
+
+
 @pytest.mark.parametrize("backend", sorted(BASES))
 def test_dockerfile(backend: str) -> None:
-    df = DockerfileParser(path=str(ROOT / "docker" / backend / "Dockerfile"))
-    base = df.baseimage  # ARG defaults substituted
+    df = parse(backend)
+    assert df.baseimage == f"base-{backend}"  # the last stage builds on the backend's
+    base = stage_images(df)[f"base-{backend}"]
     assert base.startswith(BASES[backend]), base
     name, _, tag = base.rpartition(":")
     assert name and re.search(r"\d+\.\d+", tag) and "latest" not in tag, base  # pinned
-    assert df.args["EXTRAS"].split(",")[0] == backend
+    assert df.args["EXTRAS"] == "${BACKEND}" and df.args["BACKEND"] == backend
     (install,) = [r for r in instructions(df, "RUN") if "pip install" in r]
     assert '".[${EXTRAS}]"' in install
     users = instructions(df, "USER")
@@ -57,10 +70,8 @@ def test_dockerignore_admits_only_what_the_images_copy() -> None:
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     copied = set()
-    for backend in BASES:
-        df = DockerfileParser(path=str(ROOT / "docker" / backend / "Dockerfile"))
-        for c in instructions(df, "COPY"):
-            copied.update(c.split()[:-1])
+    for c in instructions(parse("cpu"), "COPY"):
+        copied.update(c.split()[:-1])
     assert copied == allowed
 
 
@@ -72,5 +83,10 @@ def test_backend_extras_and_make_image() -> None:
     # --no-print-directory: under `make test` this make is nested and would name its folder.
     out = subprocess.run(["make", "--no-print-directory", "-n", "image", "BACKEND=rocm"],
                          cwd=ROOT, text=True, capture_output=True, check=True).stdout
-    assert out.split() == ["docker", "build", "-f", "docker/rocm/Dockerfile", "-t",
-                           "engine:rocm", "."]
+    assert out.split() == ["docker", "build", "-f", "docker/Dockerfile", "--build-arg",
+                           "BACKEND=rocm", "-t", "engine:rocm", "."]
+
+
+def test_every_backend_has_a_base_stage() -> None:
+    stages = stage_images(parse("cpu"))
+    assert set(stages) == {f"base-{b}" for b in BASES}
