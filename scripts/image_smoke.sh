@@ -24,7 +24,7 @@ if ! podman image exists localhost/debian-python:bookworm; then
 fi
 # shellcheck disable=SC2086
 "${PODMAN[@]}" build --format docker "${LIMITS[@]}" --network host ${BUILD_ARGS:-} \
-  --build-arg CPU_BASE=localhost/debian-python:bookworm -f docker/Dockerfile \
+  --build-arg BACKEND=cpu --build-arg CPU_BASE=localhost/debian-python:bookworm -f docker/Dockerfile \
   -t localhost/engine:cpu .
 mkdir -p "$WORK/cache" && chown 10001:10001 "$WORK/cache"  # the image's user owns its cache
 "${PODMAN[@]}" run -d --name "$NAME" "${LIMITS[@]}" --network host -e ENGINE_PORT="$PORT" \
