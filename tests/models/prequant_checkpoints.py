@@ -46,10 +46,10 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
 
 
-def float_tensors(seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights of CONFIG under HF names."""
+def float_tensors(seed: int = 0, config: dict | None = None) -> dict[str, np.ndarray]:
+    """Random float32 weights of a Llama config (CONFIG by default) under HF names."""
     rng = np.random.default_rng(seed)
-    c = CONFIG
+    c = config or CONFIG
     e, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes = {"self_attn.q_proj": (q, e), "self_attn.k_proj": (kv, e),
@@ -121,7 +121,7 @@ def write_checkpoint(folder: Path, scheme: str, seed: int = 0,
     """A tiny checkpoint in `scheme` (awq, gptq, ct-fp8, ct-int8, hf-fp8) under `folder`;
     returns the float32 tensors it stands for (module docstring)."""
     cfg = dict(config or CONFIG)
-    t = float_tensors(seed)
+    t = float_tensors(seed, cfg)
     out: dict[str, np.ndarray] = {}
     ref: dict[str, np.ndarray] = {}
     for name, w in t.items():
