@@ -25,12 +25,14 @@ gives it its logical shape. The layouts read (`quantization_config.quant_method`
                        name, w = weight * scale_inv.
 
 Block scales become fp8's grouped scales [N, K/bk] (each block row's scales repeated for
-its rows: exact). Only the decoder layers' dense projections may be quantized; quantized
-MoE experts, embeddings or heads are refused with the tensor named.
+its rows: exact). Only the decoder layers' projections and MoE experts stored per expert
+may be quantized (the model stacks an MoE layer's experts into one QuantizedWeight);
+quantized embeddings, heads or routers are refused with the tensor named.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -43,6 +45,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AWQ (GEMM) packing: nibble i of an int32 holds column 8c + AWQ_ORDER[i] of its pack."""
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+EXPERT = re.compile(r"(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w[123])")
+"""An MoE expert's projection, stored per expert (Qwen3-MoE, Mixtral checkpoints)."""
 _DROPPED = (".input_scale", ".output_scale", ".k_scale", ".v_scale")
 """Activation / KV scales of static schemes: not part of any weight (see the docstring)."""
 
@@ -182,9 +186,10 @@ def _convert(method: str, qcfg: dict, tensors: dict[str, np.ndarray]
 
 
 def _check_projection(base: str) -> None:
-    """Only a decoder layer's dense projection may be quantized (module docstring)."""
-    parts = base.split(".")
-    if not (base.startswith("model.layers.") and ".".join(parts[3:]) in PROJECTIONS):
-        raise ValueError(f"quantized tensor {base} is not a dense layer projection; "
-                         f"quantized MoE experts, embeddings and heads are not supported")
+    """Only a decoder layer's projection may be quantized (module docstring)."""
+    rest = ".".join(base.split(".")[3:])
+    if not (base.startswith("model.layers.") and (rest in PROJECTIONS
+                                                  or EXPERT.fullmatch(rest))):
+        raise ValueError(f"quantized tensor {base} is not a layer projection or MoE expert; "
+                         f"quantized embeddings, heads and routers are not supported")
 

@@ -44,12 +44,26 @@ def _experts_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig
         m, names = ((p + "block_sparse_moe.", ("w1", "w3", "w2"))
                     if p + "block_sparse_moe.gate.weight" in t
                     else (p + "mlp.", ("gate_proj", "up_proj", "down_proj")))
-        # gate/up: [X, F, E], down: [X, E, F]
-        gate, up, down = (np.stack([t[f"{m}experts.{j}.{n}.weight"] for j in range(x)])
+        # gate/up: [X, F, E], down: [X, E, F]; pre-quantized experts stack as stored
+        e = cfg.hidden_size
+        gate, up, down = (_stack_experts([t[f"{m}experts.{j}.{n}.weight"] for j in range(x)],
+                                         (f,) if n in ("down_proj", "w2") else (e,),
+                                         (e,) if n in ("down_proj", "w2") else (f,))
                           for n in names)
-        router = t[m + "gate.weight"]  # router: [X, E]
+        return {"router": t[m + "gate.weight"].T, "expert_gate": gate, "expert_up": up,
+                "expert_down": down}  # router: [E, X]
     return {"router": router.T, "expert_gate": gate.transpose(0, 2, 1),
             "expert_up": up.transpose(0, 2, 1), "expert_down": down.transpose(0, 2, 1)}
+
+
+def _stack_experts(ws: list[np.ndarray | QuantizedWeight], in_shape: tuple[int, ...],
+                   out_shape: tuple[int, ...]) -> np.ndarray | QuantizedWeight:
+    """Per-expert HF weights [N, K] -> [X, K, N]; QuantizedWeights stack their rows
+    ([X, N, K bytes], scales [X, N(, K/G)]) and take the per-expert logical shapes."""
+    if isinstance(ws[0], QuantizedWeight):
+        stacked = jax.tree.map(lambda *a: np.stack(a), *ws)
+        return dataclasses.replace(stacked, in_shape=in_shape, out_shape=out_shape)
+    return np.stack(ws).transpose(0, 2, 1)
 
 
 def _linear(w: np.ndarray | QuantizedWeight, in_shape: tuple[int, ...],

@@ -14,6 +14,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+MOE_CONFIG = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+              "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 64, "norm_topk_prob": True}
+"""A Qwen3-MoE shape: 4 experts of width 64, 2 per token, experts stored per expert."""
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128,
           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -26,6 +33,8 @@ BLOCK = (32, 32)
 """transformers fp8 weight_block_size."""
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJ_NAMES = {p.rsplit(".", 1)[-1] for p in PROJ}
+"""Quantized linears, by their last name part (dense projections and MoE experts alike)."""
 _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
            np.dtype(np.int8): "I8", np.dtype(ml_dtypes.bfloat16): "BF16",
            np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
@@ -47,23 +56,19 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def float_tensors(seed: int = 0, config: dict | None = None) -> dict[str, np.ndarray]:
-    """Random float32 weights of a Llama config (CONFIG by default) under HF names."""
+    """Random float32 weights of a config (CONFIG by default) under HF names: every
+    parameter the engine expects (MoE experts per expert: mlp.experts.{j}.*_proj), norms
+    near 1."""
+    from engine.loader.checkpoint import expected_shapes
+    from engine.model.config import ModelConfig
+
     rng = np.random.default_rng(seed)
-    c = config or CONFIG
-    e, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    shapes = {"self_attn.q_proj": (q, e), "self_attn.k_proj": (kv, e),
-              "self_attn.v_proj": (kv, e), "self_attn.o_proj": (e, q),
-              "mlp.gate_proj": (f, e), "mlp.up_proj": (f, e), "mlp.down_proj": (e, f)}
-    t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (v, e)),
-         "model.norm.weight": 1 + 0.1 * rng.normal(size=e),
-         "lm_head.weight": rng.normal(0, 0.1, (v, e))}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=e)
-        t[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=e)
-        for name, shape in shapes.items():
-            t[f"{p}{name}.weight"] = rng.normal(0, 0.1, shape)
+    shapes = expected_shapes(ModelConfig.from_hf(config or CONFIG))
+    t = {}
+    for name, shape in shapes.items():
+        norm = name.endswith("norm.weight")
+        t[name] = 1 + 0.1 * rng.normal(size=shape) if norm else rng.normal(0, 0.1, shape)
+    t["model.embed_tokens.weight"] *= 5
     return {n: a.astype(np.float32) for n, a in t.items()}
 
 
@@ -126,7 +131,7 @@ def write_checkpoint(folder: Path, scheme: str, seed: int = 0,
     ref: dict[str, np.ndarray] = {}
     for name, w in t.items():
         base = name[:-len(".weight")]
-        if not any(base.endswith(p) for p in PROJ) or ".layers." not in base:
+        if base.rsplit(".", 1)[-1] not in PROJ_NAMES or ".layers." not in base:
             out[name] = w.astype(np.float16)
             ref[name] = out[name].astype(np.float32)
             continue

@@ -25,7 +25,12 @@ from engine.loader.quantize import quantize_params
 from engine.model.llama import forward
 from engine.model.quant import QuantizedWeight, dequantize, reference_linear
 from engine.model.weights import fuse_qkv, params_from_hf
-from tests.models.prequant_checkpoints import PROJ, write_checkpoint, write_safetensors
+from tests.models.prequant_checkpoints import (
+    MOE_CONFIG,
+    PROJ,
+    write_checkpoint,
+    write_safetensors,
+)
 
 SCHEMES = {"awq": "int4", "gptq": "int4", "ct-fp8": "fp8", "ct-int8": "int8", "hf-fp8": "fp8"}
 PAGE, T = 16, 24
@@ -76,25 +81,22 @@ def _logits(params, cfg) -> np.ndarray:
     return np.asarray(_forward(cfg)(params, kv, tok, md, np.arange(T, dtype=np.int32))[0])
 
 
-def test_model_equals_the_dequantized_float_model(written):
-    """Layers stacked (lax.scan), and for AWQ also unrolled."""
-    scheme, folder, ref = written
-    for scan in (True, False) if scheme == "awq" else (True,):
-        _check_model(folder, ref, scheme, scan)
-
-
-def _check_model(folder, ref, scheme: str, scan: bool) -> None:
-    ckpt = load_checkpoint(folder, progress=False)
+@pytest.mark.parametrize("scheme", ["awq", "gptq", "ct-fp8", "hf-fp8"])
+def test_model_equals_the_dequantized_float_model(tmp_path, scheme):
+    """Layers stacked (lax.scan); unrolled layers run in the tensor-parallel tests (the CPU
+    backend's), int8's model path in tests/models/test_quantized_model.py. A wrong row
+    order in the q/k/v fusion of quantized rows would change the logits."""
+    ref = write_checkpoint(tmp_path, scheme)
+    ckpt = load_checkpoint(tmp_path, progress=False)
     cfg = ckpt.config
-    params = fuse_qkv(params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=scan))
-    lp = params["layers"] if scan else params["layers"][0]
-    assert isinstance(lp["wqkv"], QuantizedWeight) and lp["wqkv"].fmt == SCHEMES[scheme]
-    expect = _logits(fuse_qkv(params_from_hf(ref, cfg, jnp.float32, scan=scan)), cfg)
-    got = _logits(params, cfg)
-    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+    params = fuse_qkv(params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=True))
+    wqkv = params["layers"]["wqkv"]
+    assert isinstance(wqkv, QuantizedWeight) and wqkv.fmt == SCHEMES[scheme]
+    expect = _logits(fuse_qkv(params_from_hf(ref, cfg, jnp.float32, scan=True)), cfg)
+    np.testing.assert_allclose(_logits(params, cfg), expect, rtol=1e-4, atol=1e-4)
     # --quantization f32 (the CPU default) keeps the pre-quantized weights as they are
-    kept = quantize_params(params, cfg, "f32", folder)
-    assert (kept["layers"] if scan else kept["layers"][0])["wo"].fmt == SCHEMES[scheme]
+    kept = quantize_params(params, cfg, "f32", tmp_path)
+    assert kept["layers"]["wo"].fmt == SCHEMES[scheme]
     assert kept["lm_head"].fmt == "f32"
 
 
@@ -138,3 +140,18 @@ def test_contradicting_quantization_option_is_refused(tmp_path):
     assert (layers if isinstance(layers, dict) else layers[0])["wo"].fmt == "int8"
     with pytest.raises(ValueError, match=r"pre-quantized \(int8 weights\); quantization gguf"):
         LLM(str(tmp_path), backend="cpu", quantization="gguf", max_total_tokens=256)
+
+
+@pytest.mark.parametrize("scheme", ["ct-fp8", "hf-fp8"])
+def test_moe_fp8_experts_equal_the_dequantized_float_model(tmp_path, scheme):
+    """A Qwen3-MoE checkpoint with FP8 experts stored per expert (per-channel or block
+    scales): stacked as stored, through the MoE path's ragged_dot."""
+    ref = write_checkpoint(tmp_path, scheme, config=MOE_CONFIG)
+    ckpt = load_checkpoint(tmp_path, progress=False)
+    cfg = ckpt.config
+    params = fuse_qkv(params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=True))
+    experts = params["layers"]["expert_down"]
+    assert isinstance(experts, QuantizedWeight) and experts.fmt == "fp8"
+    assert experts.data.shape == (2, 4, 64, 64)  # [L, X, N=E, K=F]
+    expect = _logits(fuse_qkv(params_from_hf(ref, cfg, jnp.float32, scan=True)), cfg)
+    np.testing.assert_allclose(_logits(params, cfg), expect, rtol=1e-4, atol=1e-4)

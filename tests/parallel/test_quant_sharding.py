@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from engine.model.quant import QuantizedWeight, pack
+from engine.model.quant import QuantizedWeight, pack, pack_stacked
 from engine.parallel.sharding import TP_RULES, named_sharding, quantized_shardings
 
 MESH = AbstractMesh((4,), ("tp",))
@@ -37,3 +37,14 @@ def test_inner_sharded_output_dim_is_replicated():
     place = functools.partial(named_sharding, mesh=MESH, rules={"head_dim": "tp"})
     s = quantized_shardings(w, ("embed", "heads", "head_dim"), place)
     assert s.data.spec == PartitionSpec(None, None) and s.scales.spec == PartitionSpec(None)
+
+
+def test_stacked_layers_keep_their_leading_axis_whole():
+    """lax.scan's stacked weights [L, N, K]: the layer axis is never split."""
+    w = pack_stacked(jnp.ones((2, 8, 16, 64)), 2, "int4", group=32)  # [L] + [Hq, D] + [E]
+    s = quantized_shardings(w, ("layers", "heads", "head_dim", "embed"), PLACE)
+    assert s.data.spec == PartitionSpec(None, None, "tp") == s.zeros.spec
+    w = pack_stacked(jnp.ones((2, 64, 512)), 1, "int8")  # [L] + [E] + [F]
+    s = quantized_shardings(w, ("layers", "embed", "mlp"), PLACE)
+    assert s.data.spec == PartitionSpec(None, "tp", None) and s.scales.spec == \
+        PartitionSpec(None, "tp")

@@ -140,3 +140,16 @@ def test_prequantized_awq_checkpoint_sharded(tmp_path):
     q2 = runs[2]["quantized"]
     assert q2["wo"] == ["int4", [None, "tp"], [None, "tp"]]  # [N, K/2], scales [N, K/G]
     assert q2["wqkv"] == ["int4", ["tp", None], ["tp", None]]
+
+
+def test_prequantized_fp8_experts_expert_parallel(tmp_path):
+    """A Qwen3-MoE checkpoint with FP8 experts (compressed-tensors, per channel) under
+    expert parallelism on 2 devices: TP 1's tokens, whole quantized experts per device."""
+    from tests.models.prequant_checkpoints import MOE_CONFIG, write_checkpoint
+
+    write_checkpoint(tmp_path, "ct-fp8", config={**MOE_CONFIG, "num_experts": 8,
+                                                 "vocab_size": 512})
+    runs = run_worker(str(tmp_path), "auto", [1, 2], expert_parallel=True)
+    _same_as_tp1(runs, [2])
+    assert runs[2]["expert_axis"] == "tp"
+    assert runs[2]["quantized"]["expert_gate"] == ["fp8", ["tp", None, None], ["tp", None]]
