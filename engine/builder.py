@@ -20,7 +20,7 @@ from engine.engine import Engine
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import Place, fuse_qkv, params_from_hf, random_params
+from engine.model.weights import Place, fuse_qkv, params_from_hf, place_params, random_params
 from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner, make_step, mesh_context
@@ -37,6 +37,8 @@ class LoadedModel:
     name: str
     path: Path | None = None
     """The checkpoint loaded (None for dummy weights)."""
+    quantization: str | None = None
+    """A pre-quantized checkpoint's weight format (engine.loader.prequant), else None."""
 
 
 def load_tokenizer(path: Path | str | None):
@@ -78,7 +80,7 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
     with jax.default_device(backend.model_devices()[0]):
         params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan, place=place)
     return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
-                       model or "smollm2-135m-instruct", Path(ckpt.path))
+                       model or "smollm2-135m-instruct", Path(ckpt.path), ckpt.quantization)
 
 
 def qkv_fusable(cfg: ModelConfig, mesh: Any, rules: dict[str, Any]) -> bool:
@@ -163,16 +165,18 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules):
         fuse_qkv(loaded.params, place)
     quant = config.model.quantization
-    if quant is not None and mesh is not None:  # quantized weights are not sharded yet
-        if quant != "f32":
-            raise ValueError(f"quantization {quant} does not work with a sharded model yet "
-                             f"(--tp or several processes): drop one of them")
+    if loaded.quantization is not None and quant not in (None, "f32", loaded.quantization):
+        raise ValueError(f"the checkpoint is pre-quantized ({loaded.quantization} weights); "
+                         f"quantization {quant} contradicts it: drop it, or pass "
+                         f"{loaded.quantization}")
+    if quant == "f32" and mesh is not None:  # the CPU kernels are not partitioned
         log.info("quantization f32 (the CPU kernels' weight layout) is off under a mesh")
         quant = None
-    if quant is not None:  # projections as QuantizedWeights
+    if quant is not None:  # projections as QuantizedWeights, on their shards under a mesh
         from engine.loader.quantize import quantize_params
 
         quantize_params(loaded.params, cfg, quant, loaded.path)
+        place_params(loaded.params, place)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)

@@ -47,13 +47,15 @@ class CpuBackend(Backend):
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
         """The C++ kernel for decode-sized steps and wide quantized heads (kernels/linear/
-        tuning.py), where it beats XLA; otherwise, or without the kernel library, the
-        plain-JAX reference."""
+        tuning.py), where it beats XLA; otherwise, without the kernel library, or under a
+        mesh (the kernel's custom call is opaque to XLA's partitioner), or for a format the
+        kernel does not read (fp8, int4), the plain-JAX reference."""
         from backends.cpu.kernels import linear as kernels
         from backends.cpu.kernels.linear.tuning import MAX_KERNEL_TOKENS, WIDE_N
 
         isa = kernels.isa_level()
         wide = w.n >= WIDE_N and w.fmt != "f32"
-        if isa < 0 or (x.shape[0] > MAX_KERNEL_TOKENS.get(w.fmt, 0) and not wide):
+        if (isa < 0 or self.mesh is not None or w.fmt not in kernels.FORMATS
+                or (x.shape[0] > MAX_KERNEL_TOKENS.get(w.fmt, 0) and not wide)):
             return reference_linear(x, w)
         return kernels.kernel(x, w, isa)

@@ -53,6 +53,10 @@ class Checkpoint:
     """A folder `transformers.AutoTokenizer.from_pretrained` accepts, or None."""
     path: Path
     """What was loaded: the HF folder or the .gguf file."""
+    quantization: str | None = None
+    """The QuantizedWeight format of a pre-quantized checkpoint's projections ('int4',
+    'fp8', 'int8'; engine.loader.prequant), whose `tensors` then hold those weights as
+    QuantizedWeights of in_shape (K,), out_shape (N,); None: every tensor is a float array."""
 
 
 def _expert_shapes(config: ModelConfig, p: str, names: set[str]) -> dict[str, tuple[int, ...]]:
@@ -122,6 +126,7 @@ def check_tensors(path: Path, config: ModelConfig, tensors: dict[str, np.ndarray
             more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
             raise ModelLoadError(path, f"{kind} tensors {', '.join(names[:3])}{more}")
     for name, shape in want.items():
-        if tuple(tensors[name].shape) != shape:
-            got = tuple(tensors[name].shape)
+        t = tensors[name]  # a QuantizedWeight stands for its HF [N, K] weight
+        got = (t.n, t.k) if hasattr(t, "in_shape") else tuple(t.shape)
+        if got != shape:
             raise ModelLoadError(path, f"{name} has shape {got}, the config implies {shape}")

@@ -1,5 +1,7 @@
 """HF model folders: config.json + safetensors (one file, or shards listed in
-model.safetensors.index.json). Tensors keep their names, layouts and float dtype."""
+model.safetensors.index.json). Tensors keep their names, layouts and float dtype; a
+checkpoint whose config has a `quantization_config` has its quantized linears repacked as
+QuantizedWeights, as stored (engine.loader.prequant)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ from engine.model.config import ConfigError, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
+"""Safetensors dtypes numpy lacks: read as raw bytes and viewed as these."""
 
 
 def load_hf(path: Path, progress: bool = True) -> Checkpoint:
     """Load an HF model folder; every failure is a one-line ModelLoadError or ConfigError."""
     config = read_config(path / "config.json")
+    quant = _raw_config(path / "config.json").get("quantization_config")
     files = safetensors_files(path)
     tensors: dict[str, np.ndarray] = {}
     with tqdm(desc=f"Loading {path.name}", unit="tensor", disable=not progress) as bar:
@@ -32,22 +37,30 @@ def load_hf(path: Path, progress: bool = True) -> Checkpoint:
         del tensors[name]
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    fmt = None
+    if quant:
+        from engine.loader.prequant import convert
+
+        if not isinstance(quant, dict):
+            raise ModelLoadError(path / "config.json", "quantization_config is not an object")
+        tensors, fmt = convert(path, quant, tensors)
     check_tensors(path, config, tensors)
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
-    return Checkpoint(config, tensors, path if has_tokenizer else None, path)
+    return Checkpoint(config, tensors, path if has_tokenizer else None, path, fmt)
 
 
-def read_config(config_path: Path) -> ModelConfig:
+def _raw_config(config_path: Path) -> dict:
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(config_path, f"unreadable config ({e})") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(config_path, "config is not a JSON object")
-    quant = raw.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise ModelLoadError(config_path, f"quantized HF checkpoints ({method}) are not supported")
+    return raw
+
+
+def read_config(config_path: Path) -> ModelConfig:
+    raw = _raw_config(config_path)
     try:
         return ModelConfig.from_hf(raw)
     except ConfigError as e:
@@ -82,23 +95,24 @@ def _read_safetensors(file: Path, out: dict[str, np.ndarray], bar: tqdm) -> None
             bar.total = (bar.total or 0) + len(names)  # shards are opened one at a time
             bar.refresh()
             dtypes = {name: f.get_slice(name).get_dtype() for name in names}
-            bf16 = [n for n in names if dtypes[n] == "BF16"]
+            raw_names = [n for n in names if dtypes[n] in RAW_DTYPES]
             for name in names:
-                if dtypes[name] != "BF16":
+                if dtypes[name] not in RAW_DTYPES:
                     out[name] = f.get_tensor(name)
                     bar.update()
     except Exception as e:  # SafetensorError is not exported as a stable type; wrap all
         raise ModelLoadError(file, f"unreadable safetensors ({e})") from None
-    if bf16:  # safetensors' numpy API has no bfloat16: copy the raw bytes and reinterpret
+    if raw_names:  # numpy has no bfloat16 / float8: copy the raw bytes and reinterpret
         header, data_start = _header(file)
         with open(file, "rb") as fh:
-            for name in bf16:
+            for name in raw_names:
                 begin, end = header[name]["data_offsets"]
                 raw = np.empty(end - begin, np.uint8)
                 fh.seek(data_start + begin)
                 if fh.readinto(raw) != raw.size:
                     raise ModelLoadError(file, f"truncated data for {name}")
-                out[name] = raw.view(ml_dtypes.bfloat16).reshape(header[name]["shape"])
+                out[name] = raw.view(RAW_DTYPES[header[name]["dtype"]]).reshape(
+                    header[name]["shape"])
                 bar.update()
 
 

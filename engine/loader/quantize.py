@@ -9,7 +9,8 @@
           steps take the CPU kernel (faster than XLA's dot there; same values).
 
 Projections: wqkv (or wq/wk/wv), wo, w_gate, w_up, w_down, and the head (lm_head, or embed
-when tied). Norms, biases and MoE experts stay float. Runs after fuse_qkv.
+when tied). Norms, biases and MoE experts stay float. Runs after fuse_qkv. Weights that are
+QuantizedWeights already (a pre-quantized checkpoint: engine.loader.prequant) are kept.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.model.config import ModelConfig
-from engine.model.quant import from_gguf_rows, pack, pack_stacked
+from engine.model.quant import QuantizedWeight, from_gguf_rows, pack, pack_stacked
 
 METHODS = ("int8", "gguf", "f32")
 PROJECTIONS = {"wqkv": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
@@ -46,9 +47,12 @@ def quantize_params(params: dict, cfg: ModelConfig, method: str, source: Path | 
     packer = pack_stacked if stacked else pack
     for lp in [params["layers"]] if stacked else params["layers"]:
         for name, n_in in PROJECTIONS.items():
-            if name in lp:
+            if name in lp and not isinstance(lp[name], QuantizedWeight):
                 lp[name] = packer(lp[name], n_in, method)
-    if cfg.tie_word_embeddings:  # embed [V, E] is the head's weight by output channel
+    head = "embed" if cfg.tie_word_embeddings else "lm_head"
+    if isinstance(params[head], QuantizedWeight):
+        pass
+    elif cfg.tie_word_embeddings:  # embed [V, E] is the head's weight by output channel
         params["embed"] = pack(params["embed"].T, 1, method)  # logical [E] + [V]
     else:
         params["lm_head"] = pack(params["lm_head"], 1, method)

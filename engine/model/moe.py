@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from engine.model.config import ModelConfig
+from engine.model.quant import QuantizedWeight, dequantize_rows
 
 Params = dict[str, Any]
 
@@ -60,6 +61,7 @@ def grouped_experts(
     experts [first, first + Xl). Assignments to experts outside that range add nothing,
     so per-device partial sums over disjoint ranges add up to the full result."""
     t, k = experts.shape
+    w_gate, w_up, w_down = (expert_weights(w, h.dtype) for w in (w_gate, w_up, w_down))
     n_local = w_gate.shape[0]
     local = experts.reshape(-1) - first  # local: [T*K]
     mine = (local >= 0) & (local < n_local)
@@ -75,6 +77,15 @@ def grouped_experts(
     # Rows past the last group are not defined by ragged_dot: select, do not multiply.
     y = jnp.where(mine[:, None], y.astype(jnp.float32), 0.0).reshape(t, k, -1)  # [T, K, E]
     return jnp.einsum("tke,tk->te", y, jnp.where(mine, weights.reshape(-1), 0.0).reshape(t, k))
+
+
+def expert_weights(w: jax.Array | QuantizedWeight, dtype: jnp.dtype) -> jax.Array:
+    """Stacked experts [X, in, out]: quantized ones (data [X, N, K bytes], a pre-quantized
+    checkpoint's) dequantized to `dtype` first, the reference path."""
+    if not isinstance(w, QuantizedWeight):
+        return w
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [X, N, K]
+    return jnp.swapaxes(nk, -1, -2).astype(dtype)
 
 
 def moe_ffn(lp: Params, h: jax.Array, cfg: ModelConfig, expert_axis: str | None = None
@@ -95,7 +106,8 @@ def moe_ffn(lp: Params, h: jax.Array, cfg: ModelConfig, expert_axis: str | None 
                          f"mesh axis {expert_axis!r}")
 
     def per_device(h, weights, experts, w_gate, w_up, w_down):
-        first = jax.lax.axis_index(expert_axis) * w_gate.shape[0]
+        n_local = (w_gate.data if isinstance(w_gate, QuantizedWeight) else w_gate).shape[0]
+        first = jax.lax.axis_index(expert_axis) * n_local
         part = grouped_experts(h, weights, experts, w_gate, w_up, w_down, first)
         return jax.lax.psum(part, expert_axis)
 

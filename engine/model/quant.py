@@ -13,12 +13,15 @@ weights of output n = flat index into out_shape.
     q4_0    uint8 [N, K/32 * 18]  (GGUF blocks)    [0]
     q4_1    uint8 [N, K/32 * 20]  (GGUF blocks)    [0]
     fp8     float8_e4m3fn [N, K]                   float32 [N] (per output channel)
+                                                   or [N, K/G] (per group of G along K)
     int4    uint8 [N, K/2] (two 4-bit codes/byte)  float32 [N, K/G] (per group of G along K)
 
 int4 (group-wise, asymmetric; what AWQ and GPTQ checkpoints hold): byte j of a row holds
 codes 2j (low nibble) and 2j + 1 (high nibble), q in [0, 15]; `zeros` float32 [N, K/G] holds
 each group's zero point in code units, and w = (q - zero) * scale. G = K / scales.shape[-1].
-fp8 stores the weight divided by its channel's scale (w = data * scale); how activations are
+fp8 stores the weight divided by its channel's scale (w = data * scale), or by its group's
+scale when the scales are [N, K/G] (scales.ndim == data.ndim: the 128 x 128 block scales of
+HF `fp8` checkpoints, each block row's scales repeated for its rows); how activations are
 handled (weight-only, or per-token e4m3 activations: W8A8) is the backend's choice, and its
 reference says which.
 
@@ -51,7 +54,8 @@ class QuantizedWeight:
     data: jax.Array
     """[(L,) N, K] or [(L,) N, K/32 * block bytes] by format (module docstring)."""
     scales: jax.Array
-    """float32 [(L,) N] for int8, [(L,) 0] otherwise."""
+    """float32 [(L,) N] for int8 and fp8, [(L,) N, K/G] for int4 and grouped fp8, [(L,) 0]
+    otherwise."""
     fmt: str
     in_shape: tuple[int, ...]
     """The logical weight's contracted dims (product K)."""
@@ -70,9 +74,14 @@ class QuantizedWeight:
 
 
     @property
+    def grouped(self) -> bool:
+        """Scales per group along K ([(L,) N, K/G]): int4 always, fp8 from block scales."""
+        return self.fmt in ("int4", "fp8") and self.scales.ndim == self.data.ndim
+
+    @property
     def group_size(self) -> int:
-        """int4: weights per scale along K (G); K for per-channel formats."""
-        return self.k // self.scales.shape[-1] if self.fmt == "int4" else self.k
+        """Weights per scale along K (G): K / scales' last dim when grouped, else K."""
+        return self.k // self.scales.shape[-1] if self.grouped else self.k
 
 
 jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["data", "scales", "zeros"],
@@ -99,6 +108,10 @@ def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int,
     """float32 [..., K] from stored rows [..., row bytes] (any leading dims)."""
     if fmt in ("f32", "bf16"):
         return data.astype(jnp.float32)
+    if fmt == "fp8" and scales.ndim == data.ndim:  # grouped: scales [..., K/G]
+        groups = scales.shape[-1]
+        w = data.astype(jnp.float32).reshape(*data.shape[:-1], groups, k // groups)
+        return (w * scales[..., None]).reshape(*data.shape[:-1], k)
     if fmt in ("int8", "fp8"):
         return data.astype(jnp.float32) * scales[..., None]
     if fmt == "int4":

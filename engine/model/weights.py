@@ -18,6 +18,7 @@ checkpoints) or `block_sparse_moe.experts.{j}.{w1,w3,w2}.weight` with router
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 from engine.model.axes import PARAM_AXES, Axes, param_axes
 from engine.model.config import ModelConfig
 from engine.model.llama import Params
+from engine.model.quant import QuantizedWeight
 
 
 def _experts_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig
@@ -42,31 +44,56 @@ def _experts_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig
         m, names = ((p + "block_sparse_moe.", ("w1", "w3", "w2"))
                     if p + "block_sparse_moe.gate.weight" in t
                     else (p + "mlp.", ("gate_proj", "up_proj", "down_proj")))
-        # gate/up: [X, F, E], down: [X, E, F]
-        gate, up, down = (np.stack([t[f"{m}experts.{j}.{n}.weight"] for j in range(x)])
+        # gate/up: [X, F, E], down: [X, E, F]; pre-quantized experts stack as stored
+        e = cfg.hidden_size
+        gate, up, down = (_stack_experts([t[f"{m}experts.{j}.{n}.weight"] for j in range(x)],
+                                         (f,) if n in ("down_proj", "w2") else (e,),
+                                         (e,) if n in ("down_proj", "w2") else (f,))
                           for n in names)
-        router = t[m + "gate.weight"]  # router: [X, E]
+        return {"router": t[m + "gate.weight"].T, "expert_gate": gate, "expert_up": up,
+                "expert_down": down}  # router: [E, X]
     return {"router": router.T, "expert_gate": gate.transpose(0, 2, 1),
             "expert_up": up.transpose(0, 2, 1), "expert_down": down.transpose(0, 2, 1)}
 
 
+def _stack_experts(ws: list[np.ndarray | QuantizedWeight], in_shape: tuple[int, ...],
+                   out_shape: tuple[int, ...]) -> np.ndarray | QuantizedWeight:
+    """Per-expert HF weights [N, K] -> [X, K, N]; QuantizedWeights stack their rows
+    ([X, N, K bytes], scales [X, N(, K/G)]) and take the per-expert logical shapes."""
+    if isinstance(ws[0], QuantizedWeight):
+        stacked = jax.tree.map(lambda *a: np.stack(a), *ws)
+        return dataclasses.replace(stacked, in_shape=in_shape, out_shape=out_shape)
+    return np.stack(ws).transpose(0, 2, 1)
+
+
+def _linear(w: np.ndarray | QuantizedWeight, in_shape: tuple[int, ...],
+            out_shape: tuple[int, ...]) -> np.ndarray | QuantizedWeight:
+    """An HF linear weight [N, K] as the logical [*in_shape, *out_shape]; a pre-quantized
+    one (stored by output channel already) only takes the logical shapes."""
+    if isinstance(w, QuantizedWeight):
+        return dataclasses.replace(w, in_shape=in_shape, out_shape=out_shape)
+    return w.T.reshape(*in_shape, *out_shape)
+
+
 def _layer_from_hf(t: Mapping[str, np.ndarray], i: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
     e, d, hq, hk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    f = cfg.intermediate_size
     p = f"model.layers.{i}."
     a, m = p + "self_attn.", p + "mlp."
     lp = {
         "attn_norm": t[p + "input_layernorm.weight"],
-        "wq": t[a + "q_proj.weight"].T.reshape(e, hq, d),
-        "wk": t[a + "k_proj.weight"].T.reshape(e, hk, d),
-        "wv": t[a + "v_proj.weight"].T.reshape(e, hk, d),
-        "wo": t[a + "o_proj.weight"].T.reshape(hq, d, e),
+        "wq": _linear(t[a + "q_proj.weight"], (e,), (hq, d)),
+        "wk": _linear(t[a + "k_proj.weight"], (e,), (hk, d)),
+        "wv": _linear(t[a + "v_proj.weight"], (e,), (hk, d)),
+        "wo": _linear(t[a + "o_proj.weight"], (hq, d), (e,)),
         "mlp_norm": t[p + "post_attention_layernorm.weight"],
     }
     if cfg.is_moe:
         lp.update(_experts_from_hf(t, p, cfg))
     else:
-        lp.update(w_gate=t[m + "gate_proj.weight"].T, w_up=t[m + "up_proj.weight"].T,
-                  w_down=t[m + "down_proj.weight"].T)
+        lp.update(w_gate=_linear(t[m + "gate_proj.weight"], (e,), (f,)),
+                  w_up=_linear(t[m + "up_proj.weight"], (e,), (f,)),
+                  w_down=_linear(t[m + "down_proj.weight"], (f,), (e,)))
     if cfg.qkv_bias:
         lp["bq"] = t[a + "q_proj.bias"].reshape(hq, d)
         lp["bk"] = t[a + "k_proj.bias"].reshape(hk, d)
@@ -89,6 +116,37 @@ def _sharding(place: Place | None, name: str, shape: tuple[int, ...]) -> Any:
     return place(shape, PARAM_AXES[name]) if place is not None else None
 
 
+def place_weight(x: Any, axes: Axes, place: Place | None) -> Any:
+    """An array or QuantizedWeight (host or device) on the device, or on its shards of the
+    mesh (a QuantizedWeight's data, scales and zeros split with their rows:
+    engine.parallel.sharding.quantized_shardings)."""
+    if place is None:
+        return jax.tree.map(jnp.asarray, x)
+    if isinstance(x, QuantizedWeight):
+        from engine.parallel.sharding import quantized_shardings
+
+        return jax.tree.map(jax.device_put, x, quantized_shardings(x, axes, place))
+    return jax.device_put(x, place(x.shape, axes))
+
+
+def place_params(params: Params, place: Place | None) -> Params:
+    """Every parameter on its sharding (after a change that may not keep them: stacking,
+    quantizing at load)."""
+    if place is None:
+        return params
+    axes = param_axes(params)
+    for k in params:
+        if k != "layers":
+            params[k] = place_weight(params[k], axes[k], place)
+    stacked = isinstance(params["layers"], dict)
+    pairs = (zip([params["layers"]], [axes["layers"]], strict=True) if stacked
+             else zip(params["layers"], axes["layers"], strict=True))
+    for lp, lax_ in pairs:
+        for n in lp:
+            lp[n] = place_weight(lp[n], lax_[n], place)
+    return params
+
+
 def params_from_hf(
     tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool,
     place: Place | None = None,
@@ -96,7 +154,9 @@ def params_from_hf(
     """Convert HF-named tensors; weights are cast to `dtype` on the host, then put on the
     device, or straight onto their shards with `place` (each device receives only its
     share: a model larger than one device never exists whole on one)."""
-    def put(x: np.ndarray, name: str) -> jax.Array:
+    def put(x: np.ndarray | QuantizedWeight, name: str) -> jax.Array | QuantizedWeight:
+        if isinstance(x, QuantizedWeight):  # pre-quantized: its arrays as stored
+            return place_weight(x, PARAM_AXES[name], place)
         x = np.ascontiguousarray(x).astype(dtype)
         sharding = _sharding(place, name, x.shape)
         return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
@@ -117,10 +177,7 @@ def _place_stacked(params: Params, place: Place | None) -> Params:
     """Stacked (scan) layers on their shardings too (stacking may not keep them)."""
     if place is None or not isinstance(params["layers"], dict):
         return params
-    axes = param_axes({"layers": params["layers"]})["layers"]
-    params["layers"] = jax.tree.map(lambda a, ax: jax.device_put(a, place(a.shape, ax)),
-                                    params["layers"], axes)
-    return params
+    return place_params(params, place)
 
 
 def random_params(cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool, seed: int = 0,
@@ -196,8 +253,41 @@ def fuse_qkv(params: Params, place: Place | None = None) -> Params:
         for w, (q, k, v) in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
             if q not in lp:
                 continue
+            if isinstance(lp[q], QuantizedWeight):
+                fused = fuse_quantized(lp[q], lp[k], lp[v])
+                if fused is not None:
+                    axes = (("layers",) if stacked else ()) + PARAM_AXES[w]
+                    lp[w] = place_weight(fused, axes, place)
+                    del lp[q], lp[k], lp[v]
+                continue
             shape = jax.eval_shape(fuse, lp[q], lp[k], lp[v]).shape
             axes = (("layers",) if stacked else ()) + PARAM_AXES[w]
             f = jax.jit(fuse, out_shardings=place(shape, axes) if place is not None else None)
             lp[w] = f(lp.pop(q), lp.pop(k), lp.pop(v))
     return params
+
+
+def fuse_quantized(q: QuantizedWeight, k: QuantizedWeight, v: QuantizedWeight
+                   ) -> QuantizedWeight | None:
+    """fuse_qkv's order for stored rows: the output rows (data, scales and zero points
+    alike) of q [Hq*D], k and v [Hkv*D] reordered as [Hkv, G + 2, D]. None when the three
+    differ in format or grouping (they then stay three weights)."""
+    parts = (q, k, v)
+    if (len({w.fmt for w in parts}) > 1 or len({w.data.shape[-1] for w in parts}) > 1
+            or len({w.scales.shape[-1] if w.grouped else -1 for w in parts}) > 1):
+        return None
+    (hq, d), hkv = q.out_shape, k.out_shape[0]
+    nl = q.data.ndim - 2  # a leading layer axis when stacked
+
+    def rows(a: jax.Array, heads: int) -> jax.Array:  # [(L,) H*D, ...] -> [(L,) Hkv, g, D, ...]
+        return a.reshape(*a.shape[:nl], hkv, heads // hkv, d, *a.shape[nl + 1:])
+
+    def fuse(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+        if a.shape[nl] != hq * d:  # empty scales [(L,) 0]: nothing per row
+            return a
+        out = jnp.concatenate([rows(a, hq), rows(b, hkv), rows(c, hkv)], axis=nl + 1)
+        return out.reshape(*a.shape[:nl], -1, *a.shape[nl + 1:])  # [(L,) Hkv*(G+2)*D, ...]
+
+    zeros = None if q.zeros is None else fuse(q.zeros, k.zeros, v.zeros)
+    return QuantizedWeight(fuse(q.data, k.data, v.data), fuse(q.scales, k.scales, v.scales),
+                           q.fmt, q.in_shape, (hkv, hq // hkv + 2, d), zeros)

@@ -24,11 +24,17 @@ TINY_MOE = {**TINY, "model_type": "qwen3_moe", "head_dim": 16, "num_experts": 8,
 """8 experts, 2 per token: expert parallelism puts 4, 2 or 1 whole experts on a device."""
 
 
+TINY_QUANT = {**TINY, "hidden_size": 128, "intermediate_size": 512, "head_dim": 64,
+              "architectures": ["LlamaForCausalLM"]}
+"""Quantized under TP: wo's K = 8 heads x 64 and w_down's K = 512 leave whole int4 groups
+of 128 (and AWQ's 32) on each of 4 devices."""
+
+
 def run_worker(model: str, load_format: str, sizes: list[int], backend: str = "cpu",
-               expert_parallel: bool = False) -> dict[int, dict]:
+               expert_parallel: bool = False, quantization: str = "") -> dict[int, dict]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu", "ENGINE_TEST_BACKEND": backend,
-           "ENGINE_TEST_EP": "1" if expert_parallel else ""}
+           "ENGINE_TEST_EP": "1" if expert_parallel else "", "ENGINE_TEST_QUANT": quantization}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.parallel.tp_worker", model, load_format,
          *map(str, sizes)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -99,3 +105,51 @@ def test_moe_expert_parallel_same_tokens_as_one_device(tmp_path):
 def test_default_model_tp4_same_tokens(default_gguf):
     runs = run_worker(str(default_gguf), "auto", [1, 4])
     assert runs[4]["tokens"] == runs[1]["tokens"]
+
+
+def _same_as_tp1(runs: dict[int, dict], sizes: list[int]) -> None:
+    for tp in sizes:
+        assert runs[tp]["tokens"] == runs[1]["tokens"], tp
+        for a, b in zip(runs[tp]["logprobs"], runs[1]["logprobs"], strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_int8_at_load_sharded_with_its_scales(tmp_path):
+    """--quantization int8 under TP 4: TP 1's tokens; rows (and their per-row scales) split
+    with the heads / MLP width, wo and w_down split along K."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_QUANT))
+    runs = run_worker(str(tmp_path / "config.json"), "dummy", [1, 4], quantization="int8")
+    _same_as_tp1(runs, [4])
+    q4 = runs[4]["quantized"]
+    # [N, K] (the CPU backend's layers are unrolled). 2 KV heads on 4 devices: q/k/v stay
+    # apart, wk/wv replicated, the query heads' rows split with their scales [N]
+    assert q4["wq"] == ["int8", ["tp", None], ["tp"]]
+    assert q4["wk"] == ["int8", [None, None], [None]]
+    assert q4["wo"] == ["int8", [None, "tp"], [None]]  # K split, per-row scales whole
+    assert q4["w_gate"][1] == ["tp", None] and q4["w_down"][1] == [None, "tp"]
+
+
+def test_prequantized_awq_checkpoint_sharded(tmp_path):
+    """An AWQ (int4) checkpoint under TP 2: TP 1's tokens; q/k/v fused (rows by KV head),
+    the group-wise scales and zero points split along K with the codes for wo and w_down."""
+    from tests.models.prequant_checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path, "awq", config=TINY_QUANT)
+    runs = run_worker(str(tmp_path), "auto", [1, 2])
+    _same_as_tp1(runs, [2])
+    q2 = runs[2]["quantized"]
+    assert q2["wo"] == ["int4", [None, "tp"], [None, "tp"]]  # [N, K/2], scales [N, K/G]
+    assert q2["wqkv"] == ["int4", ["tp", None], ["tp", None]]
+
+
+def test_prequantized_fp8_experts_expert_parallel(tmp_path):
+    """A Qwen3-MoE checkpoint with FP8 experts (compressed-tensors, per channel) under
+    expert parallelism on 2 devices: TP 1's tokens, whole quantized experts per device."""
+    from tests.models.prequant_checkpoints import MOE_CONFIG, write_checkpoint
+
+    write_checkpoint(tmp_path, "ct-fp8", config={**MOE_CONFIG, "num_experts": 8,
+                                                 "vocab_size": 512})
+    runs = run_worker(str(tmp_path), "auto", [1, 2], expert_parallel=True)
+    _same_as_tp1(runs, [2])
+    assert runs[2]["expert_axis"] == "tp"
+    assert runs[2]["quantized"]["expert_gate"] == ["fp8", ["tp", None, None], ["tp", None]]

@@ -7,7 +7,7 @@ tensor-parallel sizes and print one JSON line per size (tokens, logprobs, shardi
 With ENGINE_TEST_DIST=host:port,num_processes,process_id the process joins a multi-host
 group (jax.distributed) and its mesh spans every process's devices. ENGINE_TEST_BACKEND
 picks the backend (default cpu; cuda runs its Pallas kernels in the interpreter here);
-ENGINE_TEST_EP=1 turns on expert parallelism.
+ENGINE_TEST_EP=1 turns on expert parallelism; ENGINE_TEST_QUANT=METHOD quantizes at load.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ import sys
 import jax
 
 from engine import LLM, SamplingParams
+from engine.model.quant import QuantizedWeight
 from engine.runner import model_forward
 
 PROMPTS = [[5, 17, 29, 3, 11, 8, 40, 2, 9, 13, 21, 34], [7, 7, 1, 19], list(range(30, 60))]
 
 
 def spec(a) -> list:
-    """The array's PartitionSpec, one entry per dimension (jit drops trailing Nones)."""
+    """The array's PartitionSpec, one entry per dimension (jit drops trailing Nones); a
+    QuantizedWeight's: its data's."""
+    a = a.data if isinstance(a, QuantizedWeight) else a
     parts = [s if s is None or isinstance(s, str) else list(s) for s in a.sharding.spec]
     return parts + [None] * (a.ndim - len(parts))
 
@@ -40,6 +43,8 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
         dist["interpret"] = True  # the Pallas interpreter on the CPU
     if os.environ.get("ENGINE_TEST_EP"):
         dist["expert_parallel"] = True
+    if os.environ.get("ENGINE_TEST_QUANT"):
+        dist["quantization"] = os.environ["ENGINE_TEST_QUANT"]
     for tp in sizes:
         llm = LLM(model, backend=backend, dtype="float32", load_format=load_format,
                   tensor_parallel_size=tp, max_total_tokens=1024, max_running_requests=4,
@@ -62,6 +67,8 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
             "kv": spec(k_cache) if tp > 1 else None,
             "kv_devices": len(k_cache.sharding.device_set),
             "per_device_attention": runner.backend.attention_fn() != runner.backend.attention,
+            "quantized": {n: [w.fmt, spec(w.data), spec(w.scales)] for n, w in layer.items()
+                          if isinstance(w, QuantizedWeight) and tp > 1},
             "expert_axis": model_forward(runner.cfg, runner.backend).keywords["expert_axis"],
         }), flush=True)
 
