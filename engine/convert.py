@@ -12,10 +12,12 @@ applies its own preset's layout then.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -26,19 +28,34 @@ log = logging.getLogger(__name__)
 FORMATS = ("orbax",)
 
 
-def convert(model: str | None, out: str | Path, *, backend: str = "auto",
-            config: str | None = None, **options) -> Path:
-    """Load `model` as an engine would (engine options as keywords) and save it to `out`."""
+@dataclasses.dataclass
+class Setup:
+    """What an engine start makes before it loads weights: config, backend, dtype, mesh."""
+    config: Any
+    backend: Any
+    dtype: jnp.dtype
+    mesh: Any
+    rules: dict[str, Any]
+    place: Any
+
+    def load(self, model: str | None, **options: Any) -> Any:
+        """builder.load_weights of `model` (engine options as keywords) on this setup."""
+        from engine.builder import load_weights
+
+        cfg = dataclasses.replace(self.config, model=dataclasses.replace(
+            self.config.model, model=model, **options))
+        return load_weights(cfg, self.backend, self.dtype, scan=False, mesh=self.mesh,
+                            rules=self.rules, place=self.place)
+
+
+def setup(model: str | None, *, backend: str = "auto", config: str | None = None,
+          **options: Any) -> Setup:
+    """The backend, dtype and mesh an engine with these options would load weights on."""
     from engine.backend import get_backend
-    from engine.builder import load_weights
     from engine.config import EngineConfig
-    from engine.loader import orbax
     from engine.parallel.mesh import init_distributed, make_mesh
     from engine.parallel.sharding import make_rules, named_sharding
 
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before a long load
-        raise ValueError(f"{out} exists and is not an empty folder; choose a new output folder")
     cfg = EngineConfig.build(config, model=model, backend=None if backend == "auto" else backend,
                              **options)
     be = get_backend(cfg.backend.name, dict(cfg.backend.options))
@@ -50,10 +67,22 @@ def convert(model: str | None, out: str | Path, *, backend: str = "auto",
     if mesh is not None:
         be.mesh, be.mesh_rules = mesh, rules
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
+    return Setup(cfg, be, dtype, mesh, rules, place)
+
+
+def convert(model: str | None, out: str | Path, *, backend: str = "auto",
+            config: str | None = None, **options: Any) -> Path:
+    """Load `model` as an engine would (engine options as keywords) and save it to `out`."""
+    from engine.loader import orbax
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before a long load
+        raise ValueError(f"{out} exists and is not an empty folder; choose a new output folder")
+    s = setup(model, backend=backend, config=config, **options)
     t0 = time.perf_counter()
-    loaded = load_weights(cfg, be, dtype, scan=False, mesh=mesh, rules=rules, place=place)
+    loaded = s.load(model)
     log.info("loaded %s in %.1fs", loaded.name, time.perf_counter() - t0)
-    return orbax.save(out, loaded.cfg, loaded.params, dtype=dtype.name,
+    return orbax.save(out, loaded.cfg, loaded.params, dtype=s.dtype.name,
                       quantization=loaded.quantization, tokenizer=loaded.tokenizer,
                       source=str(model or loaded.name))
 
