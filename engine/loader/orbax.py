@@ -267,12 +267,17 @@ def restore(path: str | Path, *, dtype: jnp.dtype, place: Place | None,
     arrays: dict[str, Any] = {}
     try:
         with _checkpointer() as ckpt:
-            for i, group in enumerate(groups := _groups(list(targets), nbytes)):
+            # Older orbax (no partial restore) reads the whole tree in one call.
+            partial = "partial_restore" in {f.name for f in
+                                            dataclasses.fields(ocp.args.PyTreeRestore)}
+            groups = _groups(list(targets), nbytes) if partial else [list(targets)]
+            for i, group in enumerate(groups):
                 item = _nest({n: targets[n] for n in group})
                 args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
                     sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
+                kw = {"partial_restore": True} if partial else {}
                 got = ckpt.restore(path / "params", args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=args, partial_restore=True))
+                    item=item, restore_args=args, **kw))
                 for n in group:
                     node = got
                     for part in n.split("."):

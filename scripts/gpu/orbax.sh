@@ -16,7 +16,8 @@ if [[ -d .whl && ! -f /tmp/site/.done ]]; then  # .whl/ travels only when the ca
     --target /tmp/site .whl/*.whl && touch /tmp/site/.done
 fi
 [[ -d /tmp/site ]] && export PYTHONPATH=$PYTHONPATH:/tmp/site
-python3 -c "import orbax.checkpoint, tensorstore" || { echo "orbax-checkpoint is missing"; exit 1; }
+python3 -c "import orbax.checkpoint as o, tensorstore; print('orbax-checkpoint', o.__version__)" \
+  || { echo "orbax-checkpoint is missing"; exit 1; }
 rm -rf "$WORK"; mkdir -p "$WORK"; df -h "$WORK" | tail -1
 echo "== safetensors $(date -u +%H:%M:%S)"
 python3 scripts/gpu/random_safetensors.py "$SHAPE" "$WORK/hf" | tee "$OUT/orbax_write.txt"
