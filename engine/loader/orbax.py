@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 META = ORBAX_META
 FORMAT = "engine-orbax"
 VERSION = 1
-GROUPS = 16
+GROUPS = 8
 """Restore reads the layers in about this many groups (one progress line each)."""
 
 
@@ -188,6 +188,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an orbax checkpoint folder, without reading its arrays."""
+    path = Path(path).expanduser().resolve()
+    try:
+        return _config_from_json(_read_meta(path)["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(path / META, f"unusable model_config ({e!r})") from None
+
+
 def _expected_shapes(cfg: ModelConfig, fused: bool) -> dict[str, tuple[int, ...]]:
     """Every parameter's logical shape for `cfg`, as loaded (and fused) by the engine."""
     def make():
@@ -239,10 +248,7 @@ def restore(path: str | Path, *, dtype: jnp.dtype, place: Place | None,
     ocp = _orbax()
     path = Path(path).expanduser().resolve()
     meta = _read_meta(path)
-    try:
-        cfg = _config_from_json(meta["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(path / META, f"unusable model_config ({e})") from None
+    cfg = read_config(path)
     described: dict[str, dict] = meta["params"]
     _check(path, cfg, described)
     single = jax.sharding.SingleDeviceSharding(device)

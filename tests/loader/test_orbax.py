@@ -30,7 +30,7 @@ from engine.loader import orbax
 from engine.loader.checkpoint import ModelLoadError
 from engine.loader.load import load_checkpoint
 from tests.models.test_loader import tiny_hf_model
-from tests.parallel.test_tensor_parallel import TINY, run_worker
+from tests.parallel.test_tensor_parallel import TINY, TINY_MOE, run_worker
 
 
 def engine_weights(model: str | None, scan: bool = False, **opts) -> LoadedModel:
@@ -84,6 +84,15 @@ def test_quantized_round_trip(tiny_hf, tmp_path, quantization):
     got = engine_weights(str(out))  # no quantization asked: the checkpoint's is kept
     assert got.quantization == quantization
     assert_same_params(got.params, want.params)
+
+
+def test_moe_round_trip_equals_dummy_load(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MOE))  # experts stacked [X, ...]
+    want = engine_weights(str(tmp_path / "config.json"), load_format="dummy")
+    out = orbax.save(tmp_path / "ck", want.cfg, want.params, dtype="float32",
+                     quantization=None, tokenizer=None, source="tiny-moe")
+    assert_same_params(engine_weights(str(out)).params, want.params)
+    assert orbax.read_config(out).num_experts == TINY_MOE["num_experts"]
 
 
 def test_default_gguf_round_trip(default_gguf, default_tokenizer, tmp_path):
