@@ -13,8 +13,9 @@ casts beyond the engine's dtype, no fusion. Folder layout:
     tokenizer/         the tokenizer's files (absent when the model has none)
 
 Saved tree: {"embed", "norm", "lm_head"?, "layers": {"0": {...}, "1": ...}}, layers
-unrolled whatever the engine's scan setting; a QuantizedWeight is {"data", "scales"}
-("scales" left out when empty: orbax cannot store zero-size arrays).
+unrolled whatever the engine's scan setting; a QuantizedWeight is a dict of its array
+fields ("data", "scales", "zeros"), leaving out those that are None and those that are empty
+(orbax cannot store zero-size arrays; the description keeps their shapes).
 
 Restore: every array is read by orbax/tensorstore into the sharding its logical axes get on
 the current mesh (engine.parallel.sharding), so each device reads only its own slices and
@@ -53,6 +54,8 @@ FORMAT = "engine-orbax"
 VERSION = 1
 GROUPS = 8
 """Restore reads the layers in about this many groups (one progress line each)."""
+QUANT_ARRAYS = ("data", "scales", "zeros")
+"""QuantizedWeight's array fields (engine.model.quant); a field may be None."""
 
 
 @dataclasses.dataclass
@@ -121,9 +124,10 @@ def _nest(flat: dict[str, Any]) -> dict:
 def _describe(name: str, leaf: Any) -> dict[str, Any]:
     axes = list(PARAM_AXES[name.rsplit(".", 1)[-1]])
     if isinstance(leaf, QuantizedWeight):
-        return {"shape": list(leaf.data.shape), "dtype": leaf.data.dtype.name, "axes": axes,
-                "quantized": leaf.fmt, "in_shape": list(leaf.in_shape),
-                "out_shape": list(leaf.out_shape), "scales": list(leaf.scales.shape)}
+        arrays = {f: {"shape": list(a.shape), "dtype": a.dtype.name}
+                  for f in QUANT_ARRAYS if (a := getattr(leaf, f, None)) is not None}
+        return {"axes": axes, "quantized": leaf.fmt, "in_shape": list(leaf.in_shape),
+                "out_shape": list(leaf.out_shape), "arrays": arrays}
     return {"shape": list(leaf.shape), "dtype": leaf.dtype.name, "axes": axes}
 
 
@@ -150,7 +154,8 @@ def save(out: str | Path, cfg: ModelConfig, params: dict, *, dtype: str,
     tree = {}
     for name, leaf in entries.items():
         if isinstance(leaf, QuantizedWeight):
-            leaf = {"data": leaf.data} | ({"scales": leaf.scales} if leaf.scales.size else {})
+            leaf = {f: a for f in QUANT_ARRAYS
+                    if (a := getattr(leaf, f, None)) is not None and a.size}
         tree[name] = leaf
     t0 = time.perf_counter()
     with _checkpointer() as ckpt:
@@ -260,11 +265,8 @@ def restore(path: str | Path, *, dtype: jnp.dtype, place: Place | None,
     targets: dict[str, Any] = {}
     for name, d in described.items():
         if "quantized" in d:  # replicated: quantized weights are not sharded yet
-            none = (None,) * len(d["shape"])
-            targets[name] = {"data": target(d["shape"], d["dtype"], none)}
-            if math.prod(d["scales"]):
-                targets[name]["scales"] = target(d["scales"], "float32", (None,) *
-                                                 len(d["scales"]))
+            targets[name] = {f: target(a["shape"], a["dtype"], (None,) * len(a["shape"]))
+                             for f, a in d["arrays"].items() if math.prod(a["shape"])}
         else:
             targets[name] = target(d["shape"], dtype, tuple(d["axes"]))
     nbytes = {n: sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(t))
@@ -309,11 +311,11 @@ def _assemble(cfg: ModelConfig, arrays: dict[str, Any], described: dict[str, dic
         d, a = described[name], arrays[name]
         if "quantized" not in d:
             return a
-        scales = a.get("scales")
-        if scales is None:  # [(L,) 0] as made by engine.model.quant
-            scales = jax.device_put(np.zeros(d["scales"], np.float32), empty_sharding)
-        return QuantizedWeight(a["data"], scales, d["quantized"], tuple(d["in_shape"]),
-                               tuple(d["out_shape"]))
+        fields = {f: a.get(f) if math.prod(x["shape"]) else  # e.g. scales [(L,) 0]
+                  jax.device_put(np.zeros(x["shape"], jnp.dtype(x["dtype"])), empty_sharding)
+                  for f, x in d["arrays"].items()}
+        return QuantizedWeight(**fields, fmt=d["quantized"], in_shape=tuple(d["in_shape"]),
+                               out_shape=tuple(d["out_shape"]))
 
     params: dict = {n: leaf(n) for n in arrays if not n.startswith("layers.")}
     layers: list[dict] = [{} for _ in range(cfg.num_layers)]

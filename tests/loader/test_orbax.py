@@ -29,6 +29,7 @@ from engine.convert import convert
 from engine.loader import orbax
 from engine.loader.checkpoint import ModelLoadError
 from engine.loader.load import load_checkpoint
+from engine.model.quant import pack
 from tests.models.test_loader import tiny_hf_model
 from tests.parallel.test_tensor_parallel import TINY, TINY_MOE, run_worker
 
@@ -84,6 +85,18 @@ def test_quantized_round_trip(tiny_hf, tmp_path, quantization):
     got = engine_weights(str(out))  # no quantization asked: the checkpoint's is kept
     assert got.quantization == quantization
     assert_same_params(got.params, want.params)
+
+
+def test_fp8_and_int4_weights_round_trip(tiny_hf, tmp_path):
+    """The formats made at load by engine.model.quant.pack: fp8 (float8 data, per-channel
+    scales) and int4 (packed codes, group scales and zero points)."""
+    want = engine_weights(str(tiny_hf))
+    for lp in want.params["layers"]:
+        lp["w_gate"], lp["w_up"] = pack(lp["w_gate"], 1, "fp8"), pack(lp["w_up"], 1, "int4", 32)
+    assert want.params["layers"][0]["w_up"].zeros is not None
+    out = orbax.save(tmp_path / "q", want.cfg, want.params, dtype="float32",
+                     quantization="int4", tokenizer=None, source="tiny")
+    assert_same_params(engine_weights(str(out)).params, want.params)
 
 
 def test_moe_round_trip_equals_dummy_load(tmp_path):
