@@ -85,6 +85,9 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
     from engine.loader.load import is_orbax_checkpoint, load_checkpoint
 
     if config.model.load_format == "orbax" or is_orbax_checkpoint(model):
+        if model is None:
+            raise ValueError("--load-format orbax needs the folder `engine convert` wrote "
+                             "as the model")
         return _restore_orbax(str(model), backend, dtype, scan, place)
     ckpt = load_checkpoint(model)
     with jax.default_device(backend.model_devices()[0]):

@@ -144,6 +144,8 @@ def test_missing_and_broken_folders_are_clear_errors(tiny_orbax, tmp_path):
         restore(tmp_path / "nothing")
     with pytest.raises(ModelLoadError, match="not an orbax checkpoint.*engine convert"):
         engine_weights(str(tmp_path), load_format="orbax")
+    with pytest.raises(ValueError, match="--load-format orbax needs the folder"):
+        engine_weights(None, load_format="orbax")
     with pytest.raises(ModelLoadError, match="orbax checkpoint.*--load-format orbax"):
         load_checkpoint(tiny_orbax)
     with pytest.raises(ValueError, match="not an empty folder"):
