@@ -73,6 +73,9 @@ def test_tiny_hf_round_trip_equals_hf_load(tiny_hf, tiny_orbax):
                        engine_weights(str(tiny_hf), fuse_qkv=False).params)
     assert_same_params(engine_weights(str(tiny_orbax), scan=True).params,
                        engine_weights(str(tiny_hf), scan=True).params)
+    # float32 saved, bfloat16 asked: cast on restore as the HF load casts
+    assert_same_params(engine_weights(str(tiny_orbax), dtype="bfloat16").params,
+                       engine_weights(str(tiny_hf), dtype="bfloat16").params)
     meta = json.loads((tiny_orbax / orbax.META).read_text())
     assert meta["params"]["layers.1.wqkv"]["axes"] == ["embed", "kv_heads", None, "head_dim"]
     assert meta["params"]["embed"]["axes"] == ["vocab", "embed"]
