@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -63,8 +64,13 @@ def tiny_orbax(tiny_hf, tmp_path_factory) -> Path:
     return out
 
 
-def test_tiny_hf_round_trip_equals_hf_load(tiny_hf, tiny_orbax):
-    want, got = engine_weights(str(tiny_hf)), engine_weights(str(tiny_orbax))
+def test_tiny_hf_round_trip_equals_hf_load(tiny_hf, tiny_orbax, caplog):
+    want = engine_weights(str(tiny_hf))
+    with caplog.at_level(logging.INFO, logger="engine.loader.orbax"):
+        got = engine_weights(str(tiny_orbax))
+    progress = [r.getMessage() for r in caplog.records if "orbax restore" in r.getMessage()]
+    assert len(progress) > 1 and progress[-1].startswith(f"orbax restore {len(progress)}/"
+                                                         f"{len(progress)}: ")
     assert "wqkv" in got.params["layers"][0] and "bqkv" in got.params["layers"][0]
     assert got.cfg == want.cfg and got.quantization is None
     assert_same_params(got.params, want.params)
