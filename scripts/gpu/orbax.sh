@@ -29,7 +29,8 @@ echo "converted in $(($(date +%s) - t0)) s: $(du -sh "$WORK/orbax" | cut -f1)" \
   | tee -a "$OUT/orbax_write.txt"
 echo "== load $(date -u +%H:%M:%S)"
 python3 -m engine.cli bench load --backend "$BACKEND" --model "$WORK/hf" --orbax "$WORK/orbax" \
-  --repeat "${REPEAT:-2}" --output-json "$OUT/orbax_load.json" > "$OUT/orbax_load.log" 2>&1
+  --repeat "${REPEAT:-2}" --output-json "$OUT/orbax_load.json" > "$OUT/orbax_load.log" 2>&1 \
+  || { echo "bench load failed:"; tail -5 "$OUT/orbax_load.log"; }
 grep -E "orbax restore [0-9]+/" "$OUT/orbax_load.log" | tail -2
 grep -A4 "^checkpoint" "$OUT/orbax_load.log" | tee "$OUT/orbax_load.txt"
 rm -rf "$WORK"
