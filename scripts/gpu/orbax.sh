@@ -10,7 +10,7 @@ set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
-SHAPE=${SHAPE:-llama-3.1-8b}; BACKEND=${BACKEND:-cuda}; WORK=${WORK:-/tmp/orbax-bench}
+SHAPE=${SHAPE:-llama-3.1-8b}; BACKEND=${BACKEND:-cuda}; WORK=${WORK:-$(mktemp -d)}
 if [[ -d .whl && ! -f /tmp/site/.done ]]; then  # .whl/ travels only when the call carries it
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && touch /tmp/site/.done
