@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from engine.backend import get_backend
 from engine.builder import LoadedModel, load_weights
@@ -33,6 +35,8 @@ from engine.loader.load import load_checkpoint
 from engine.model.config import ModelConfig
 from engine.model.quant import pack
 from engine.model.weights import fuse_qkv, params_from_hf
+from engine.parallel.mesh import TP
+from engine.parallel.sharding import make_rules, named_sharding
 from tests.models.test_loader import tiny_hf_model
 from tests.parallel.test_tensor_parallel import TINY, TINY_MOE, run_worker
 
@@ -96,6 +100,13 @@ def test_quantized_round_trip(tiny_hf, tmp_path, quantization):
     got = engine_weights(str(out))  # no quantization asked: the checkpoint's is kept
     assert got.quantization == quantization
     assert_same_params(got.params, want.params)
+    # on a mesh (one device here) quantized weights do not run yet: a one-line error
+    cfg = EngineConfig.build(None, model=str(out), backend="cpu")
+    mesh = Mesh(np.array(jax.devices("cpu")[:1]), (TP,))
+    rules = make_rules(False)
+    place = functools.partial(named_sharding, mesh=mesh, rules=rules)
+    with pytest.raises(ValueError, match=f"holds {quantization} weights.*without --quantiz"):
+        load_weights(cfg, get_backend("cpu"), jnp.float32, False, mesh, rules, place)
 
 
 def test_fp8_and_int4_weights_round_trip(tiny_hf, tmp_path):
