@@ -19,9 +19,9 @@ fields ("data", "scales", "zeros"), leaving out those that are None and those th
 
 Restore: every array is read by orbax/tensorstore into the sharding its logical axes get on
 the current mesh (engine.parallel.sharding), so each device reads only its own slices and
-the TP size may differ from the one saved with. QuantizedWeights are restored replicated
-(quantized weights are not sharded yet). Arrays are read in groups of layers, with
-progress in the log.
+the TP size may differ from the one saved with. A QuantizedWeight's arrays go where the
+engine puts them (engine.parallel.sharding.quantized_shardings: rows with their scales and
+zero points). Arrays are read in groups of layers, with progress in the log.
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ def _check(path: Path, cfg: ModelConfig, described: dict[str, dict]) -> None:
                                  f"{' ...' if len(names) > 3 else ''} for this model config")
     for name, d in described.items():
         if "quantized" in d:  # stored by output channel: compare the element count
-            got = tuple(d["in_shape"] + d["out_shape"])
+            lead = d["arrays"]["data"]["shape"][:-2]  # stacked experts [X, N, K]
+            got = tuple(lead + d["in_shape"] + d["out_shape"])
             ok = math.prod(got) == math.prod(want[name])
         else:
             got = tuple(d["shape"])
@@ -249,7 +250,7 @@ def _groups(names: list[str], nbytes: dict[str, int]) -> list[list[str]]:
 def restore(path: str | Path, *, dtype: jnp.dtype, place: Place | None,
             device: jax.Device, progress: bool = True) -> OrbaxModel:
     """Read an orbax checkpoint onto the mesh (`place`: shape, axes -> sharding) or onto
-    `device`. Float weights come in `dtype`; quantized arrays as saved, replicated."""
+    `device`. Float weights come in `dtype`; quantized arrays as saved."""
     ocp = _orbax()
     path = Path(path).expanduser().resolve()
     meta = _read_meta(path)
@@ -263,9 +264,12 @@ def restore(path: str | Path, *, dtype: jnp.dtype, place: Place | None,
         return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dt), sharding=sharding)
 
     targets: dict[str, Any] = {}
+    quant_shardings: dict[str, dict[str, Any]] = {}
     for name, d in described.items():
-        if "quantized" in d:  # replicated: quantized weights are not sharded yet
-            targets[name] = {f: target(a["shape"], a["dtype"], (None,) * len(a["shape"]))
+        if "quantized" in d:
+            where = quant_shardings[name] = _quantized_shardings(d, place, single)
+            targets[name] = {f: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]),
+                                                     sharding=where[f])
                              for f, a in d["arrays"].items() if math.prod(a["shape"])}
         else:
             targets[name] = target(d["shape"], dtype, tuple(d["axes"]))
@@ -298,21 +302,38 @@ def restore(path: str | Path, *, dtype: jnp.dtype, place: Place | None,
                              len(groups), done / 1e9, total / 1e9, dt, done / 1e9 / max(dt, 1e-9))
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise ModelLoadError(path / "params", f"orbax restore failed: {e}") from None
-    params = _assemble(cfg, arrays, described, single if place is None else place((0,), (None,)))
+    params = _assemble(cfg, arrays, described, quant_shardings)
     tok = path / "tokenizer"
     return OrbaxModel(cfg, params, tok if tok.is_dir() else None, meta.get("quantization"),
                       str(meta.get("source", path)))
 
 
+def _quantized_shardings(d: dict[str, Any], place: Place | None, single: Any
+                         ) -> dict[str, Any]:
+    """Field -> sharding of a described QuantizedWeight: the device, or the engine's own
+    placement on the mesh (the one place_params gives the weight when it loads)."""
+    if place is None:
+        return {f: single for f in d["arrays"]}
+    from engine.parallel.sharding import quantized_shardings
+
+    shapes = {f: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]))
+              for f, a in d["arrays"].items()}
+    w = QuantizedWeight(**shapes, fmt=d["quantized"], in_shape=tuple(d["in_shape"]),
+                        out_shape=tuple(d["out_shape"]))
+    where = quantized_shardings(w, tuple(d["axes"]), place)
+    return {f: getattr(where, f) for f in d["arrays"]}
+
+
 def _assemble(cfg: ModelConfig, arrays: dict[str, Any], described: dict[str, dict],
-              empty_sharding: Any) -> dict:
+              quant_shardings: dict[str, dict[str, Any]]) -> dict:
     """The engine's params pytree from the restored arrays (QuantizedWeights rebuilt)."""
     def leaf(name: str) -> Any:
         d, a = described[name], arrays[name]
         if "quantized" not in d:
             return a
         fields = {f: a.get(f) if math.prod(x["shape"]) else  # e.g. scales [(L,) 0]
-                  jax.device_put(np.zeros(x["shape"], jnp.dtype(x["dtype"])), empty_sharding)
+                  jax.device_put(np.zeros(x["shape"], jnp.dtype(x["dtype"])),
+                                 quant_shardings[name][f])
                   for f, x in d["arrays"].items()}
         return QuantizedWeight(**fields, fmt=d["quantized"], in_shape=tuple(d["in_shape"]),
                                out_shape=tuple(d["out_shape"]))

@@ -37,6 +37,7 @@ from engine.model.quant import pack
 from engine.model.weights import fuse_qkv, params_from_hf
 from engine.parallel.mesh import TP
 from engine.parallel.sharding import make_rules, named_sharding
+from tests.models.prequant_checkpoints import MOE_CONFIG, write_checkpoint
 from tests.models.test_loader import tiny_hf_model
 from tests.parallel.test_tensor_parallel import TINY, TINY_MOE, run_worker
 
@@ -100,13 +101,25 @@ def test_quantized_round_trip(tiny_hf, tmp_path, quantization):
     got = engine_weights(str(out))  # no quantization asked: the checkpoint's is kept
     assert got.quantization == quantization
     assert_same_params(got.params, want.params)
-    # on a mesh (one device here) quantized weights do not run yet: a one-line error
-    cfg = EngineConfig.build(None, model=str(out), backend="cpu")
+    if quantization != "int8":
+        return  # f32 is the CPU kernels' layout: a mesh leaves it off
+    # on a mesh (one device here, whose "tp" axis still splits): each array where the
+    # engine's own load puts it (rows with their scales)
     mesh = Mesh(np.array(jax.devices("cpu")[:1]), (TP,))
     rules = make_rules(False)
     place = functools.partial(named_sharding, mesh=mesh, rules=rules)
-    with pytest.raises(ValueError, match=f"holds {quantization} weights.*without --quantiz"):
-        load_weights(cfg, get_backend("cpu"), jnp.float32, False, mesh, rules, place)
+
+    def on_mesh(model: str, **opts) -> dict:
+        cfg = EngineConfig.build(None, model=model, backend="cpu", **opts)
+        return load_weights(cfg, get_backend("cpu"), jnp.float32, False, mesh, rules,
+                            place).params
+
+    got, want = on_mesh(str(out)), on_mesh(str(tiny_hf), quantization=quantization)
+    assert_same_params(got, want)
+    wqkv = got["layers"][0]["wqkv"]
+    assert wqkv.data.sharding.spec[0] == TP  # rows split (KV heads with their queries)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
 
 
 def test_fp8_and_int4_weights_round_trip(tiny_hf, tmp_path):
@@ -119,6 +132,18 @@ def test_fp8_and_int4_weights_round_trip(tiny_hf, tmp_path):
     out = orbax.save(tmp_path / "q", want.cfg, want.params, dtype="float32",
                      quantization="int4", tokenizer=None, source="tiny")
     assert_same_params(engine_weights(str(out)).params, want.params)
+
+
+@pytest.mark.parametrize("scheme, config", [("awq", None), ("ct-fp8", MOE_CONFIG)])
+def test_prequantized_checkpoint_round_trip(tmp_path, scheme, config):
+    """Pre-quantized HF checkpoints (engine.loader.prequant), saved as stored: AWQ int4
+    (zero points too), and a MoE whose FP8 experts stack into one weight [X, N, K]."""
+    write_checkpoint(tmp_path / "hf", scheme, config=config)
+    want = engine_weights(str(tmp_path / "hf"))
+    out = convert(str(tmp_path / "hf"), tmp_path / "ck", backend="cpu")
+    got = engine_weights(str(out))
+    assert got.quantization == want.quantization is not None
+    assert_same_params(got.params, want.params)
 
 
 def test_moe_round_trip(tmp_path):
