@@ -20,7 +20,15 @@ from engine.engine import Engine
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import Place, fuse_qkv, params_from_hf, place_params, random_params
+from engine.model.weights import (
+    Place,
+    fuse_qkv,
+    params_from_hf,
+    place_params,
+    random_params,
+    stack_layers,
+    unfuse_qkv,
+)
 from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner, make_step, mesh_context
@@ -74,13 +82,63 @@ def load_model(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: b
     model = config.model.model
     if config.model.load_format == "dummy":
         return dummy_model(model, dtype, scan, config.model.seed, place)
-    from engine.loader.load import load_checkpoint
+    from engine.loader.load import is_orbax_checkpoint, load_checkpoint
 
+    if config.model.load_format == "orbax" or is_orbax_checkpoint(model):
+        if model is None:
+            raise ValueError("--load-format orbax needs the folder `engine convert` wrote "
+                             "as the model")
+        return _restore_orbax(str(model), backend, dtype, scan, place)
     ckpt = load_checkpoint(model)
     with jax.default_device(backend.model_devices()[0]):
         params = params_from_hf(ckpt.tensors, ckpt.config, dtype, scan=scan, place=place)
     return LoadedModel(ckpt.config, params, load_tokenizer(ckpt.tokenizer_path),
                        model or "smollm2-135m-instruct", Path(ckpt.path), ckpt.quantization)
+
+
+def _restore_orbax(model: str, backend: Backend, dtype: jnp.dtype, scan: bool,
+                   place: Place | None) -> LoadedModel:
+    """An orbax checkpoint (engine.loader.orbax) read straight onto the mesh's shards."""
+    from engine.loader.orbax import restore
+
+    ck = restore(model, dtype=dtype, place=place, device=backend.model_devices()[0])
+    params = ck.params
+    if scan:
+        params["layers"] = stack_layers(params["layers"])
+        place_params(params, place)  # stacking may not keep the shardings
+    return LoadedModel(ck.config, params, load_tokenizer(ck.tokenizer_path), ck.source,
+                       Path(model), quantization=ck.quantization)
+
+
+def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: bool,
+                 mesh: Any = None, rules: dict[str, Any] | None = None,
+                 place: Place | None = None) -> LoadedModel:
+    """The weights as the engine runs them: loaded, q/k/v fused (or kept apart), quantized
+    as configured, on their shards under a mesh; what `engine convert` saves.
+    `quantization` is the weights' format afterwards (the checkpoint's, else the one made)."""
+    loaded = load_model(config, backend, dtype, scan, place)
+    cfg = loaded.cfg
+    if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules or {}):
+        fuse_qkv(loaded.params, place)
+    else:  # weights read back fused (orbax) where this engine keeps them apart
+        unfuse_qkv(loaded.params, place)
+    quant = config.model.quantization
+    if loaded.quantization is not None and quant not in (None, "f32", loaded.quantization):
+        raise ValueError(f"the checkpoint is pre-quantized ({loaded.quantization} weights); "
+                         f"quantization {quant} contradicts it: drop it, or pass "
+                         f"{loaded.quantization}")
+    if quant == "f32" and mesh is not None:  # the CPU kernels are not partitioned
+        log.info("quantization f32 (the CPU kernels' weight layout) is off under a mesh")
+        quant = None
+    if quant == "gguf" and loaded.quantization == "gguf":  # kept blocks read back (orbax)
+        quant = None
+    if quant is not None:  # projections as QuantizedWeights, on their shards under a mesh
+        from engine.loader.quantize import quantize_params
+
+        quantize_params(loaded.params, cfg, quant, loaded.path)
+        place_params(loaded.params, place)
+        loaded.quantization = loaded.quantization or quant
+    return loaded
 
 
 def qkv_fusable(cfg: ModelConfig, mesh: Any, rules: dict[str, Any]) -> bool:
@@ -160,23 +218,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         backend.mesh, backend.mesh_rules = mesh, rules
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
-    loaded = load_model(config, backend, dtype, scan, place)
+    loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
     cfg = loaded.cfg
-    if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules):
-        fuse_qkv(loaded.params, place)
-    quant = config.model.quantization
-    if loaded.quantization is not None and quant not in (None, "f32", loaded.quantization):
-        raise ValueError(f"the checkpoint is pre-quantized ({loaded.quantization} weights); "
-                         f"quantization {quant} contradicts it: drop it, or pass "
-                         f"{loaded.quantization}")
-    if quant == "f32" and mesh is not None:  # the CPU kernels are not partitioned
-        log.info("quantization f32 (the CPU kernels' weight layout) is off under a mesh")
-        quant = None
-    if quant is not None:  # projections as QuantizedWeights, on their shards under a mesh
-        from engine.loader.quantize import quantize_params
-
-        quantize_params(loaded.params, cfg, quant, loaded.path)
-        place_params(loaded.params, place)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)

@@ -1,4 +1,4 @@
-"""The `engine` command: generate, serve, bench, precompile."""
+"""The `engine` command: generate, serve, bench, precompile, deploy, convert."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from engine.bench.cli import register_bench
+from engine.convert import register_convert
 from engine.deploy.cli import register_deploy
 from engine.loader.checkpoint import ModelLoadError
 from engine.model.config import ConfigError
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
     g.set_defaults(func=cmd_generate)
-    for register in (register_serve, register_bench, register_precompile, register_deploy):
+    for register in (register_serve, register_bench, register_precompile, register_deploy,
+                     register_convert):
         register(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",

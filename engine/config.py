@@ -33,7 +33,8 @@ class ModelOptions:
     (engine.model.weights.fuse_qkv). Kept apart when tensor parallelism replicates the KV
     heads but splits the query heads."""
     load_format: str = "auto"
-    """'auto' reads the checkpoint; 'dummy' makes random weights from the config only."""
+    """'auto' reads the checkpoint (an orbax folder is recognised); 'dummy' makes random
+    weights from the config only; 'orbax' restores an `engine convert` folder onto the mesh."""
     max_model_len: int | None = None
     """Longest sequence (prompt + output); None: the model's limit, capped by the KV pool."""
     seed: int = 0
@@ -47,8 +48,9 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.load_format not in ("auto", "dummy", "orbax"):
+            raise ValueError(f"load_format must be auto, dummy or orbax, got "
+                             f"{self.load_format!r}")
         if self.quantization not in (None, "int8", "gguf", "f32"):
             raise ValueError(f"quantization must be int8, gguf or f32, got "
                              f"{self.quantization!r}")

@@ -18,7 +18,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the backend's kernels in the Pallas interpreter on the CPU: slow; "
                    "for tests and porting (without it, tpu and cuda need their hardware)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    p.add_argument("--load-format", default=None, choices=["auto", "dummy", "orbax"],
+                   help="auto: by the path (an orbax folder is detected); dummy: random "
+                   "weights; orbax: an `engine convert` folder, restored onto the mesh")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--max-total-tokens", type=int, default=None)

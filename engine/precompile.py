@@ -64,10 +64,16 @@ def model_config(config: EngineConfig) -> ModelConfig:
     if cfg is not None:
         return cfg
     path = Path(name)
+    from engine.loader.load import is_orbax_checkpoint
+
+    if is_orbax_checkpoint(path):  # an `engine convert` folder
+        from engine.loader.orbax import read_config
+
+        return read_config(path)
     path = path / "config.json" if path.is_dir() else path
     if path.name != "config.json" or not path.exists():
-        raise ValueError(f"precompile needs a known shape name or an HF folder with "
-                         f"config.json, got {name!r}")
+        raise ValueError(f"precompile needs a known shape name, an HF folder with "
+                         f"config.json or an orbax checkpoint folder, got {name!r}")
     return ModelConfig.from_json(path)
 
 

@@ -7,6 +7,7 @@ import logging
 
 from engine.bench.datasets import add_dataset_args, make_requests
 from engine.bench.latency_baselines import BASELINES
+from engine.bench.load import register_load
 from engine.options import add_engine_args, make_llm
 
 log = logging.getLogger(__name__)
@@ -181,3 +182,5 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=32, help="decode steps timed")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_structured)
+
+    register_load(bench)

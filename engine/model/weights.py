@@ -291,3 +291,27 @@ def fuse_quantized(q: QuantizedWeight, k: QuantizedWeight, v: QuantizedWeight
     zeros = None if q.zeros is None else fuse(q.zeros, k.zeros, v.zeros)
     return QuantizedWeight(fuse(q.data, k.data, v.data), fuse(q.scales, k.scales, v.scales),
                            q.fmt, q.in_shape, (hkv, hq // hkv + 2, d), zeros)
+
+
+def unfuse_qkv(params: Params, place: Place | None = None) -> Params:
+    """The inverse of fuse_qkv, for fused weights read back (an orbax checkpoint) where the
+    engine keeps q/k/v apart (--no-fuse-qkv, or a mesh that splits the query heads but
+    replicates the KV heads). In place; quantized weights stay fused."""
+    def split(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        *lead, hkv, g2, d = w.shape  # [..., Hkv, G + 2, D]
+        return w[..., :g2 - 2, :].reshape(*lead, hkv * (g2 - 2), d), w[..., g2 - 2, :], \
+            w[..., g2 - 1, :]
+
+    stacked = isinstance(params["layers"], dict)
+    for lp in [params["layers"]] if stacked else params["layers"]:
+        for w, names in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
+            if not isinstance(lp.get(w), jax.Array):
+                continue
+            shapes = [s.shape for s in jax.eval_shape(split, lp[w])]
+            lead = ("layers",) if stacked else ()
+            out = tuple(place(s, lead + PARAM_AXES[n]) for s, n in zip(shapes, names,
+                                                                        strict=True)) \
+                if place is not None else None
+            parts = jax.jit(split, out_shardings=out)(lp.pop(w))
+            lp.update(zip(names, parts, strict=True))
+    return params
