@@ -3,6 +3,10 @@
     int8  weight-only, per output channel, made from the loaded float weights (any source:
           HF, GGUF, dummy). The tied embedding is quantized too (it is the head's weight;
           its rows, dequantized, are the token vectors).
+    fp8   float8_e4m3 per output channel, made at load like int8; the GPU runs it W8A8
+          (activations quantized per token), the reference path weight-only.
+    int4  weight-only, asymmetric, group-wise along K (groups of quant.INT4_GROUP), made at
+          load like int8.
     gguf  a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (read again from the
           memory-mapped file); tensors of other types stay the float weights loaded.
     f32   no quantization: float32 weights stored by output channel, so that decode-sized
@@ -25,7 +29,7 @@ import numpy as np
 from engine.model.config import ModelConfig
 from engine.model.quant import QuantizedWeight, from_gguf_rows, pack, pack_stacked
 
-METHODS = ("int8", "gguf", "f32")
+METHODS = ("int8", "gguf", "f32", "fp8", "int4")
 PROJECTIONS = {"wqkv": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
                "w_down": 1}
 """Layer weight -> number of contracted (input) dims of its logical shape."""
