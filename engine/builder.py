@@ -216,6 +216,9 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     enable_persistent_cache(cache_dir() / "xla")
     caps = backend.capabilities
     dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
+    if config.cache.kv_cache_dtype == "fp8" and not caps.fp8_kv:
+        raise ValueError(f"backend {backend.name!r} cannot read an fp8 KV cache yet; drop "
+                         f"--kv-cache-dtype fp8 (cpu, cuda and rocm read it)")
     scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
     mesh = make_mesh(config.parallel, backend.devices())
     rules = make_rules(config.parallel.expert_parallel, dict(config.parallel.axis_rules))

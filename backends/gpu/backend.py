@@ -72,7 +72,7 @@ class TritonBackend(Backend):
                              f"{', '.join(quant_linear.FP8_GEMMS)}")
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
-                                         scan_layers=False, spmd_attention=False,
+                                         scan_layers=False, spmd_attention=False, fp8_kv=True,
                                          min_seq_bucket=16)
 
     def memory_info(self) -> MemoryInfo:

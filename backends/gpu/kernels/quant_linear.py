@@ -295,6 +295,6 @@ def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
     elif w.fmt in ("int8", "int4") and t <= SMALL_M and (
             w.fmt == "int8" or int4_kernel_fits(w.group_size)):
         y = woq_pallas(x2, w, interpret=interpret)
-    else:  # large M, other formats: XLA's dot on the weight dequantized to bf16
-        y = dequantized_dot(x2, w)
+    else:  # large M, other formats: XLA's dot on the weight dequantized to bf16 (f32 kept)
+        y = dequantized_dot(x2, w, jnp.float32 if w.fmt == "f32" else jnp.bfloat16)
     return y.reshape(t, *w.out_shape)
