@@ -107,6 +107,9 @@ def gemm(out: Path) -> None:
                 ref = reference_linear(x, w) if m <= 256 else None
                 cases[fmt] = (timed(f, x, w), rel_err(f(x, w), ref) if ref is not None
                               else float("nan"))
+                if m <= ql.WOQ_MAX_M:
+                    h = jax.jit(lambda x, w: ql.dequantized_dot(x, w))
+                    cases[f"{fmt} dequantize + XLA dot"] = (timed(h, x, w), rel_err(h(x, w), ref))
                 if m <= ql.SMALL_M:
                     for sz in SMALL_VARIANTS[1:]:
                         sz = dataclasses.replace(sz, block_m=16 if m <= 16 else 32)

@@ -9,10 +9,10 @@ Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K
           Two implementations: `w8a8_pallas` (ours) and `w8a8_xla` (a plain dot of the two
           f8 operands, both contracted on their minor axis K, the operand layout XLA's
           GemmRewriter turns into cuBLASLt's FP8 matmul without a transpose).
-    int8  int8 [N, K], scales f32 [N]: weight-only. Small M: `woq_pallas` reads the int8 tile
-          once, converts it to bf16 in registers (exact) and multiplies the f32 accumulator
-          by the channel scale at the end. Large M: dequantize to bf16, then XLA's dot
-          (compute-bound there, the dequantize is a small share).
+    int8  int8 [N, K], scales f32 [N]: weight-only. Up to WOQ_MAX_M rows (decode steps):
+          `woq_pallas` reads the int8 tile, converts it to bf16 in registers (exact) and
+          multiplies the f32 accumulator by the channel scale at the end. Above (prompt
+          chunks): dequantize to bf16, then XLA's dot (compute-bound there).
     int4  uint8 [N, K/2] (codes 2j low nibble, 2j+1 high), scales and zeros f32 [N, K/G]:
           weight-only, group-wise. `woq_pallas` walks K one group at a time: the low and
           high nibbles meet x's even and odd columns (split in XLA: [M, K/2] each), and
@@ -58,8 +58,13 @@ class GemmSizes:
 # Tuning as data. First figures (2026-12-03) are the usual Triton choices for Hopper,
 # unmeasured: scripts/gpu/quant.sh's `gemm` stage times them against bf16 and XLA's FP8 dot.
 SMALL_M = 64
-"""Up to this many rows (decode-sized steps) the weight-only formats take the fused kernel;
-above, dequantize then XLA's dot."""
+"""Up to this many rows, 16-to-64-row tiles with K split (decode-sized steps); fp8_gemm
+'auto' takes our kernel here and XLA's FP8 dot above."""
+WOQ_MAX_M = 256
+"""Up to this many rows (decode steps of up to 256 sequences) the weight-only formats take
+the fused kernel (64-row tiles past SMALL_M, each dequantizing its weight tiles again);
+above, the weight dequantized to bf16 then XLA's dot. Unmeasured: the gemm stage of
+scripts/gpu/quant.sh times both at M = 256."""
 SMALL = GemmSizes(block_m=16, block_n=64, block_k=128)
 """M <= SMALL_M; block_m grows to M's next power of two."""
 LARGE = GemmSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
@@ -282,7 +287,8 @@ FP8_GEMMS = ("auto", "xla", "pallas")
 def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
                  interpret: bool = False) -> jax.Array:
     """x [T, *in_shape] @ w -> [T, *out_shape] in x's dtype: the GPU path for each format.
-    fp8_gemm: 'xla', 'pallas', or 'auto' (ours up to SMALL_M rows, XLA's above)."""
+    fp8_gemm: 'xla', 'pallas', or 'auto' (ours up to SMALL_M rows, XLA's above). int8 and
+    int4 take the fused kernel up to WOQ_MAX_M rows."""
     t = x.shape[0]
     x2 = x.reshape(t, w.k)  # [M, K]
     if w.fmt == "fp8":
@@ -292,7 +298,7 @@ def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
             y = w8a8_pallas(xq, sx, w.data, w.scales, out_dtype=x.dtype, interpret=interpret)
         else:
             y = w8a8_xla(xq, sx, w.data, w.scales, out_dtype=x.dtype)
-    elif w.fmt in ("int8", "int4") and t <= SMALL_M and (
+    elif w.fmt in ("int8", "int4") and t <= WOQ_MAX_M and (
             w.fmt == "int8" or int4_kernel_fits(w.group_size)):
         y = woq_pallas(x2, w, interpret=interpret)
     else:  # large M, other formats: XLA's dot on the weight dequantized to bf16 (f32 kept)

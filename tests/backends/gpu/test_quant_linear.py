@@ -61,7 +61,7 @@ def test_w8a8_xla_matches_reference():
 
 
 @pytest.mark.parametrize("fmt,m,k,n,group", [
-    ("int8", 5, 200, 70, 0),     # K and N not multiples of the 128 x 64 tiles
+    ("int8", 70, 200, 70, 0),    # M, K and N off the 64 x 64 x 128 tiles; two M tiles
     ("int4", 3, 256, 100, 64),   # 4 groups of 64 along K
     ("int4", 17, 128, 64, 128),  # one group, 32-row tile
 ])
@@ -77,11 +77,11 @@ def test_weight_only_kernel_matches_reference(fmt, m, k, n, group):
     assert rel_err(got, reference_linear(x, w)) < REL_TOL
 
 
-@pytest.mark.parametrize("fmt,n_in,t", [("int4", 2, 4), ("int8", 1, ql.SMALL_M + 8),
+@pytest.mark.parametrize("fmt,n_in,t", [("int4", 2, 4), ("int8", 1, ql.WOQ_MAX_M + 8),
                                         ("fp8", 2, 4)])
 def test_backend_linear_on_projection_shapes(fmt, n_in, t):
     """TritonBackend.linear on the model's logical shapes (wo: [Hq, D] in; fused qkv: [Hkv,
-    G+2, D] out): the kernels for decode-sized steps, the dequantized dot past SMALL_M."""
+    G+2, D] out): the kernels for decode-sized steps, the dequantized dot past WOQ_MAX_M."""
     rng = np.random.default_rng(4)
     shape = (2, 32, 48) if n_in == 2 else (48, 2, 3, 32)  # wo [Hq, D] + [E]; wqkv [E] + [...]
     w = pack(jnp.asarray(rng.standard_normal(shape), jnp.float32), n_in, fmt, group=32)
@@ -89,8 +89,8 @@ def test_backend_linear_on_projection_shapes(fmt, n_in, t):
     got = CudaBackend({"interpret": INTERPRET}).linear(x, w)
     assert got.shape == (t, *w.out_shape)
     ref = w8a8_reference if fmt == "fp8" else reference_linear
-    # Past SMALL_M the weight-only formats run XLA's dot on the weight rounded to bf16.
-    tol = 1e-2 if t > ql.SMALL_M else REL_TOL
+    # Past WOQ_MAX_M the weight-only formats run XLA's dot on the weight rounded to bf16.
+    tol = 1e-2 if t > ql.WOQ_MAX_M else REL_TOL
     assert rel_err(got, ref(x, w)) < tol
 
 
