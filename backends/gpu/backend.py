@@ -100,7 +100,8 @@ class TritonBackend(Backend):
         return k_cache, v_cache
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
-        return quant_linear.quant_linear(x, w, fp8_gemm=self.fp8_gemm, interpret=self.interpret)
+        return quant_linear.quant_linear(x, w, fp8_gemm=self.fp8_gemm, interpret=self.interpret,
+                                         sharded=self.mesh is not None)
 
     def attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                   md: AttentionMetadata, *, scale: float, layer: jax.Array | None = None,

@@ -171,9 +171,9 @@ def w8a8_reference(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         raise ValueError(f"W8A8 takes fp8 weights, got {w.fmt}")
     t = x.shape[0]
     xq, sx = fp8_rows(x.reshape(t, w.k))
-    y = jnp.dot(xq.astype(jnp.float32), w.data.astype(jnp.float32).T,
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k)  # [N, K]: per channel or grouped
+    y = jnp.dot(xq.astype(jnp.float32) * sx[:, None], nk.T,
                 precision=jax.lax.Precision.HIGHEST)  # [T, N]
-    y = y * sx[:, None] * w.scales[None, :]
     return y.reshape(t, *w.out_shape).astype(x.dtype)
 
 

@@ -128,11 +128,13 @@ def _store(o_ref, i, j, bm, bn, m, n, out):
 
 
 def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
-                 sizes: GemmSizes, per_split: int):
-    # x_ref [M, K] f8; sx_ref [M]; w_ref [N, K] f8; sw_ref [N]; o_ref [M, N] (this split's)
+                 sizes: GemmSizes, per_split: int, grouped: bool):
+    # x_ref [M, K] f8; sx_ref [M]; w_ref [N, K] f8; o_ref [M, N] (this split's);
+    # sw_ref [N], or [N, K/G] when grouped (then block_k = G: one scale per step).
     bm, bn, bk = sizes.block_m, sizes.block_n, sizes.block_k
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
+    col_ok = cols < n if n % bn else None
 
     def step(t, acc):
         kk = t * bk + jnp.arange(bk)
@@ -140,13 +142,17 @@ def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
                   _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
         w = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
                   _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
-        return acc + plgpu.dot(x, w, trans_b=True)  # FP8 x FP8 -> f32 [BM, BN]
+        part = plgpu.dot(x, w, trans_b=True)  # FP8 x FP8 -> f32 [BM, BN]
+        if grouped:
+            part = part * _load(sw_ref.at[pl.ds(j * bn, bn), t], col_ok)[None, :]
+        return acc + part
 
     lo, hi = _k_range(split, per_split, _cdiv(k, bk))
     acc = lax.fori_loop(lo, hi, step, jnp.zeros((bm, bn), jnp.float32))
-    sx = _load(sx_ref.at[pl.ds(i * bm, bm)], rows < m if m % bm else None)
-    sw = _load(sw_ref.at[pl.ds(j * bn, bn)], cols < n if n % bn else None)
-    _store(o_ref, i, j, bm, bn, m, n, acc * sx[:, None] * sw[None, :])
+    acc = acc * _load(sx_ref.at[pl.ds(i * bm, bm)], rows < m if m % bm else None)[:, None]
+    if not grouped:
+        acc = acc * _load(sw_ref.at[pl.ds(j * bn, bn)], col_ok)[None, :]
+    _store(o_ref, i, j, bm, bn, m, n, acc)
 
 
 def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
@@ -226,12 +232,20 @@ def _launch(kernel, args: tuple, shape: tuple[int, int], k_tiles: int, out_dtype
 def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, out_dtype,
                 sizes: GemmSizes | None = None, interpret: bool = False) -> jax.Array:
     """xq f8 [M, K] with per-row scales sx [M], wq f8 [N, K] with per-channel scales sw [N]
-    -> (xq * sx) @ (wq * sw).T [M, N] out_dtype; FP8 tensor cores, float32 accumulation."""
+    (or per group along K, [N, K/G], G a power of two >= 16) -> (xq * sx) @ (wq * sw).T
+    [M, N] out_dtype; FP8 tensor cores, float32 accumulation."""
     (m, k), n = xq.shape, wq.shape[0]
     sizes = sizes or sizes_for(m, fp8=True)
+    grouped = sw.ndim == 2
+    if grouped:
+        g = k // sw.shape[1]
+        if not fp8_groups_fit(g) or g * sw.shape[1] != k:
+            raise ValueError(f"w8a8_pallas: groups of {g} along K={k} are not a power of two "
+                             f">= 16")
+        sizes = dataclasses.replace(sizes, block_k=g)
     return _launch(_w8a8_kernel, (xq, sx.astype(jnp.float32), wq, sw.astype(jnp.float32)),
                    (m, n), _cdiv(k, sizes.block_k), out_dtype, sizes, interpret, "w8a8",
-                   m=m, n=n, k=k)
+                   m=m, n=n, k=k, grouped=grouped)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -267,6 +281,12 @@ def woq_pallas(x: jax.Array, w: QuantizedWeight, *, sizes: GemmSizes | None = No
                    x.dtype, sizes, interpret, "woq_int4", m=m, n=n, k=k, int4=True)
 
 
+def fp8_groups_fit(group: int) -> bool:
+    """Grouped fp8 scales: the kernel's step is one group, a power of two of 16 (Triton's
+    smallest dot) to 512."""
+    return 16 <= group <= 512 and group & (group - 1) == 0
+
+
 def int4_kernel_fits(group: int) -> bool:
     """The kernel's step is one group: G/2 bytes, a power of two of 16 (Triton's smallest
     dot) to 128."""
@@ -285,20 +305,24 @@ FP8_GEMMS = ("auto", "xla", "pallas")
 
 
 def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
-                 interpret: bool = False) -> jax.Array:
+                 interpret: bool = False, sharded: bool = False) -> jax.Array:
     """x [T, *in_shape] @ w -> [T, *out_shape] in x's dtype: the GPU path for each format.
-    fp8_gemm: 'xla', 'pallas', or 'auto' (ours up to SMALL_M rows, XLA's above). int8 and
-    int4 take the fused kernel up to WOQ_MAX_M rows."""
+    fp8_gemm: 'xla', 'pallas', or 'auto' (ours up to SMALL_M rows, XLA's above; grouped fp8
+    scales, from block-scaled checkpoints, take ours). int8 and int4 take the fused kernel
+    up to WOQ_MAX_M rows. `sharded` (the weight is split over a mesh): plain XLA only,
+    which XLA's SPMD partitioner splits (a pallas_call it cannot)."""
     t = x.shape[0]
     x2 = x.reshape(t, w.k)  # [M, K]
-    if w.fmt == "fp8":
+    kernels = not sharded
+    if w.fmt == "fp8" and (not w.grouped or (kernels and fp8_groups_fit(w.group_size))):
         xq, sx = fp8_rows(x2)
-        use_pallas = fp8_gemm == "pallas" or (fp8_gemm == "auto" and t <= SMALL_M)
+        use_pallas = kernels and (w.grouped or fp8_gemm == "pallas"
+                                  or (fp8_gemm == "auto" and t <= SMALL_M))
         if use_pallas:
             y = w8a8_pallas(xq, sx, w.data, w.scales, out_dtype=x.dtype, interpret=interpret)
         else:
             y = w8a8_xla(xq, sx, w.data, w.scales, out_dtype=x.dtype)
-    elif w.fmt in ("int8", "int4") and t <= WOQ_MAX_M and (
+    elif kernels and w.fmt in ("int8", "int4") and t <= WOQ_MAX_M and (
             w.fmt == "int8" or int4_kernel_fits(w.group_size)):
         y = woq_pallas(x2, w, interpret=interpret)
     else:  # large M, other formats: XLA's dot on the weight dequantized to bf16 (f32 kept)

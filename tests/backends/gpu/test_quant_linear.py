@@ -51,6 +51,32 @@ def test_w8a8_pallas_matches_reference(m, k, n):
     assert rel_err(got, w8a8_reference(x, w)) < REL_TOL
 
 
+def test_w8a8_pallas_grouped_scales_match_reference():
+    """Block-scaled fp8 (HF `fp8` checkpoints: scales [N, K/G]): one scale per K step."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
+    w = pack(jnp.asarray(rng.standard_normal((128, 48)), jnp.float32), 1, "fp8")
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (48, 4)), jnp.float32)  # [N, K/32]
+    w = type(w)(w.data, scales, "fp8", w.in_shape, w.out_shape)
+    assert w.grouped and w.group_size == 32
+    got = CudaBackend({"interpret": INTERPRET}).linear(x, w)
+    assert rel_err(got, w8a8_reference(x, w)) < REL_TOL
+
+
+def test_sharded_weights_take_plain_xla():
+    """Under a mesh the backend's linear is plain XLA (a pallas_call is not partitioned):
+    the same values, at bf16's precision for the weight-only formats."""
+    rng = np.random.default_rng(8)
+    x = bf16_values(rng, (4, 64))
+    for fmt in ("int4", "int8", "fp8"):
+        w = pack(jnp.asarray(rng.standard_normal((64, 40)), jnp.float32), 1, fmt, group=32)
+        hlo = jax.jit(lambda x, w: ql.quant_linear(x, w, sharded=True)).lower(x, w).as_text()
+        assert "pallas" not in hlo.lower() and "triton" not in hlo.lower(), fmt
+        ref = w8a8_reference if fmt == "fp8" else reference_linear
+        got = ql.quant_linear(x, w, sharded=True)
+        assert rel_err(got, ref(x, w)) < (REL_TOL if fmt == "fp8" else 1e-2), fmt
+
+
 def test_w8a8_xla_matches_reference():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((5, 96)), jnp.float32)
