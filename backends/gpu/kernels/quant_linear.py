@@ -8,7 +8,8 @@ Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K
           tensor cores with float32 accumulation, and both scales multiply the accumulator.
           Two implementations: `w8a8_pallas` (ours) and `w8a8_xla` (a plain dot of the two
           f8 operands, both contracted on their minor axis K, the operand layout XLA's
-          GemmRewriter turns into cuBLASLt's FP8 matmul without a transpose).
+          GemmRewriter turns into cuBLASLt's FP8 matmul without a transpose). Grouped
+          scales [N, K/G] (block-scaled checkpoints) take ours, one scale per K step.
     int8  int8 [N, K], scales f32 [N]: weight-only. Up to WOQ_MAX_M rows (decode steps):
           `woq_pallas` reads the int8 tile, converts it to bf16 in registers (exact) and
           multiplies the f32 accumulator by the channel scale at the end. Above (prompt
@@ -20,6 +21,10 @@ Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K
 
 References (the tests compare each kernel with them): quant.reference_linear for the
 weight-only formats, quant.w8a8_reference for fp8.
+
+Under a mesh (tensor parallelism) every format takes plain XLA (w8a8_xla, or the weight
+dequantized then XLA's dot), which the SPMD partitioner splits; the kernels would need a
+shard_map of their own.
 
 Work split: a grid of (M blocks, N blocks, K splits). Decode-sized M has few output tiles,
 so K is split until about TARGET_PROGRAMS programs run; the splits' float32 partial sums
