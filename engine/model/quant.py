@@ -191,8 +191,16 @@ def embed_rows(embed: jax.Array | QuantizedWeight, tokens: jax.Array, dtype: jnp
 
 
 INT4_GROUP = 128
-"""int4's default group size along K (AWQ's and GPTQ's usual one); smaller K takes K, and a
-K it does not divide the largest half, quarter, ... of it that does (576: 64)."""
+"""int4's default group size along K (AWQ's and GPTQ's usual one); smaller K takes K."""
+
+
+def int4_group(k: int, group: int = INT4_GROUP) -> int:
+    """The group size int4 takes at load for a K that `group` may not divide: `group`, or
+    the largest half, quarter, ... of it that divides K (SmolLM2's K=576: 64)."""
+    g = min(group, k)
+    while k % g and g % 4 == 0:
+        g //= 2
+    return g
 FP8_MAX = 448.0
 """The largest finite float8_e4m3fn."""
 
@@ -223,10 +231,7 @@ def _pack(w: jax.Array, n_in: int, fmt: str, stacked: bool, group: int = INT4_GR
         q = (nk / scale[..., None]).astype(jnp.float8_e4m3fn)
         return QuantizedWeight(q, scale, fmt, in_shape, out_shape)
     if fmt == "int4":
-        g = min(group, k)
-        while k % g and g % 4 == 0:  # e.g. K=576 (SmolLM2) with 128: groups of 64
-            g //= 2
-        return _pack_int4(nk, g, in_shape, out_shape)
+        return _pack_int4(nk, min(group, k), in_shape, out_shape)
     if fmt != "int8":
         raise ValueError(f"cannot quantize to {fmt!r} at load; use f32, bf16, int8, fp8 or "
                          f"int4")
