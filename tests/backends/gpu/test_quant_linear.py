@@ -15,7 +15,6 @@ from backends.cuda.backend import CudaBackend
 from backends.gpu.kernels import quant_linear as ql
 from engine.model.quant import (
     FP8_MAX,
-    dequantize,
     fp8_rows,
     pack,
     reference_linear,
@@ -88,8 +87,7 @@ def test_w8a8_xla_matches_reference():
 
 @pytest.mark.parametrize("fmt,m,k,n,group", [
     ("int8", 70, 200, 70, 0),    # M, K and N off the 64 x 64 x 128 tiles; two M tiles
-    ("int4", 3, 256, 100, 64),   # 4 groups of 64 along K
-    ("int4", 17, 128, 64, 128),  # one group, 32-row tile
+    ("int4", 17, 256, 100, 64),  # 4 groups of 64 along K, a 32-row tile
 ])
 def test_weight_only_kernel_matches_reference(fmt, m, k, n, group):
     """int4 with zero points moved off the integers: the kernel applies them as z * sum(x)
@@ -134,11 +132,3 @@ def test_fp8_rows_round_trip():
     err = np.abs(np.asarray(back) - np.asarray(x))
     assert (err <= 2**-4 * np.abs(np.asarray(x)) + 2**-10 * np.asarray(s)[:, None]).all()
     np.testing.assert_array_equal(np.asarray(back)[4], 0)
-
-
-def test_fp8_weights_round_trip():
-    rng = np.random.default_rng(6)
-    w = jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)
-    p = pack(w, 1, "fp8")
-    err = np.abs(np.asarray(dequantize(p)) - np.asarray(w))
-    assert (err <= 2**-4 * np.abs(np.asarray(w)) + 2**-10 * np.asarray(p.scales)[None, :]).all()
