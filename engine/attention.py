@@ -73,6 +73,18 @@ class AttentionMetadata:
                    num_tokens=np.int32(n), page_size=page_size, decode_only=n == 1)
 
 
+FP8_KV_MAX = 448.0
+"""The largest float8_e4m3fn: an fp8 KV cache (scale 1) stores K/V clipped to it."""
+
+
+def to_cache_dtype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x as the cache's element type; float8 caches (scale 1) clip first, since e4m3fn has
+    no infinity and a value past 448 would become NaN."""
+    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+        x = jnp.clip(x, -FP8_KV_MAX, FP8_KV_MAX)
+    return x.astype(dtype)
+
+
 def write_kv(
     k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array,
     layer: jax.Array | None = None,
@@ -86,8 +98,8 @@ def write_kv(
     page = k_cache.shape[-3]
     idx = (*lead, slots // page, slots % page)
     # Padding slots point past the last page: mode="drop" discards their writes.
-    k_cache = k_cache.at[idx].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[idx].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache = k_cache.at[idx].set(to_cache_dtype(k, k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[idx].set(to_cache_dtype(v, v_cache.dtype), mode="drop")
     return k_cache, v_cache
 
 

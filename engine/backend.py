@@ -42,6 +42,8 @@ class Capabilities:
     min_token_bucket: int = 16
     """Smallest token bucket of a step (a power of two up to 16). The CPU backend lowers it
     with its option min_token_bucket, so that a batch-1 decode step computes one row."""
+    fp8_kv: bool = False
+    """The attention reads a float8_e4m3fn KV cache (upcast where loaded): --kv-cache-dtype fp8."""
     spmd_attention: bool = True
     """The attention is plain JAX that XLA's SPMD partitioner can shard. False for custom
     kernels: under tensor parallelism they run per device over their heads (shard_map)."""

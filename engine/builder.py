@@ -152,6 +152,12 @@ def qkv_fusable(cfg: ModelConfig, mesh: Any, rules: dict[str, Any]) -> bool:
     return shards("heads", cfg.num_heads) == shards("kv_heads", cfg.num_kv_heads)
 
 
+def kv_cache_dtype(name: str, dtype: jnp.dtype) -> jnp.dtype:
+    """The KV cache's element type: the model's dtype ('auto'), or float8_e4m3fn ('fp8', K/V
+    stored with scale 1: written clipped to +-448, read upcast by the attention)."""
+    return jnp.dtype(jnp.float8_e4m3fn) if name == "fp8" else dtype
+
+
 def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
              shards: int = 1, activation_bytes: int = 0) -> int:
     """KV pool size: explicit max_total_tokens, or a fraction of one device's free memory
@@ -210,6 +216,9 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     enable_persistent_cache(cache_dir() / "xla")
     caps = backend.capabilities
     dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
+    if config.cache.kv_cache_dtype == "fp8" and not caps.fp8_kv:
+        raise ValueError(f"backend {backend.name!r} cannot read an fp8 KV cache yet; drop "
+                         f"--kv-cache-dtype fp8 (cpu, cuda and rocm read it)")
     scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
     mesh = make_mesh(config.parallel, backend.devices())
     rules = make_rules(config.parallel.expert_parallel, dict(config.parallel.axis_rules))
@@ -220,10 +229,11 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
     cfg = loaded.cfg
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
-        peak = activation_peak(config, cfg, loaded.params, backend, dtype, scan, place)
-    num_pages = kv_pages(config, cfg, backend, dtype.itemsize,
+        peak = activation_peak(config, cfg, loaded.params, backend, kv_dtype, scan, place)
+    num_pages = kv_pages(config, cfg, backend, kv_dtype.itemsize,
                          kv_shards(cfg.num_kv_heads, mesh, rules), peak)
     page = config.cache.page_size
     max_len = min(cfg.max_position_embeddings, num_pages * page,
@@ -232,7 +242,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     log.info("KV pool: %d pages x %d tokens = %d tokens, %.2f GB (%s)", num_pages, page,
              num_pages * page,
              num_pages * page * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-             * dtype.itemsize / 1e9, dtype.name)
+             * kv_dtype.itemsize / 1e9, kv_dtype.name)
     scheduler = Scheduler(SchedulerConfig(
         page_size=page, num_pages=num_pages, max_running_requests=s.max_running_requests,
         chunked_prefill_size=s.chunked_prefill_size, schedule_policy=s.schedule_policy,
@@ -243,7 +253,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     runner = runner_cls(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                         max_num_tokens=s.chunked_prefill_size,
                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
-                        kv_dtype=dtype, eos_token_ids=eos, kv_place=place,
+                        kv_dtype=kv_dtype, eos_token_ids=eos, kv_place=place,
                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket,
                                              caps.min_token_bucket))
     if s.warmup_decode_len:

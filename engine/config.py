@@ -43,7 +43,9 @@ class ModelOptions:
     """Quantized projection weights (engine.loader.quantize): 'int8' (weight-only, per
     output channel, made at load from any checkpoint) or 'gguf' (a GGUF file's Q8_0/Q4_0/
     Q4_1 blocks kept as they are), 'f32' (float32 weights stored by output channel for the
-    CPU kernels: no precision change); None keeps the weights as loaded."""
+    CPU kernels: no precision change), 'fp8' (e4m3 per output channel; W8A8 on the GPU),
+    'int4' (weight-only, group-wise scales and zero points); None keeps the weights as
+    loaded."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
@@ -51,8 +53,8 @@ class ModelOptions:
         if self.load_format not in ("auto", "dummy", "orbax"):
             raise ValueError(f"load_format must be auto, dummy or orbax, got "
                              f"{self.load_format!r}")
-        if self.quantization not in (None, "int8", "gguf", "f32"):
-            raise ValueError(f"quantization must be int8, gguf or f32, got "
+        if self.quantization not in (None, "int8", "gguf", "f32", "fp8", "int4"):
+            raise ValueError(f"quantization must be int8, gguf, f32, fp8 or int4, got "
                              f"{self.quantization!r}")
         if not isinstance(self.fuse_qkv, bool):
             raise ValueError(f"fuse_qkv must be true or false, got {self.fuse_qkv!r}")
@@ -90,6 +92,10 @@ class CacheOptions:
     """KV pool size in tokens; None: sized from the backend's free memory."""
     kv_memory_fraction: float = 0.9
     """Share of the free memory (after weights) given to the KV pool when it is sized."""
+    kv_cache_dtype: str = "auto"
+    """'auto': the KV cache in the model's dtype; 'fp8': float8_e4m3fn with a per-tensor
+    scale of 1 (K/V stored as they are, clipped to +-448; no calibration, as vLLM does
+    without one), read upcast by the attention kernels: twice the tokens per byte."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -97,6 +103,9 @@ class CacheOptions:
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ValueError(f"{self.max_total_tokens=} must hold at least one page "
                              f"({self.page_size=})")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got "
+                             f"{self.kv_cache_dtype!r}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got "
                              f"{self.kv_memory_fraction}")

@@ -41,10 +41,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "sequence bucket")
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
-    p.add_argument("--quantization", default=None, choices=["int8", "gguf", "f32"],
+    p.add_argument("--quantization", default=None,
+                   choices=["int8", "gguf", "f32", "fp8", "int4"],
                    help="int8: weight-only per-channel int8 made at load; gguf: keep a GGUF "
                    "file's Q8_0/Q4_0/Q4_1 blocks as they are; f32: float32 weights laid out "
-                   "for the CPU kernels")
+                   "for the CPU kernels; fp8: e4m3 weights per channel (W8A8 on the GPU); "
+                   "int4: weight-only, group-wise scales and zero points")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"],
+                   help="KV cache element type: auto (the model's dtype) or fp8 (e4m3, scale "
+                   "1: twice the tokens in the same memory)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--npu-device", default=None, choices=["npu", "cpu"],
                    help="--backend npu: run on the Ascend NPU (torch_npu) or on CPU torch with "
@@ -65,7 +70,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv",
-                  "quantization", "seed",
+                  "quantization", "kv_cache_dtype", "seed",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
                   "num_processes", "process_id", "interpret", "npu_device")
 

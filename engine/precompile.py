@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from engine.backend import Backend, get_backend
+from engine.builder import kv_cache_dtype
 from engine.compile import abstract_batch, enable_persistent_cache, reachable, step_buckets
 from engine.config import EngineConfig
 from engine.envs import cache_dir
@@ -125,10 +126,11 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
 
     params = jax.tree.map(sds, jax.eval_shape(made))
     param_bytes = tree_bytes(params)
-    num_pages = kv_num_pages(config, cfg, backend, dtype, param_bytes, target)
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)  # as the builder's pool
+    num_pages = kv_num_pages(config, cfg, backend, kv_dtype, param_bytes, target)
     page = config.cache.page_size
     kv = jax.tree.map(sds, jax.eval_shape(
-        lambda: backend.allocate_kv(cfg, num_pages, page, dtype, scan=scan)))
+        lambda: backend.allocate_kv(cfg, num_pages, page, kv_dtype, scan=scan)))
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
     s = config.scheduler

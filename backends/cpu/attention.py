@@ -51,6 +51,8 @@ def ragged_paged_attention(
         c = qc.shape[0]
         k = gather(k_cache, pages)  # k: [C, K, Hkv, D], K = P * page
         v = gather(v_cache, pages)
+        if k.dtype == jnp.float8_e4m3fn:  # an fp8 cache (scale 1): read upcast
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         qg = qc.reshape(c, hkv, g, d)
         s = jnp.einsum("ckgd,cnkd->ckgn", qg, k, preferred_element_type=jnp.float32) * scale
         kv_pos = jnp.arange(k.shape[1])

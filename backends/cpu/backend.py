@@ -21,7 +21,7 @@ class CpuBackend(Backend):
     # here costs by its rows (compute-bound at 16 rows on 2 AVX2 cores), so a batch-1 decode
     # step computes one row, not 16 (the default smallest token bucket) with 15 of padding.
     capabilities = Capabilities(platform="cpu", default_dtype="float32", scan_layers=False,
-                                min_seq_bucket=1, min_token_bucket=1)
+                                min_seq_bucket=1, min_token_bucket=1, fp8_kv=True)
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)

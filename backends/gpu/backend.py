@@ -13,7 +13,15 @@ interpreter on the CPU, for tests on a host without a GPU; CLI --interpret),
 decode_kernel (false: plain JAX for decodes), prefill_kernel (false: plain JAX for steps
 with prompt tokens), mixed_decode (false: the ragged kernel takes the decodes of a step with
 prompt tokens too), decode_impl ("gqa", the default: ours, kernels/gqa_decode.py; "jax":
-JAX's paged_attention, kernels/paged_decode.py).
+JAX's paged_attention, kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights, W8A8:
+"auto", the default: ours up to 64 rows, XLA's (cuBLASLt FP8) above; "pallas": ours,
+kernels/quant_linear.py; "xla": XLA's).
+
+Quantized weights (engine.model.quant): fp8 runs W8A8 (activations quantized per token),
+int8 and int4 weight-only through the fused dequantize-GEMM for decode-sized steps and
+XLA's dot on the weight dequantized to bf16 above (kernels/quant_linear.py). An fp8 KV cache
+(--kv-cache-dtype fp8) is written clipped and read upcast by every attention kernel here
+(decode_impl "jax" excepted).
 """
 
 from __future__ import annotations
@@ -24,15 +32,16 @@ import jax
 import jax.numpy as jnp
 
 from backends.cpu.attention import ragged_paged_attention
-from backends.gpu.kernels import ragged_prefill
+from backends.gpu.kernels import quant_linear, ragged_prefill
 from backends.gpu.kernels.paged_decode import (
     DECODE_SIZES,
     DecodeSizes,
     decode_attention,
     paged_decode_attention,
 )
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, to_cache_dtype
 from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
+from engine.model.quant import QuantizedWeight
 
 
 class TritonBackend(Backend):
@@ -57,9 +66,13 @@ class TritonBackend(Backend):
         if self.decode_impl not in ("jax", "gqa"):
             raise ValueError(f"backend option decode_impl={self.decode_impl!r}: expected "
                              f"'jax' (JAX's paged_attention) or 'gqa' (ours)")
+        self.fp8_gemm = str(self.options.get("fp8_gemm", "auto"))
+        if self.fp8_gemm not in quant_linear.FP8_GEMMS:
+            raise ValueError(f"backend option fp8_gemm={self.fp8_gemm!r}: expected one of "
+                             f"{', '.join(quant_linear.FP8_GEMMS)}")
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
-                                         scan_layers=False, spmd_attention=False,
+                                         scan_layers=False, spmd_attention=False, fp8_kv=True,
                                          min_seq_bucket=16)
 
     def memory_info(self) -> MemoryInfo:
@@ -80,9 +93,15 @@ class TritonBackend(Backend):
                              f"(scan_layers: false)")
         page = k_cache.shape[2]
         idx = (slice(None), slots // page, slots % page)  # -> [Hkv, T, D]
-        k_cache = k_cache.at[idx].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[idx].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
+        k_cache = k_cache.at[idx].set(to_cache_dtype(k.swapaxes(0, 1), k_cache.dtype),
+                                      mode="drop")
+        v_cache = v_cache.at[idx].set(to_cache_dtype(v.swapaxes(0, 1), v_cache.dtype),
+                                      mode="drop")
         return k_cache, v_cache
+
+    def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
+        return quant_linear.quant_linear(x, w, fp8_gemm=self.fp8_gemm, interpret=self.interpret,
+                                         sharded=self.mesh is not None)
 
     def attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                   md: AttentionMetadata, *, scale: float, layer: jax.Array | None = None,

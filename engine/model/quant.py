@@ -154,6 +154,29 @@ def reference_linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return y.reshape(t, *w.out_shape).astype(x.dtype)
 
 
+def fp8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-row (per-token) e4m3 quantization of activations x [M, K]: (float8_e4m3fn
+    [M, K], float32 scales [M]), x ~= q * scale, scale = max|x_row| / 448 (1 for a zero row)."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / FP8_MAX  # [M]
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(xf / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return q, scale
+
+
+def w8a8_reference(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """fp8 weights with activations quantized per token (W8A8; the GPU's fp8 path): x
+    [T, *in_shape] -> [T, *out_shape] in x's dtype; the oracle of the GPU's W8A8 kernels."""
+    if w.fmt != "fp8":
+        raise ValueError(f"W8A8 takes fp8 weights, got {w.fmt}")
+    t = x.shape[0]
+    xq, sx = fp8_rows(x.reshape(t, w.k))
+    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k)  # [N, K]: per channel or grouped
+    y = jnp.dot(xq.astype(jnp.float32) * sx[:, None], nk.T,
+                precision=jax.lax.Precision.HIGHEST)  # [T, N]
+    return y.reshape(t, *w.out_shape).astype(x.dtype)
+
+
 def embed_rows(embed: jax.Array | QuantizedWeight, tokens: jax.Array, dtype: jnp.dtype
                ) -> jax.Array:
     """Embedding rows [T, E] of `tokens` [T]. A quantized embedding [V, E] is stored as the
@@ -169,6 +192,15 @@ def embed_rows(embed: jax.Array | QuantizedWeight, tokens: jax.Array, dtype: jnp
 
 INT4_GROUP = 128
 """int4's default group size along K (AWQ's and GPTQ's usual one); smaller K takes K."""
+
+
+def int4_group(k: int, group: int = INT4_GROUP) -> int:
+    """The group size int4 takes at load for a K that `group` may not divide: `group`, or
+    the largest half, quarter, ... of it that divides K (SmolLM2's K=576: 64)."""
+    g = min(group, k)
+    while k % g and g % 4 == 0:
+        g //= 2
+    return g
 FP8_MAX = 448.0
 """The largest finite float8_e4m3fn."""
 

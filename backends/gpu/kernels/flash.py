@@ -11,6 +11,12 @@ MASK_VALUE = -1e30
 and a zero sum)."""
 
 
+def compute_dtype(kv_dtype: jnp.dtype, q_dtype: jnp.dtype) -> jnp.dtype:
+    """The dots' input type: the cache's, or q's for a float8 cache (its K/V blocks are
+    upcast where loaded; the cache's scale is 1)."""
+    return jnp.dtype(q_dtype) if jnp.dtype(kv_dtype) == jnp.float8_e4m3fn else jnp.dtype(kv_dtype)
+
+
 def online_softmax_step(carry: tuple[jax.Array, jax.Array, jax.Array], s: jax.Array,
                         v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One K/V block of flash attention. carry: output [R, D], running max [R] and sum [R],

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from backends.gpu.kernels.flash import MASK_VALUE, online_softmax_step
+from backends.gpu.kernels.flash import MASK_VALUE, compute_dtype, online_softmax_step
 
 MIN_ROWS = 16
 """Triton's dot needs 16 rows: the G query rows of a KV head are padded to this, masked."""
@@ -44,7 +44,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float,
     row_ok = jnp.arange(rows) < g  # [R]
     tile_ok = jnp.broadcast_to(row_ok[:, None], (rows, d))  # [R, D]
     q = plgpu.load(q_ref.at[pl.ds(row0, rows), :], mask=tile_ok, other=0)
-    q = (q.astype(jnp.float32) * (scale * math.log2(math.e))).astype(k_ref.dtype)
+    cdt = compute_dtype(k_ref.dtype, q_ref.dtype)  # float8 K/V: upcast to q's type
+    q = (q.astype(jnp.float32) * (scale * math.log2(math.e))).astype(cdt)
     length = len_ref[0]
     start = split * pages_per_split * page
     n_tok = jnp.clip(length - start, 0, pages_per_split * page)
@@ -53,8 +54,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float,
     def step(j, carry, masked: bool):  # carry: output [R, D], max [R], sum [R]
         kv_pos = start + j * block_k + jnp.arange(block_k)  # [BK]
         slots = pt_ref[pt_base + lax.div(kv_pos, page)] * page + lax.rem(kv_pos, page)
-        k = k_ref[slots, :]  # [BK, D]
-        v = v_ref[slots, :]
+        k = k_ref[slots, :].astype(cdt)  # [BK, D]
+        v = v_ref[slots, :].astype(cdt)
         sc = plgpu.dot(q, k, trans_b=True)  # [R, BK]
         if masked:
             sc = jnp.where((kv_pos < length)[None, :], sc, MASK_VALUE)

@@ -140,6 +140,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                     interpret=interpret)
     if impl != "jax":
         raise ValueError(f"decode kernel {impl!r}: expected 'jax' or 'gqa'")
+    if k_cache.dtype == jnp.float8_e4m3fn:
+        raise ValueError("JAX's paged_attention (decode_impl jax) does not read an fp8 KV "
+                         "cache; use decode_impl gqa (the default)")
     o = paged_attention(
         (q * scale).astype(k_cache.dtype), k_cache, v_cache, page_table,
         jnp.asarray(seq_lens, jnp.int32), block_h=sizes.block_h, pages_per_compute_block=ppcb,

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from backends.gpu.kernels.flash import MASK_VALUE, online_softmax_step
+from backends.gpu.kernels.flash import MASK_VALUE, compute_dtype, online_softmax_step
 from engine.attention import AttentionMetadata
 
 
@@ -132,7 +132,8 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block
     tok0, rows, pos0, seq = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
     row_ok = jnp.broadcast_to((jnp.arange(block_q) < rows)[:, None], (block_q, d))  # [BQ, D]
     q = plgpu.load(q_ref.at[pl.ds(tok0, block_q), :], mask=row_ok, other=0)
-    q = q.astype(k_ref.dtype)  # [BQ, D]
+    cdt = compute_dtype(k_ref.dtype, q_ref.dtype)  # float8 K/V: upcast to q's type
+    q = q.astype(cdt)  # [BQ, D]
     q_pos = pos0 + jnp.arange(block_q)  # [BQ]
     qk_scale = scale * math.log2(math.e)
     pt_base = seq * pages_per_seq
@@ -141,8 +142,8 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block
         kv_pos = j * block_k + jnp.arange(block_k)  # [BK]
         pages = pt_ref[pt_base + lax.div(kv_pos, page)]  # [BK]: each K/V row's page
         slots = pages * page + lax.rem(kv_pos, page)  # [BK]
-        k = k_ref[slots, :]  # [BK, D]
-        v = v_ref[slots, :]
+        k = k_ref[slots, :].astype(cdt)  # [BK, D]
+        v = v_ref[slots, :].astype(cdt)
         s = plgpu.dot(q, k, trans_b=True) * qk_scale  # [BQ, BK] float32, log2 units
         if masked:
             s = jnp.where(kv_pos[None, :] <= q_pos[:, None], s, MASK_VALUE)

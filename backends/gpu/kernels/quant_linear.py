@@ -1,0 +1,335 @@
+"""Quantized linear layers on the GPU: FP8 W8A8 GEMMs and fused dequantize-GEMMs for int8 and
+int4 weight-only, as Pallas kernels lowered through Triton (shared by CUDA and ROCm).
+
+Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K]:
+
+    fp8   float8_e4m3fn [N, K], scales f32 [N]: W8A8. Activations are quantized per token
+          to e4m3 (quant.fp8_rows: scale = max|x_row| / 448) in XLA, the dot runs on FP8
+          tensor cores with float32 accumulation, and both scales multiply the accumulator.
+          Two implementations: `w8a8_pallas` (ours) and `w8a8_xla` (a plain dot of the two
+          f8 operands, both contracted on their minor axis K, the operand layout XLA's
+          GemmRewriter turns into cuBLASLt's FP8 matmul without a transpose). Grouped
+          scales [N, K/G] (block-scaled checkpoints) take ours, one scale per K step.
+    int8  int8 [N, K], scales f32 [N]: weight-only. Up to WOQ_MAX_M rows (decode steps):
+          `woq_pallas` reads the int8 tile, converts it to bf16 in registers (exact) and
+          multiplies the f32 accumulator by the channel scale at the end. Above (prompt
+          chunks): dequantize to bf16, then XLA's dot (compute-bound there).
+    int4  uint8 [N, K/2] (codes 2j low nibble, 2j+1 high), scales and zeros f32 [N, K/G]:
+          weight-only, group-wise. `woq_pallas` walks K one group at a time: the low and
+          high nibbles meet x's even and odd columns (split in XLA: [M, K/2] each), and
+          per group acc += s * (x . q - z * sum(x)), exact for any zero point.
+
+References (the tests compare each kernel with them): quant.reference_linear for the
+weight-only formats, quant.w8a8_reference for fp8.
+
+Under a mesh (tensor parallelism) every format takes plain XLA (w8a8_xla, or the weight
+dequantized then XLA's dot), which the SPMD partitioner splits; the kernels would need a
+shard_map of their own.
+
+Work split: a grid of (M blocks, N blocks, K splits). Decode-sized M has few output tiles,
+so K is split until about TARGET_PROGRAMS programs run; the splits' float32 partial sums
+are added in XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from engine.model.quant import QuantizedWeight, dequantize_rows, fp8_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmSizes:
+    """Tiles and launch parameters of one kernel call (powers of two; Triton's dot needs 16
+    and up in every dimension)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 264
+    """K is split until M blocks x N blocks x splits reaches this (two per H200 SM)."""
+    max_splits: int = 16
+
+
+# Tuning as data. First figures (2026-12-03) are the usual Triton choices for Hopper,
+# unmeasured: scripts/gpu/quant.sh's `gemm` stage times them against bf16 and XLA's FP8 dot.
+SMALL_M = 64
+"""Up to this many rows, 16-to-64-row tiles with K split (decode-sized steps); fp8_gemm
+'auto' takes our kernel here and XLA's FP8 dot above."""
+WOQ_MAX_M = 256
+"""Up to this many rows (decode steps of up to 256 sequences) the weight-only formats take
+the fused kernel (64-row tiles past SMALL_M, each dequantizing its weight tiles again);
+above, the weight dequantized to bf16 then XLA's dot. Unmeasured: the gemm stage of
+scripts/gpu/quant.sh times both at M = 256."""
+SMALL = GemmSizes(block_m=16, block_n=64, block_k=128)
+"""M <= SMALL_M; block_m grows to M's next power of two."""
+LARGE = GemmSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+"""FP8 W8A8 above SMALL_M rows."""
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sizes_for(m: int, fp8: bool) -> GemmSizes:
+    """The tuning for a GEMM of m rows."""
+    if m <= SMALL_M or not fp8:
+        return dataclasses.replace(SMALL, block_m=max(16, _pow2(min(m, SMALL_M))))
+    return LARGE
+
+
+def num_splits(programs: int, k_tiles: int, sizes: GemmSizes) -> int:
+    """The fewest power-of-two K splits (each at least one tile) that bring `programs`
+    output tiles up to sizes.target_programs."""
+    s = 1
+    while (programs * s < sizes.target_programs and s * 2 <= sizes.max_splits
+           and s * 2 <= k_tiles):
+        s *= 2
+    return s
+
+
+def _tile_mask(rows: jax.Array, nrows: int, cols: jax.Array, ncols: int,
+               check_rows: bool, check_cols: bool) -> jax.Array | None:
+    """[R, C] in-bounds mask, or None when both extents are known to divide."""
+    mask = None
+    if check_rows:
+        mask = jnp.broadcast_to((rows < nrows)[:, None], (rows.shape[0], cols.shape[0]))
+    if check_cols:
+        cm = jnp.broadcast_to((cols < ncols)[None, :], (rows.shape[0], cols.shape[0]))
+        mask = cm if mask is None else mask & cm
+    return mask
+
+
+def _load(ref, mask):
+    return plgpu.load(ref, mask=mask, other=0) if mask is not None else plgpu.load(ref)
+
+
+def _k_range(split: jax.Array, per_split: int, k_tiles: int) -> tuple[jax.Array, jax.Array]:
+    lo = split * per_split
+    return lo, jnp.minimum(lo + per_split, k_tiles)
+
+
+def _store(o_ref, i, j, bm, bn, m, n, out):
+    rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
+    mask = _tile_mask(rows, m, cols, n, m % bm != 0, n % bn != 0)
+    ref = o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)]
+    if mask is None:
+        plgpu.store(ref, out.astype(o_ref.dtype))
+    else:
+        plgpu.store(ref, out.astype(o_ref.dtype), mask=mask)
+
+
+def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
+                 sizes: GemmSizes, per_split: int, grouped: bool):
+    # x_ref [M, K] f8; sx_ref [M]; w_ref [N, K] f8; o_ref [M, N] (this split's);
+    # sw_ref [N], or [N, K/G] when grouped (then block_k = G: one scale per step).
+    bm, bn, bk = sizes.block_m, sizes.block_n, sizes.block_k
+    i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
+    col_ok = cols < n if n % bn else None
+
+    def step(t, acc):
+        kk = t * bk + jnp.arange(bk)
+        x = _load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
+                  _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
+        w = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
+                  _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
+        part = plgpu.dot(x, w, trans_b=True)  # FP8 x FP8 -> f32 [BM, BN]
+        if grouped:
+            part = part * _load(sw_ref.at[pl.ds(j * bn, bn), t], col_ok)[None, :]
+        return acc + part
+
+    lo, hi = _k_range(split, per_split, _cdiv(k, bk))
+    acc = lax.fori_loop(lo, hi, step, jnp.zeros((bm, bn), jnp.float32))
+    acc = acc * _load(sx_ref.at[pl.ds(i * bm, bm)], rows < m if m % bm else None)[:, None]
+    if not grouped:
+        acc = acc * _load(sw_ref.at[pl.ds(j * bn, bn)], col_ok)[None, :]
+    _store(o_ref, i, j, bm, bn, m, n, acc)
+
+
+def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
+                int4: bool):
+    # int8: x_ref [M, K] bf16, w_ref [N, K] int8, s_ref [N], o_ref [M, N].
+    # int4: xe_ref, xo_ref [M, K/2] bf16 (x's even and odd columns), w_ref [N, K/2] uint8,
+    #       s_ref, z_ref [N, K/G], o_ref [M, N]; one step = one group (block_k = G/2 bytes).
+    bm, bn, bk = sizes.block_m, sizes.block_n, sizes.block_k
+    i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
+    row_m = _tile_mask(rows, m, jnp.arange(bk), bk, m % bm != 0, False)
+    col_m = _tile_mask(cols, n, jnp.arange(bk), bk, n % bn != 0, False)
+    if int4:
+        xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref = refs
+        groups = s_ref.shape[1]
+
+        def step(g, acc):
+            xe = _load(xe_ref.at[pl.ds(i * bm, bm), pl.ds(g * bk, bk)], row_m)  # [BM, G/2]
+            xo = _load(xo_ref.at[pl.ds(i * bm, bm), pl.ds(g * bk, bk)], row_m)
+            q = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(g * bk, bk)], col_m)  # [BN, G/2]
+            lo = (q & 0xF).astype(jnp.bfloat16)  # codes 2j: x's even columns
+            hi = (q >> 4).astype(jnp.bfloat16)  # codes 2j + 1: odd columns
+            dot = plgpu.dot(xe, lo, trans_b=True) + plgpu.dot(xo, hi, trans_b=True)
+            xsum = (xe.astype(jnp.float32).sum(axis=1)
+                    + xo.astype(jnp.float32).sum(axis=1))  # [BM]
+            s = _load(s_ref.at[pl.ds(j * bn, bn), g], cols < n if n % bn else None)  # [BN]
+            z = _load(z_ref.at[pl.ds(j * bn, bn), g], cols < n if n % bn else None)
+            return acc + s[None, :] * (dot - xsum[:, None] * z[None, :])
+
+        lo, hi = _k_range(split, per_split, groups)
+        acc = lax.fori_loop(lo, hi, step, jnp.zeros((bm, bn), jnp.float32))
+    else:
+        x_ref, w_ref, s_ref, o_ref = refs
+
+        def step(t, acc):
+            kk = t * bk + jnp.arange(bk)
+            x = _load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
+                      _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
+            w = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
+                      _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
+            return acc + plgpu.dot(x, w.astype(jnp.bfloat16), trans_b=True)
+
+        lo, hi = _k_range(split, per_split, _cdiv(k, bk))
+        acc = lax.fori_loop(lo, hi, step, jnp.zeros((bm, bn), jnp.float32))
+        s = _load(s_ref.at[pl.ds(j * bn, bn)], cols < n if n % bn else None)
+        acc = acc * s[None, :]
+    _store(o_ref, i, j, bm, bn, m, n, acc)
+
+
+def _launch(kernel, args: tuple, shape: tuple[int, int], k_tiles: int, out_dtype,
+            sizes: GemmSizes, interpret: bool, name: str, **params) -> jax.Array:
+    """The grid (M blocks, N blocks, K splits) over whole-array refs; splits' float32 partials
+    [splits, M, N] summed here. shape: (M, N). -> [M, N] out_dtype."""
+    m, n = shape
+    grid_mn = (_cdiv(m, sizes.block_m), _cdiv(n, sizes.block_n))
+    splits = num_splits(grid_mn[0] * grid_mn[1], k_tiles, sizes)
+    per_split = _cdiv(k_tiles, splits)
+    splits = _cdiv(k_tiles, per_split)  # no empty split
+    part_dtype = out_dtype if splits == 1 else jnp.float32
+    whole = [pl.BlockSpec(a.shape, functools.partial(lambda nd, i, j, s: (0,) * nd, a.ndim))
+             for a in args]
+    out = pl.pallas_call(
+        functools.partial(kernel, per_split=per_split, sizes=sizes, **params),
+        grid=(*grid_mn, splits),
+        in_specs=whole,
+        out_specs=pl.BlockSpec((None, m, n), lambda i, j, s: (s, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), part_dtype),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps,
+                                             num_stages=sizes.num_stages),
+        name=f"{name}_bm{sizes.block_m}_bn{sizes.block_n}_bk{sizes.block_k}_ks{splits}",
+    )(*args)
+    return out[0] if splits == 1 else out.sum(axis=0).astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "sizes", "interpret"))
+def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, out_dtype,
+                sizes: GemmSizes | None = None, interpret: bool = False) -> jax.Array:
+    """xq f8 [M, K] with per-row scales sx [M], wq f8 [N, K] with per-channel scales sw [N]
+    (or per group along K, [N, K/G], G a power of two >= 16) -> (xq * sx) @ (wq * sw).T
+    [M, N] out_dtype; FP8 tensor cores, float32 accumulation."""
+    (m, k), n = xq.shape, wq.shape[0]
+    sizes = sizes or sizes_for(m, fp8=True)
+    grouped = sw.ndim == 2
+    if grouped:
+        g = k // sw.shape[1]
+        if not fp8_groups_fit(g) or g * sw.shape[1] != k:
+            raise ValueError(f"w8a8_pallas: groups of {g} along K={k} are not a power of two "
+                             f">= 16")
+        sizes = dataclasses.replace(sizes, block_k=g)
+    return _launch(_w8a8_kernel, (xq, sx.astype(jnp.float32), wq, sw.astype(jnp.float32)),
+                   (m, n), _cdiv(k, sizes.block_k), out_dtype, sizes, interpret, "w8a8",
+                   m=m, n=n, k=k, grouped=grouped)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def w8a8_xla(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *,
+             out_dtype) -> jax.Array:
+    """w8a8_pallas's contract through XLA: one dot of the f8 operands, both contracted on
+    their minor axis (x [M, K], w [N, K]: cuBLASLt's FP8 layout, no transpose), float32
+    out, the scales applied after (an elementwise fusion)."""
+    acc = lax.dot_general(xq, wq, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32)  # [M, N]
+    return (acc * sx[:, None] * sw[None, :]).astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sizes", "interpret"))
+def woq_pallas(x: jax.Array, w: QuantizedWeight, *, sizes: GemmSizes | None = None,
+               interpret: bool = False) -> jax.Array:
+    """x [M, K] @ an int8 or int4 weight [N, K] -> [M, N] in x's dtype: the fused
+    dequantize-GEMM. x is rounded to bf16 for the dot (the GPU's matmul input; the weight
+    codes and int4's q are exact in bf16), accumulation in float32."""
+    m, k = x.shape
+    n = w.n
+    sizes = sizes or sizes_for(m, fp8=False)
+    xb = x.astype(jnp.bfloat16)
+    if w.fmt == "int8":
+        return _launch(_woq_kernel, (xb, w.data, w.scales), (m, n), _cdiv(k, sizes.block_k),
+                       x.dtype, sizes, interpret, "woq_int8", m=m, n=n, k=k, int4=False)
+    if w.fmt != "int4" or not int4_kernel_fits(w.group_size):
+        raise ValueError(f"woq_pallas takes int8, or int4 with a group of 32..256, got "
+                         f"{w.fmt} (group {w.group_size})")
+    sizes = dataclasses.replace(sizes, block_k=w.group_size // 2)
+    xe, xo = xb[:, 0::2], xb[:, 1::2]  # [M, K/2] each
+    return _launch(_woq_kernel, (xe, xo, w.data, w.scales, w.zeros), (m, n), k // w.group_size,
+                   x.dtype, sizes, interpret, "woq_int4", m=m, n=n, k=k, int4=True)
+
+
+def fp8_groups_fit(group: int) -> bool:
+    """Grouped fp8 scales: the kernel's step is one group, a power of two of 16 (Triton's
+    smallest dot) to 512."""
+    return 16 <= group <= 512 and group & (group - 1) == 0
+
+
+def int4_kernel_fits(group: int) -> bool:
+    """The kernel's step is one group: G/2 bytes, a power of two of 16 (Triton's smallest
+    dot) to 128."""
+    return 32 <= group <= 256 and group & (group - 1) == 0
+
+
+def dequantized_dot(x: jax.Array, w: QuantizedWeight, dtype=jnp.bfloat16) -> jax.Array:
+    """Large M: the weight dequantized to `dtype` [N, K], then XLA's dot -> [M, N] x.dtype."""
+    wd = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros).astype(dtype)  # [N, K]
+    y = lax.dot_general(x.astype(dtype), wd, (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+FP8_GEMMS = ("auto", "xla", "pallas")
+
+
+def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
+                 interpret: bool = False, sharded: bool = False) -> jax.Array:
+    """x [T, *in_shape] @ w -> [T, *out_shape] in x's dtype: the GPU path for each format.
+    fp8_gemm: 'xla', 'pallas', or 'auto' (ours up to SMALL_M rows, XLA's above; grouped fp8
+    scales, from block-scaled checkpoints, take ours). int8 and int4 take the fused kernel
+    up to WOQ_MAX_M rows. `sharded` (the weight is split over a mesh): plain XLA only,
+    which XLA's SPMD partitioner splits (a pallas_call it cannot)."""
+    t = x.shape[0]
+    x2 = x.reshape(t, w.k)  # [M, K]
+    kernels = not sharded
+    if w.fmt == "fp8" and (not w.grouped or (kernels and fp8_groups_fit(w.group_size))):
+        xq, sx = fp8_rows(x2)
+        use_pallas = kernels and (w.grouped or fp8_gemm == "pallas"
+                                  or (fp8_gemm == "auto" and t <= SMALL_M))
+        if use_pallas:
+            y = w8a8_pallas(xq, sx, w.data, w.scales, out_dtype=x.dtype, interpret=interpret)
+        else:
+            y = w8a8_xla(xq, sx, w.data, w.scales, out_dtype=x.dtype)
+    elif kernels and w.fmt in ("int8", "int4") and t <= WOQ_MAX_M and (
+            w.fmt == "int8" or int4_kernel_fits(w.group_size)):
+        y = woq_pallas(x2, w, interpret=interpret)
+    else:  # large M, other formats: XLA's dot on the weight dequantized to bf16 (f32 kept)
+        y = dequantized_dot(x2, w, jnp.float32 if w.fmt == "f32" else jnp.bfloat16)
+    return y.reshape(t, *w.out_shape)
