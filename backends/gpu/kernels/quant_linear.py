@@ -117,6 +117,13 @@ def _load(ref, mask):
     return plgpu.load(ref, mask=mask, other=0) if mask is not None else plgpu.load(ref)
 
 
+def _load_fp8(ref, mask):
+    """An e4m3 tile from a uint8 ref holding its bits: Pallas' Triton lowering cannot make
+    the masked load's fill value (an int splat) in float8, so the load is of bytes (0 fills:
+    +0.0 in e4m3) and the bits are reinterpreted."""
+    return lax.bitcast_convert_type(_load(ref, mask), jnp.float8_e4m3fn)
+
+
 def _k_range(split: jax.Array, per_split: int, k_tiles: int) -> tuple[jax.Array, jax.Array]:
     lo = split * per_split
     return lo, jnp.minimum(lo + per_split, k_tiles)
@@ -134,7 +141,8 @@ def _store(o_ref, i, j, bm, bn, m, n, out):
 
 def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
                  sizes: GemmSizes, per_split: int, grouped: bool):
-    # x_ref [M, K] f8; sx_ref [M]; w_ref [N, K] f8; o_ref [M, N] (this split's);
+    # x_ref [M, K] and w_ref [N, K]: e4m3 bits as uint8 (_load_fp8); sx_ref [M];
+    # o_ref [M, N] (this split's);
     # sw_ref [N], or [N, K/G] when grouped (then block_k = G: one scale per step).
     bm, bn, bk = sizes.block_m, sizes.block_n, sizes.block_k
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -143,10 +151,10 @@ def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
 
     def step(t, acc):
         kk = t * bk + jnp.arange(bk)
-        x = _load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
-                  _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
-        w = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
-                  _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
+        x = _load_fp8(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
+                      _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
+        w = _load_fp8(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
+                      _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
         part = plgpu.dot(x, w, trans_b=True)  # FP8 x FP8 -> f32 [BM, BN]
         if grouped:
             part = part * _load(sw_ref.at[pl.ds(j * bn, bn), t], col_ok)[None, :]
@@ -248,7 +256,9 @@ def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, o
             raise ValueError(f"w8a8_pallas: groups of {g} along K={k} are not a power of two "
                              f">= 16")
         sizes = dataclasses.replace(sizes, block_k=g)
-    return _launch(_w8a8_kernel, (xq, sx.astype(jnp.float32), wq, sw.astype(jnp.float32)),
+    bits = functools.partial(lax.bitcast_convert_type, new_dtype=jnp.uint8)  # free: a view
+    return _launch(_w8a8_kernel, (bits(xq), sx.astype(jnp.float32), bits(wq),
+                                  sw.astype(jnp.float32)),
                    (m, n), _cdiv(k, sizes.block_k), out_dtype, sizes, interpret, "w8a8",
                    m=m, n=n, k=k, grouped=grouped)
 

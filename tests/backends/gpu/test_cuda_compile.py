@@ -1,0 +1,80 @@
+"""The GPU's quantized kernels compile for Hopper on a host without a GPU: each lowered by
+jax for platform "cuda" (Pallas' Triton lowering runs here: an op it cannot lower fails at
+this step, as an f8 masked load's fill value once did on the H200) and its Triton IR compiled
+by PyPI Triton's NVIDIA backend for sm_90 (H100/H200) down to a cubin. A proxy: XLA compiles
+on the GPU with the Triton pinned in jaxlib."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from backends.gpu.backend import TritonBackend
+from backends.gpu.kernels import quant_linear as ql
+from backends.rocm.triton_check import step_shapes, triton_calls
+from engine.model.quant import QuantizedWeight
+
+S = jax.ShapeDtypeStruct
+
+
+def cubins(lowered, tmp_path) -> dict[str, int]:
+    """Kernel name -> cubin bytes, for every Pallas kernel of a `Lowered`."""
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # never a cached result
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    out = {}
+    for call in triton_calls(lowered):
+        path = tmp_path / f"{call.name}.ttir"
+        path.write_text(call.ttir)
+        kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": call.num_warps,
+                                         "num_stages": call.num_stages})
+        out[call.name] = len(kernel.asm["cubin"])
+    return out
+
+
+def weight(fmt: str, n: int, k: int, groups: int = 0) -> QuantizedWeight:
+    if fmt == "fp8":
+        scales = S((n, groups), jnp.float32) if groups else S((n,), jnp.float32)
+        return QuantizedWeight(S((n, k), jnp.float8_e4m3fn), scales, "fp8", (k,), (n,))
+    if fmt == "int8":
+        return QuantizedWeight(S((n, k), jnp.int8), S((n,), jnp.float32), "int8", (k,), (n,))
+    return QuantizedWeight(S((n, k // 2), jnp.uint8), S((n, groups), jnp.float32), "int4",
+                           (k,), (n,), S((n, groups), jnp.float32))
+
+
+# (format, M, K, N, groups): decode rows (M=1, masked rows), a ragged shape off every tile,
+# block-scaled fp8 (128-wide groups), int4 in groups of 128.
+CASES = [("fp8", 1, 4096, 1024, 0), ("fp8", 70, 200, 130, 0), ("fp8", 8, 512, 256, 4),
+         ("int8", 1, 4096, 1024, 0), ("int4", 3, 1024, 512, 8)]
+
+
+@pytest.mark.parametrize("fmt,m,k,n,groups", CASES)
+def test_quantized_linear_compiles_for_sm90(fmt, m, k, n, groups, tmp_path):
+    x, w = S((m, k), jnp.bfloat16), weight(fmt, n, k, groups)
+    lowered = jax.jit(lambda x, w: ql.quant_linear(x, w, fp8_gemm="pallas")).trace(
+        x, w).lower(lowering_platforms=("cuda",))
+    out = cubins(lowered, tmp_path)
+    prefix = "w8a8" if fmt == "fp8" else f"woq_{fmt}"
+    assert out and all(name.startswith(prefix) for name in out), out
+    assert all(size > 1000 for size in out.values()), out
+
+
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_attention_on_an_fp8_cache_compiles_for_sm90(decode_only, tmp_path):
+    backend = TritonBackend({"interpret": False})  # the CUDA tuning; no GPU check
+    hq, hkv, d, page = 32, 8, 128, 16
+    md = step_shapes(8 if decode_only else 64, 8, 64, page, decode_only)
+    cache = S((hkv, 256, page, d), jnp.float8_e4m3fn)
+    q = S((md.positions.shape[0], hq, d), jnp.bfloat16)
+    lowered = jax.jit(lambda q, k, v, md: backend.attention(q, k, v, md, scale=d**-0.5)
+                      ).trace(q, cache, cache, md).lower(lowering_platforms=("cuda",))
+    out = cubins(lowered, tmp_path)
+    assert any(name.startswith("gqa_decode") for name in out), out
+    if not decode_only:
+        assert any(not name.startswith("gqa_decode") for name in out), out
