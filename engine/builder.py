@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -260,7 +263,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
-            warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps)
+            warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
+                    threads=s.warmup_threads)
             runner.warmed_up = True
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
@@ -270,18 +274,42 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
             modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
-            ) -> int:
-    """Compile (or load from the persistent cache) the programs of warmup_grid by running
-    each once on idle rows, with progress in the log. Returns the programs run."""
-    grid = warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)
-    total, n, t0 = len(grid) * len(modes), 0, time.perf_counter()
-    for mode in modes:
-        for t, s, p, dec in grid:
-            runner.run_idle(t, s, p, dec, mode)
-            n += 1
-            log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages (%.1fs)",
-                     n, total, "decode" if dec else "prompt", t, s, p, time.perf_counter() - t0)
-    return n
+            threads: int = 0) -> int:
+    """Compile (or load from the persistent cache) the programs of warmup_grid, with
+    progress in the log. Each is traced and lowered here, one after another (Python holds
+    the GIL), and compiled on one of `threads` threads (0: one per CPU core), while the next
+    is lowered: XLA compiles without the GIL. The executables land where the jitted step
+    finds them (ModelRunner.lower_idle); nothing runs on the device. Returns the programs."""
+    grid = [(mode, *g) for mode in modes
+            for g in warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)]
+    workers = max(1, min(len(grid), threads or os.cpu_count() or 1))
+    t0, done, lock = time.perf_counter(), [0], threading.Lock()
+
+    def compiled(job: tuple, lowered_s: float, fut: concurrent.futures.Future) -> None:
+        mode, t, s, p, dec = job
+        with lock:
+            done[0] += 1
+            n = done[0]
+        if fut.exception() is None:
+            log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages, %s "
+                     "(lowered in %.1fs; %.1fs since the start)", n, len(grid),
+                     "decode" if dec else "prompt", t, s, p,
+                     "greedy" if mode.all_greedy else "sampling", lowered_s,
+                     time.perf_counter() - t0)
+
+    log.info("warm-up: %d programs, compiled on %d threads", len(grid), workers)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        futures = []
+        for job in grid:
+            t1 = time.perf_counter()
+            lowered = runner.lower_idle(*job[1:], job[0])
+            fut = pool.submit(lowered.compile)
+            fut.add_done_callback(functools.partial(compiled, job, time.perf_counter() - t1))
+            futures.append(fut)
+        for fut in futures:
+            fut.result()  # a failed compilation raises here
+    log.info("warm-up: %d programs in %.1fs", len(grid), time.perf_counter() - t0)
+    return len(grid)
 
 
 def eos_ids(cfg: ModelConfig, loaded: LoadedModel) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,7 @@ class CompileCounter:
     compiles: int = 0
     seconds: float = 0.0
     _registered = False
+    _lock = threading.Lock()  # warm-up compiles on several threads
     _EVENTS = ("/jax/core/compile/backend_compile_duration",
                "/jax/compilation_cache/cache_retrieval_time_sec")
 
@@ -180,8 +182,9 @@ class CompileCounter:
     @staticmethod
     def _event(event: str, duration: float, **_: object) -> None:
         if event in CompileCounter._EVENTS:
-            CompileCounter.compiles += 1
-            CompileCounter.seconds += duration
+            with CompileCounter._lock:
+                CompileCounter.compiles += 1
+                CompileCounter.seconds += duration
 
 
 def enable_persistent_cache(cache_dir: Path) -> None:

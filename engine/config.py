@@ -133,6 +133,9 @@ class SchedulingOptions:
     largest sequence bucket (token buckets of Buckets.wide_tokens and up: the prefill chunks
     of a loaded server), for the same page buckets. Smaller steps with prompt tokens still
     compile when first needed."""
+    warmup_threads: int = 0
+    """Threads that compile warm-up programs at once (each is traced and lowered in turn,
+    then compiled on a thread while the next is lowered); 0: one per CPU core."""
 
     page_buckets: str = "pow2"
     """Page-table widths of the step programs: 'pow2', powers of two up to the longest
@@ -158,12 +161,16 @@ class SchedulingOptions:
                              f"{self.max_running_requests=} (one decode token each)")
         if self.warmup_decode_len < 0:
             raise ValueError(f"warmup_decode_len must be >= 0, got {self.warmup_decode_len}")
+        if self.warmup_threads < 0:
+            raise ValueError(f"warmup_threads must be >= 0 (0: one per CPU core), got "
+                             f"{self.warmup_threads}")
         if not isinstance(self.warmup_prompt_steps, bool):
             raise ValueError(f"warmup_prompt_steps must be true or false, got "
                              f"{self.warmup_prompt_steps!r}")
         if self.warmup_prompt_steps and not self.warmup_decode_len:
             raise ValueError("warmup_prompt_steps needs warmup_decode_len (the context length "
-                             "its page buckets go up to)")
+                             "its page buckets go up to); for no warm-up at all, turn both "
+                             "off (--warmup-decode-len 0 --no-warmup-prompt-steps)")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be fcfs or lpm, got {self.schedule_policy!r}")
 

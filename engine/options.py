@@ -32,8 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prepare the next step on the host while the device runs this one")
     p.add_argument("--warmup-decode-len", type=int, default=None,
                    help="compile the decode step for contexts up to this length at start-up")
-    p.add_argument("--warmup-prompt-steps", action="store_true", default=None,
+    p.add_argument("--warmup-prompt-steps", action=argparse.BooleanOptionalAction, default=None,
                    help="with --warmup-decode-len: also compile the large prefill-chunk steps")
+    p.add_argument("--warmup-threads", type=int, default=None,
+                   help="warm-up programs compiled at once (default 0: one per CPU core)")
     p.add_argument("--page-buckets", default=None, choices=["pow2", "max"],
                    help="page-table widths of the step programs (max: one, fewer programs)")
     p.add_argument("--wide-tokens", type=int, default=None,
@@ -70,7 +72,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv",
-                  "quantization", "kv_cache_dtype", "seed",
+                  "quantization", "kv_cache_dtype", "seed", "warmup_threads",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
                   "num_processes", "process_id", "interpret", "npu_device")
 

@@ -190,17 +190,33 @@ class ModelRunner:
         """Step programs compiled or loaded from the persistent cache outside warm-up."""
         self._compiles = CompileCounter()
 
-    def run_idle(self, t: int, s: int, p: int, decode_only: bool, mode: SamplingMode) -> None:
-        """Run the step of one bucket shape on idle rows and wait for it (warm-up: it
-        compiles or loads that program). Nothing is written to the KV cache: every slot is
-        the dropped padding slot."""
+    def _idle_args(self, t: int, s: int, p: int, decode_only: bool,
+                   mode: SamplingMode) -> tuple:
+        """The step's arguments for one bucket shape on idle rows: every K/V write goes to
+        the dropped padding slot. The arrays are of the kinds `launch` passes (numpy
+        batches, the committed weights, KV cache and previous tokens), so a program traced
+        over them is the one `launch` looks up."""
         tokens, md, logits_idx, st, _, src = idle_batch(
             t, s, p, decode_only, self.page_size, self.cfg.vocab_size, mode,
             drop_slot=self.num_pages * self.page_size)
+        return (self.params, self.kv, tokens, md, logits_idx, st, self._no_prev, src, mode)
+
+    def run_idle(self, t: int, s: int, p: int, decode_only: bool, mode: SamplingMode) -> None:
+        """Run the step of one bucket shape on idle rows and wait for it (it compiles or
+        loads that program). Nothing is written to the KV cache."""
         with mesh_context(self.backend):
-            out, self.kv, _ = self._step(self.params, self.kv, tokens, md, logits_idx, st,
-                                         self._no_prev, src, mode)
+            out, self.kv, _ = self._step(*self._idle_args(t, s, p, decode_only, mode))
         jax.block_until_ready(out)
+
+    def lower_idle(self, t: int, s: int, p: int, decode_only: bool,
+                   mode: SamplingMode) -> jax.stages.Lowered:
+        """The step of one bucket shape traced and lowered (Python, holding the GIL), not
+        compiled. Compiling the result (`.compile()`, which releases the GIL: warm-up runs
+        several at once) stores the executable in jax's lowering cache, where the jitted
+        step finds it when `launch` first meets that shape: nothing is traced or compiled
+        then (tests/engine/test_warmup.py counts it)."""
+        with mesh_context(self.backend):
+            return self._step.trace(*self._idle_args(t, s, p, decode_only, mode)).lower()
 
     def _row_params(self, req: Request) -> SamplingParams:
         """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does."""

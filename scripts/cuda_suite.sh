@@ -8,6 +8,9 @@
 #   serve      engine serve --backend cuda (WARMUP=N: --warmup-decode-len N; WARMUP_PROMPTS=1:
 #              --warmup-prompt-steps too), one curl
 #              completion, engine bench serving
+#   stalls     scripts/gpu/serve.sh: cold and warm start to ready with the preset's full
+#              warm-up, compilations after ready, SGLang's bench_serving.py next to engine
+#              bench serving (needs .bench/ carried: scripts/gpu/bench_serving_setup.sh)
 #   shared     generated-shared-prefix workload offline, radix cache on vs off
 #   vs_hf      8B-shape logits vs HF transformers in float32 (scripts/cuda_vs_hf.py)
 #   tp         decode latency at TP $TP_SIZES (needs that many GPUs)
@@ -74,6 +77,8 @@ for stage in "$@"; do
     curl -s localhost:30000/metrics | grep -E "^engine:step_compilations_total"
     grep -E "while serving" "$OUT/$name.log" | tail -3
     kill -TERM $pid; wait $pid; echo "serve exit $?" ;;
+  stalls)
+    OUT="$OUT/stalls" scripts/gpu/serve.sh ;;
   shared)
     CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m engine.cli bench offline "${MODEL[@]}" \
       --max-total-tokens 300000 --dataset generated-shared-prefix --gsp-num-groups 8 \

@@ -148,7 +148,7 @@ def summarize(results: list[RequestResult], duration: float, counters: dict) -> 
     def stats(values: list[float]) -> dict[str, float]:
         a = np.asarray(values, dtype=float) * 1e3 if values else np.zeros(1)
         return {"mean": float(a.mean()), "median": float(np.median(a)),
-                "p99": float(np.percentile(a, 99))}
+                "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
     out: dict[str, Any] = {
         "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
@@ -192,7 +192,7 @@ def report(s: dict[str, Any]) -> str:
             ("e2e_latency_ms", "End-to-End Latency", "E2E Latency")):
         rows.append((title, None))
         rows += [(f"{name} {short} (ms)", f"{s[key][stat]:.2f}") for name, stat in
-                 (("Mean", "mean"), ("Median", "median"), ("P99", "p99"))]
+                 (("Mean", "mean"), ("Median", "median"), ("P99", "p99"), ("Max", "max"))]
     width = max(len(k) for k, v in rows if v is not None) + 2
     lines = [f"{' Serving Benchmark Result ':=^{width + 12}}"]
     for k, v in rows:

@@ -131,6 +131,15 @@ def decoder_layer(
     return mlp_block(lp, x, cfg, linear), (k_cache, v_cache)
 
 
+_traced_layer = jax.jit(decoder_layer, static_argnames=("cfg", "attend", "write", "expert_axis",
+                                                       "linear"))
+"""decoder_layer as one jitted call, for the unrolled loop: every layer of a step shares one
+trace and one lowering (a function the step's module calls per layer) instead of tracing and
+lowering the layer's ops once per layer; XLA inlines the calls before optimizing, so the
+compiled program is the same. A warm start (programs loaded from the persistent cache) pays
+this tracing and lowering for every program."""
+
+
 def forward(
     params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
     logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend, write: WriteKV = write_kv,
@@ -159,8 +168,8 @@ def forward(
     else:
         new_kv = []
         for lp, layer_kv in zip(params["layers"], kv, strict=True):
-            x, layer_kv = decoder_layer(lp, x, layer_kv, md, cfg, attend, write=write,
-                                        expert_axis=expert_axis, linear=linear)
+            x, layer_kv = _traced_layer(lp, x, layer_kv, md, cfg=cfg, attend=attend,
+                                        write=write, expert_axis=expert_axis, linear=linear)
             new_kv.append(layer_kv)
         kv = new_kv
     x = rms_norm(x[logits_idx], params["norm"], cfg.rms_norm_eps)  # x: [S, E]

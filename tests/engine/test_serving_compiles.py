@@ -42,22 +42,26 @@ def test_steps_outside_the_warmup_grid_are_counted_and_named(
 
 
 def test_a_full_warmup_leaves_nothing_to_compile(tmp_path: Path) -> None:
-    """One page-table width and every step with prompt tokens wide (page_buckets 'max',
-    wide_tokens 16): the warm-up of every decode and prompt step is the whole reachable grid,
-    and a varied workload (prompts of 1 to 200 tokens, 1 to 8 running, greedy and sampled)
+    """The CUDA preset's compile settings (one page width, every step with prompt tokens
+    wide, the full warm-up) on the CPU backend: the warm-up is the whole reachable grid, and
+    a varied workload (prompts of 1 to 200 tokens, 1 to 8 running, greedy and sampled)
     compiles nothing after it."""
+    cuda = EngineConfig.build("cuda").scheduler
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY))
     llm = LLM(str(config), backend="cpu", load_format="dummy", max_total_tokens=2048,
-              max_running_requests=8, chunked_prefill_size=64, page_buckets="max",
-              wide_tokens=16, warmup_decode_len=256, warmup_prompt_steps=True)
+              max_running_requests=8, chunked_prefill_size=64, max_model_len=256,
+              page_buckets=cuda.page_buckets, wide_tokens=cuda.wide_tokens,
+              warmup_decode_len=cuda.warmup_decode_len,
+              warmup_prompt_steps=cuda.warmup_prompt_steps)
     runner = llm.engine.runner
+    assert runner.warmed_up
     assert runner.buckets.pages == (16,)  # 256 tokens of context in pages of 16
     grid = reachable(runner.buckets)
     # 3 prompt steps (16, 32, 64 tokens) + 4 decode-only (1, 2, 4 and 8 sequences: the CPU's
     # buckets start at one token and one sequence; prompt steps at 16 tokens)
     assert len(grid) == 7
-    assert warmup_grid(runner.buckets, 16, 256, True) == grid
+    assert warmup_grid(runner.buckets, 16, cuda.warmup_decode_len, True) == grid
     rng = np.random.default_rng(0)
     for wave in (1, 3, 8, 5):
         prompts = [rng.integers(1, 500, size=int(n)).tolist()
@@ -70,11 +74,14 @@ def test_a_full_warmup_leaves_nothing_to_compile(tmp_path: Path) -> None:
 
 
 def test_the_cuda_preset_grid_is_small() -> None:
-    """The full grid of the CUDA preset's shape (8k-token steps, 256 running, 8192-token
-    contexts in pages of 16) with one page width and every prompt step wide: one program per
-    token bucket with prompt tokens, one per decode-only sequence bucket."""
-    s = EngineConfig.build("cuda", page_buckets="max", wide_tokens=16).scheduler
-    grid = reachable(step_buckets(s, 8192 // 16, min_seqs=16))
+    """The full grid of the CUDA preset (8k-token steps, 256 running, 8192-token contexts in
+    pages of 16): one page width and every prompt step wide, so one program per token bucket
+    with prompt tokens and one per decode-only sequence bucket, all of them warmed up."""
+    s = EngineConfig.build("cuda").scheduler
+    buckets = step_buckets(s, 8192 // 16, min_seqs=16)
+    grid = reachable(buckets)
     assert len([g for g in grid if not g[3]]) == 10  # token buckets 16 .. 8192
     assert len([g for g in grid if g[3]]) == 5  # sequence buckets 16 .. 256
-    assert len(reachable(step_buckets(EngineConfig.build("cuda").scheduler, 512, 16))) > 200
+    assert warmup_grid(buckets, 16, s.warmup_decode_len, s.warmup_prompt_steps) == grid
+    pow2 = EngineConfig.build("cuda", page_buckets="pow2", wide_tokens=2048).scheduler
+    assert len(reachable(step_buckets(pow2, 512, 16))) > 200

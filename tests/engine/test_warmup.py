@@ -5,6 +5,7 @@ prompt steps) compile nothing after it, and the warm-up writes nothing into the 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import jax
@@ -12,7 +13,10 @@ import numpy as np
 import pytest
 
 from engine.bench.offline import CompileClock
+from engine.builder import warm_up
+from engine.compile import warmup_grid
 from engine.llm import LLM
+from engine.sampler import SamplingMode
 from engine.sampling_params import SamplingParams
 from tests.bench.test_offline_bench import TINY
 
@@ -102,3 +106,31 @@ def test_wide_prompt_steps_meet_no_compilation_after_warmup(tmp_path: Path) -> N
 def test_warmup_prompt_steps_needs_a_length(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="warmup_prompt_steps needs warmup_decode_len"):
         make(tmp_path, warmup_prompt_steps=True)
+
+
+def test_warmup_compiles_on_threads_and_the_step_finds_the_programs(tmp_path: Path) -> None:
+    """warm_up lowers each program and compiles it on a thread of its pool, running nothing;
+    the runner's step then meets each warmed-up shape without tracing or compiling again."""
+    llm = make(tmp_path, max_model_len=64)
+    runner = llm.engine.runner
+    threads: list[str] = []
+    compiled = ("/jax/core/compile/backend_compile_duration",
+                "/jax/compilation_cache/cache_retrieval_time_sec")
+
+    def listen(event: str, duration: float, **_: object) -> None:
+        if event in compiled:
+            threads.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    modes = (SamplingMode(),)
+    n = warm_up(runner, 64, modes=modes, threads=2)
+    grid = warmup_grid(runner.buckets, runner.page_size, 64, False)
+    assert n == len(grid) >= 4  # decode-only: sequence buckets 1..8 (the CPU's) x 4 pages
+    assert len(threads) >= n and all(t.startswith("compile") for t in threads)
+    kv = jax.tree.leaves(runner.kv)
+    assert not any(np.asarray(x).any() for x in kv)  # nothing ran
+    threads.clear()
+    before = runner._compiles.compiles
+    for t, s, p, dec in grid:
+        runner.run_idle(t, s, p, dec, modes[0])
+    assert threads == [] and runner._compiles.compiles == before

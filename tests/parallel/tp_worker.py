@@ -41,6 +41,8 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
     backend = os.environ.get("ENGINE_TEST_BACKEND", "cpu")
     if backend == "cuda" and jax.default_backend() != "gpu":
         dist["interpret"] = True  # the Pallas interpreter on the CPU
+        # (the preset's start-up warm-up would compile every interpreted program first)
+        dist.update(warmup_decode_len=0, warmup_prompt_steps=False)
     if os.environ.get("ENGINE_TEST_EP"):
         dist["expert_parallel"] = True
     if os.environ.get("ENGINE_TEST_QUANT"):

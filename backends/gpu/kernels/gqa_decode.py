@@ -8,6 +8,10 @@ scale and convert of q, and a bf16 split combine, each its own kernel per layer.
   as it is ([S * Hq, D], rows past G masked), scales them, and walks its split of the
   sequence's K/V in blocks of `pages_per_block` pages gathered row by row through the page
   table (a plain [BK, D] tile for the dot, no reshape); only the last block is masked;
+- a sequence's splits divide its own length, not the table's width (`split_tokens`): with
+  one table width for every step (page buckets 'max'), a batch-1 step at 1k tokens of an
+  8k-token table still spreads its blocks over all splits, and splits past the length
+  exit at once (their partial rows are ignored by the combine);
 - with one split it writes the final rows; with more it writes float32 partial rows and
   their log-sum-exp, and one XLA fusion combines them.
 
@@ -32,9 +36,17 @@ MIN_ROWS = 16
 """Triton's dot needs 16 rows: the G query rows of a KV head are padded to this, masked."""
 
 
+def split_tokens(length, k_splits: int, block_k: int):
+    """Tokens of a sequence's context each of its k_splits splits takes: the length divided
+    evenly, rounded up to whole blocks of block_k tokens (so only the last block of the
+    sequence is masked). Splits from cdiv(length, this) on are empty. Works on Python ints
+    and on the kernel's int32 scalars alike."""
+    per_split = (length + k_splits - 1) // k_splits
+    return (per_split + block_k - 1) // block_k * block_k
+
+
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float, hq: int,
-            g: int, rows: int, page: int, pages_per_block: int, pages_per_split: int,
-            pages: int):
+            g: int, rows: int, page: int, pages_per_block: int, k_splits: int, pages: int):
     # len_ref [1]; pt_ref [S * P]; q_ref, o_ref [S * Hq, D]; k_ref, v_ref [pages * page, D];
     # lse_ref: [S * Hq] when there are splits.
     h, s, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -47,8 +59,11 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float,
     cdt = compute_dtype(k_ref.dtype, q_ref.dtype)  # float8 K/V: upcast to q's type
     q = (q.astype(jnp.float32) * (scale * math.log2(math.e))).astype(cdt)
     length = len_ref[0]
-    start = split * pages_per_split * page
-    n_tok = jnp.clip(length - start, 0, pages_per_split * page)
+    # Blocks never cross the table's end: pages is a multiple of pages_per_block, and every
+    # split starts on a block boundary.
+    per_split = split_tokens(length, k_splits, block_k)
+    start = split * per_split
+    n_tok = jnp.clip(length - start, 0, per_split)
     pt_base = s * pages
 
     def step(j, carry, masked: bool):  # carry: output [R, D], max [R], sum [R]
@@ -82,19 +97,20 @@ def gqa_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                          k_splits: int, pages_per_block: int, num_warps: int = 4,
                          num_stages: int = 1, interpret: bool = False) -> jax.Array:
     """q [S, Hq, D], one query per sequence over its first seq_lens [S] tokens of the
-    caches [Hkv, pages, page, D] through page_table [S, P] -> [S, Hq, D]. P must divide
-    into k_splits splits of whole blocks of pages_per_block pages (>= 16 tokens)."""
+    caches [Hkv, pages, page, D] through page_table [S, P] -> [S, Hq, D]. P must be a
+    multiple of pages_per_block (blocks of >= 16 tokens); each sequence's length is split
+    over k_splits programs (split_tokens), whatever P is."""
     s, hq, d = q.shape
     hkv, num_pages, page, _ = k_cache.shape
     p = page_table.shape[1]
-    if hq % hkv or p % k_splits or (p // k_splits) % pages_per_block:
+    if hq % hkv or p % pages_per_block or k_splits < 1:
         raise ValueError(f"q {q.shape}, cache {k_cache.shape}, table {page_table.shape}: "
                          f"{k_splits} splits of {pages_per_block}-page blocks do not fit")
     g = hq // hkv
     rows = max(MIN_ROWS, 1 << (g - 1).bit_length())
     kernel = functools.partial(_kernel, scale=scale, hq=hq, g=g, rows=rows, page=page,
-                               pages_per_block=pages_per_block,
-                               pages_per_split=p // k_splits, pages=p)
+                               pages_per_block=pages_per_block, k_splits=k_splits,
+                               pages=p)
     q_rows = q.reshape(s * hq, d)
     out_dtype = q.dtype if k_splits == 1 else jnp.float32
     row_spec = pl.BlockSpec((None, s * hq, d), lambda h, i, k: (k, 0, 0))

@@ -5,8 +5,10 @@ Reference: backends.cpu.attention.ragged_paged_attention (head_major=True) — t
 compare both kernels with it. impl "gqa" (the backend's default) is ours,
 kernels/gqa_decode.py; impl "jax" is jax.experimental.pallas.ops.gpu.paged_attention (one
 query per sequence, flash-decoding over `k_splits` partitions of the pages), whose cache
-layout [Hkv, pages, page, D] and inputs (page table, lengths) are ours. Both take the same
-partition of each sequence's pages (`partition`) over a table padded by `table_width`.
+layout [Hkv, pages, page, D] and inputs (page table, lengths) are ours. Both take their
+split count and block size from `partition` over a table padded by `table_width`; JAX's
+kernel splits the table's width, ours each sequence's own length (gqa_decode.split_tokens),
+so a table wider than the batch's contexts (page buckets 'max') costs it nothing.
 """
 
 from __future__ import annotations

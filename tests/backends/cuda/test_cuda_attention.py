@@ -10,7 +10,7 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention
 from backends.cuda.backend import CudaBackend
-from backends.gpu.kernels.gqa_decode import gqa_decode_attention
+from backends.gpu.kernels.gqa_decode import gqa_decode_attention, split_tokens
 from backends.gpu.kernels.paged_decode import paged_decode_attention, partition, table_width
 from tests.backends.ragged_batches import make_case
 
@@ -80,6 +80,52 @@ def test_gqa_decode_kernel_splits_match_oracle(k_splits, ppb):
     live = lens > 0
     assert_close(got[live], want[live])
     np.testing.assert_array_equal(got[~live], 0)
+
+
+@pytest.mark.parametrize("width,k_splits,ppb", [(16, 4, 2), (64, 16, 1), (64, 2, 8)])
+def test_gqa_decode_kernel_splits_follow_the_length_not_the_width(width, k_splits, ppb):
+    """Tables much wider than the longest sequence (one page width for every step, page
+    buckets 'max'): each sequence's context is split over all k_splits programs by its own
+    length, and the result still equals the oracle."""
+    case, md = decode_case(5, 4, 16, 8, 2, 32, max_len=200)
+    kh, vh = head_major(case.k_cache), head_major(case.v_cache)
+    table = np.asarray(md.page_table)
+    table = np.pad(table, ((0, 0), (0, width - table.shape[1])))
+    lens = np.asarray(md.seq_lens)
+    s = table.shape[0]
+    got = np.asarray(gqa_decode_attention(case.q[:s], kh, vh, table, lens, scale=0.3,
+                                          k_splits=k_splits, pages_per_block=ppb,
+                                          interpret=not ON_GPU))
+    want = np.asarray(jax.jit(lambda q, k, v: ragged_paged_attention(
+        q, k, v, md, scale=0.3, head_major=True))(case.q, kh, vh))[:s]
+    live = lens > 0
+    assert live.sum() >= 3 and lens.max() > 16 * ppb * k_splits // 2
+    assert_close(got[live], want[live])
+
+
+def test_split_tokens_cover_the_length_in_whole_blocks():
+    for k_splits in (1, 2, 4, 16):
+        for bk in (16, 128):
+            for length in range(1, 3000, 7):
+                per = split_tokens(length, k_splits, bk)
+                assert per % bk == 0 and per * k_splits >= length  # every token has a split
+                assert per - bk < -(-length // k_splits)  # no whole block to spare
+
+
+def test_a_full_width_table_gives_each_split_the_work_of_the_narrowest_table():
+    """Batch 1, 8 KV heads, page 16, an 8192-token table (page buckets 'max'): a split's
+    blocks are no more than with the narrowest power-of-two table that holds the sequence
+    (page buckets 'pow2'), where the splits divided the table. Splitting the table (512
+    pages in 16 splits of 32) gave a 1280-token sequence 3 busy programs of 4 blocks each
+    instead of 10 of one."""
+    def blocks_per_split(length, width):
+        ks, ppcb = partition(8, 1, width, 16)
+        return -(-split_tokens(length, ks, ppcb * 16) // (ppcb * 16))
+    for length in range(1, 8193, 37):
+        narrow = table_width(-(-length // 16), 16)
+        ks, ppcb = partition(8, 1, narrow, 16)
+        assert blocks_per_split(length, 512) <= narrow // ks // ppcb
+    assert blocks_per_split(1280, 512) == 1
 
 
 @pytest.mark.parametrize("seqs, table_pages, expected", [
