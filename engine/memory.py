@@ -56,6 +56,9 @@ def release(engine: Any, tags: Any = None) -> int:
     if engine.has_unfinished() or engine.scheduler.has_work():
         raise ValueError("requests are running: release memory once the engine is idle")
     runner = engine.runner
+    if runner.mirror is not None:
+        raise ValueError("releasing memory is single-process only: the followers of a "
+                         "multi-host server would keep theirs")
     devices = runner.backend.model_devices()
     jax.block_until_ready(runner.kv)  # a step may still write it
     before = device_bytes(devices)
