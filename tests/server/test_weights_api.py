@@ -24,8 +24,10 @@ ARGS = ["--backend", "cpu", "--max-total-tokens", "2048", "--max-running-request
 PROMPT = ("Once upon a time, in a land far away beyond the seven mountains and the seven "
           "rivers, there lived an old king with three daughters, and the youngest of them")
 """Longer than two KV pages (16 tokens each), so that its prefix is cached."""
-LONG = 300
-"""Tokens of the request in flight at a swap (it must outlast the update's load)."""
+LONG = 450
+"""Tokens of the request in flight at a swap: it must outlast the update's load (a tiny
+checkpoint: a fraction of a second), and prompt + LONG stay within 32 pages (one page
+bucket fewer to compile than 600 tokens would need)."""
 
 
 def write_tiny(path: Path, tokenizer, seed: int, hidden: int = 64) -> Path:
