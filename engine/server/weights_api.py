@@ -82,6 +82,8 @@ def add_weight_routes(app: FastAPI, state: Any) -> None:
                 version = await aeng.swap_weights(params, abort, version)
             except EngineDeadError:
                 raise
+            except ValueError as e:  # refused by the engine (multi-host serving)
+                return answer(False, str(e))
             except Exception as e:
                 log.exception("weight swap failed")
                 return answer(False, f"{type(e).__name__}: {e}", 500)
