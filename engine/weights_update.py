@@ -77,15 +77,27 @@ def is_hf_named(tree: Any) -> bool:
 def from_hf_names(tensors: Mapping[str, Any], cfg: ModelConfig, scan: bool) -> Params:
     """HF-named tensors (HF layouts) -> the model's float parameter tree, with the loaders'
     mapping (engine.model.weights); device arrays stay on their devices (transposes and
-    reshapes run where the arrays are). A missing name is a ValueError naming it."""
-    try:
-        layers = [_layer_from_hf(tensors, i, cfg) for i in range(cfg.num_layers)]
-        params: Params = {"embed": tensors["model.embed_tokens.weight"],
-                          "norm": tensors["model.norm.weight"]}
-        if not cfg.tie_word_embeddings:
-            params["lm_head"] = tensors["lm_head.weight"].T
-    except KeyError as e:
-        raise ValueError(f"the HF-named weights lack {e.args[0]}") from None
+    reshapes run where the arrays are). Names and HF shapes are checked first against the
+    loaders' table: a ValueError names the first missing, unexpected or misshapen tensor."""
+    from engine.loader.checkpoint import expected_shapes
+
+    want = expected_shapes(cfg, set(tensors))
+    if cfg.tie_word_embeddings:  # the tied head's copy, which some checkpoints keep
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    for name, shape in want.items():
+        if name not in tensors:
+            raise ValueError(f"the HF-named weights lack {name}")
+        if tuple(np.shape(tensors[name])) != shape:
+            raise ValueError(f"parameter {name}: the new weights have shape "
+                             f"{tuple(np.shape(tensors[name]))}, the serving model {shape}")
+    extra = [k for k in tensors if k not in want]
+    if extra:
+        raise ValueError(f"the HF-named weights have unexpected tensors: {', '.join(extra[:3])}")
+    layers = [_layer_from_hf(tensors, i, cfg) for i in range(cfg.num_layers)]
+    params: Params = {"embed": tensors["model.embed_tokens.weight"],
+                      "norm": tensors["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = tensors["lm_head.weight"].T
     params["layers"] = (jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if scan else layers)
     return params
 

@@ -3,6 +3,7 @@ the step programs reused and the prefix cache flushed; mismatches are refused by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -79,9 +80,14 @@ def test_a_mismatch_names_the_parameter_and_keeps_the_old_weights(models):
     hf = dict(models["a_hf"])
     name = "model.layers.1.mlp.down_proj.weight"
     hf[name] = hf[name][:, :-1]  # [E, F] -> [E, F - 1]
-    with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['w_down'\].*\(127, 64\).*"
-                                         r"\(128, 64\)"):
+    with pytest.raises(ValueError, match=r"down_proj.weight.*\(64, 127\).*\(64, 128\)"):
         llm.update_weights(hf)
+    tree = jax.tree.map(lambda x: x, models["b_params"])  # the serving form, one layer cut
+    tree["layers"][1]["w_down"] = dataclasses.replace(
+        tree["layers"][1]["w_down"], data=tree["layers"][1]["w_down"].data[:-1])
+    with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['w_down'\].*\(63, 128\).*"
+                                         r"\(64, 128\)"):
+        llm.update_weights(tree)
     hf = {k: v.astype(np.float16) for k, v in models["a_hf"].items()}
     with pytest.raises(ValueError, match="float16.*float32"):
         llm.update_weights(hf)
