@@ -9,7 +9,6 @@
 set -euo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
 PY=${PY:-python3}
 $PY -m engine.cli bench weights --backend cuda --load-format dummy --model llama-3.1-8b \
   --max-total-tokens 16384 --max-running-requests 8 --repeats 3 ${ENGINE_ARGS:-} \
