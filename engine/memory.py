@@ -28,9 +28,17 @@ def device_bytes(devices: Iterable[Any]) -> int:
     stats = [d.memory_stats() for d in devices]
     if all(s and "bytes_in_use" in s for s in stats):
         return sum(s["bytes_in_use"] for s in stats)
-    mine = set(devices)
-    return sum(shard.data.nbytes for a in jax.live_arrays() if not a.is_deleted()
-               for shard in a.addressable_shards if shard.device in mine)
+    # Counted by buffer: arrays that alias one (a committed put of an uncommitted array, a
+    # sharded array's per-device views) would otherwise count twice.
+    mine, buffers = set(devices), {}
+    for a in jax.live_arrays():
+        if a.is_deleted():
+            continue
+        for shard in a.addressable_shards:
+            if shard.device in mine:
+                data = shard.data
+                buffers[shard.device.id, data.unsafe_buffer_pointer()] = data.nbytes
+    return sum(buffers.values())
 
 
 def check_tags(tags: Any) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ def models(tmp_path_factory) -> dict:
         model.save_pretrained(root / name, safe_serialization=True)
         out[name] = tensors_of(model)
     llm_b = LLM(str(root / "b"), **OPTIONS)
-    return {"a": LLM(str(root / "a"), **OPTIONS), "b_tokens": tokens(llm_b),
+    return {"a": LLM(str(root / "a"), **OPTIONS), "b_tokens": tokens(llm_b), "root": root,
             "b_params": llm_b.engine.runner.params, "b_hf": out["b"], "a_hf": out["a"]}
 
 
@@ -72,6 +72,21 @@ def test_hf_named_device_arrays_give_a_fresh_engines_tokens_without_recompiling(
     assert wqkv.data is serving_b["layers"][0]["wqkv"].data
     assert tokens(llm, compiles) == models["b_tokens"]
     assert compiles == [0, 0, 0]  # the step programs compiled for a's weights served all
+
+
+def test_an_orbax_folder_updates_through_the_start_up_loader(models):
+    """What POST /update_weights_from_disk runs, on a checkpoint `engine convert` wrote."""
+    from engine.convert import convert
+    from engine.weights_update import load_update, swap
+
+    out = convert(str(models["root"] / "b"), models["root"] / "b_orbax", **OPTIONS)
+    llm = models["a"]
+    engine = llm.engine
+    new = load_update(llm.config, engine.weight_recipe, engine.runner.backend,
+                      engine.runner.params, str(out))
+    swap(engine, new)
+    llm.model.params = new
+    assert tokens(llm) == models["b_tokens"]
 
 
 def test_a_mismatch_names_the_parameter_and_keeps_the_old_weights(models):
