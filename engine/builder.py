@@ -23,19 +23,12 @@ from engine.engine import Engine
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import (
-    Place,
-    fuse_qkv,
-    params_from_hf,
-    place_params,
-    random_params,
-    stack_layers,
-    unfuse_qkv,
-)
+from engine.model.weights import Place, params_from_hf, place_params, random_params, stack_layers
 from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner, make_step, mesh_context
 from engine.sampler import SamplingMode
+from engine.weights_update import WeightRecipe, commit
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +43,8 @@ class LoadedModel:
     """The checkpoint loaded (None for dummy weights)."""
     quantization: str | None = None
     """A pre-quantized checkpoint's weight format (engine.loader.prequant), else None."""
+    recipe: Any = None
+    """engine.weights_update.WeightRecipe: what load_weights did to the loaded weights."""
 
 
 def load_tokenizer(path: Path | str | None):
@@ -121,10 +116,6 @@ def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan:
     `quantization` is the weights' format afterwards (the checkpoint's, else the one made)."""
     loaded = load_model(config, backend, dtype, scan, place)
     cfg = loaded.cfg
-    if config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules or {}):
-        fuse_qkv(loaded.params, place)
-    else:  # weights read back fused (orbax) where this engine keeps them apart
-        unfuse_qkv(loaded.params, place)
     quant = config.model.quantization
     if loaded.quantization is not None and quant not in (None, "f32", loaded.quantization):
         raise ValueError(f"the checkpoint is pre-quantized ({loaded.quantization} weights); "
@@ -135,11 +126,11 @@ def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan:
         quant = None
     if quant == "gguf" and loaded.quantization == "gguf":  # kept blocks read back (orbax)
         quant = None
-    if quant is not None:  # projections as QuantizedWeights, on their shards under a mesh
-        from engine.loader.quantize import quantize_params
-
-        quantize_params(loaded.params, cfg, quant, loaded.path)
-        place_params(loaded.params, place)
+    # q/k/v fused (or kept apart), projections quantized: a recipe weight updates apply too.
+    fuse = config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules or {})
+    loaded.recipe = WeightRecipe(cfg, dtype, scan, fuse, quant, place)
+    loaded.params = loaded.recipe.finish(loaded.params, loaded.path)
+    if quant is not None:
         loaded.quantization = loaded.quantization or quant
     return loaded
 
@@ -231,6 +222,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
+    loaded.params = commit(loaded.params)
     cfg = loaded.cfg
     kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
@@ -269,6 +261,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule)
+    engine.weight_recipe = loaded.recipe
     return engine, loaded
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from engine.core.request import Request, ScheduledBatch
 from engine.core.scheduler import Scheduler
 from engine.detokenizer import IncrementalDetokenizer
+from engine.memory import MemoryReleasedError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.runner import PLACEHOLDER, GrammarMasks, Launched, ModelRunner, TokenSample
 from engine.sampling_params import SamplingParams
@@ -55,11 +56,23 @@ class Engine:
         # The launched step whose tokens are unread, and where each request's PLACEHOLDER
         # for its token sits in output_token_ids (overlap scheduling).
         self._inflight: tuple[Launched, dict[str, int]] | None = None
+        self.weight_recipe: Any = None
+        """engine.weights_update.WeightRecipe: what start-up did to the loaded weights."""
+        self.weight_version = "0"
+        """Which weights produce samples: "0" as loaded, then the count of updates or the
+        version string an update named (engine.weights_update.swap)."""
+        self.weight_updates = 0
+        self.memory_released: set[str] = set()
+        """engine.memory tags whose device memory is released: no request is taken."""
 
     # -- receive -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, prompt: str | None = None) -> str:
         """Validate and queue. Raises ValueError with a user-actionable message."""
+        if self.memory_released:
+            what = ", ".join(sorted(self.memory_released))
+            raise MemoryReleasedError(f"the engine's memory is released ({what}): take it back "
+                                      "first (POST /resume_memory_occupation)")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -41,6 +41,24 @@ class LLM:
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.cfg
 
+    def update_weights(self, params: Any, *, name_map: dict[str, str] | None = None,
+                       weight_version: str | None = None) -> str:
+        """Generate with new weights of the same model from now on (an RL trainer's, after a
+        training step). `params`: jax.Arrays (or numpy) as the model's parameter tree (its
+        serving form, or as loaded: wq/wk/wv, unquantized) or as a flat mapping of HF names
+        (`name_map` renames the caller's names to HF's first). q/k/v fusion and the configured
+        quantization are applied as at load; arrays already on the serving shardings are
+        used as they are, others are resharded. The prefix cache is flushed and the compiled
+        step programs are reused. Raises ValueError naming the first mismatched parameter.
+        Returns the new weight version."""
+        from engine.weights_update import prepare, swap
+
+        new = prepare(params, self.engine.runner.params, self.engine.weight_recipe,
+                      name_map=name_map)
+        version = swap(self.engine, new, weight_version)
+        self.model.params = new  # the old weights are freed with their last reference
+        return version
+
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

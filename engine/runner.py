@@ -166,8 +166,11 @@ class ModelRunner:
         # made a step after an idle engine a separate program from an overlapped one.
         where = (NamedSharding(backend.mesh, PartitionSpec()) if backend.mesh is not None
                  else jax.sharding.SingleDeviceSharding(backend.model_devices()[0]))
-        self.kv = backend.allocate_kv(cfg, num_pages, page_size, kv_dtype, scan=scan,
-                                      place=kv_place or (lambda shape, axes: where))
+        self._kv_args = (cfg, num_pages, page_size, kv_dtype, scan,
+                         kv_place or (lambda shape, axes: where))
+        self.kv = self.allocate_kv()
+        self.released_params: Any = None
+        """(host copy, shardings) of the params while released (engine.memory)."""
         max_pages = -(-max_model_len // page_size)
         self.buckets = buckets or Buckets.make(max_num_tokens, max_num_seqs, max_pages,
                                                min_seqs=backend.capabilities.min_seq_bucket,
@@ -189,6 +192,12 @@ class ModelRunner:
         self.serving_compiles = 0
         """Step programs compiled or loaded from the persistent cache outside warm-up."""
         self._compiles = CompileCounter()
+
+    def allocate_kv(self) -> Any:
+        """A zeroed KV pool as at start-up (again after engine.memory released it)."""
+        cfg, num_pages, page_size, dtype, scan, place = self._kv_args
+        return self.backend.allocate_kv(cfg, num_pages, page_size, dtype, scan=scan,
+                                        place=place)
 
     def _idle_args(self, t: int, s: int, p: int, decode_only: bool,
                    mode: SamplingMode) -> tuple:

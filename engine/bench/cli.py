@@ -126,6 +126,19 @@ def cmd_structured(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.bench.weights import report, time_updates
+
+    out = time_updates(make_llm(args), args.repeats)
+    print(report(out), flush=True)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
 def register_bench(sub: argparse._SubParsersAction) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="mode", required=True)
@@ -184,3 +197,10 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_structured)
 
     register_load(bench)
+
+    p = bench.add_parser("weights", help="LLM.update_weights in-process from device arrays: "
+                         "seconds per update, and no step recompiled")
+    add_engine_args(p)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_weights)

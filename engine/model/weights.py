@@ -19,6 +19,7 @@ checkpoints) or `block_sparse_moe.experts.{j}.{w1,w3,w2}.weight` with router
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -242,12 +243,6 @@ def fuse_qkv(params: Params, place: Place | None = None) -> Params:
 
     In place, layer by layer: each layer's parts are dropped once fused (placed like the
     parameters they replace), so memory peaks at one layer's q/k/v more."""
-    def fuse(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        *lead, hq, d = q.shape
-        hkv = k.shape[-2]
-        q = q.reshape(*lead, hkv, hq // hkv, d)
-        return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
-
     stacked = isinstance(params["layers"], dict)
     for lp in [params["layers"]] if stacked else params["layers"]:
         for w, (q, k, v) in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
@@ -260,9 +255,9 @@ def fuse_qkv(params: Params, place: Place | None = None) -> Params:
                     lp[w] = place_weight(fused, axes, place)
                     del lp[q], lp[k], lp[v]
                 continue
-            shape = jax.eval_shape(fuse, lp[q], lp[k], lp[v]).shape
+            shape = jax.eval_shape(_fuse, lp[q], lp[k], lp[v]).shape
             axes = (("layers",) if stacked else ()) + PARAM_AXES[w]
-            f = jax.jit(fuse, out_shardings=place(shape, axes) if place is not None else None)
+            f = _fuse_jit(place(shape, axes) if place is not None else None)
             lp[w] = f(lp.pop(q), lp.pop(k), lp.pop(v))
     return params
 
@@ -315,3 +310,17 @@ def unfuse_qkv(params: Params, place: Place | None = None) -> Params:
             parts = jax.jit(split, out_shardings=out)(lp.pop(w))
             lp.update(zip(names, parts, strict=True))
     return params
+
+
+def _fuse(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    *lead, hq, d = q.shape
+    hkv = k.shape[-2]
+    q = q.reshape(*lead, hkv, hq // hkv, d)  # [..., Hkv, G, D]
+    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+
+@functools.lru_cache(maxsize=64)
+def _fuse_jit(sharding: Any) -> Callable:
+    """One jitted fusion per output sharding, kept: weight updates fuse every layer again,
+    and a fresh jit per call compiled each time (seconds per update)."""
+    return jax.jit(_fuse, out_shardings=sharding)

@@ -30,6 +30,7 @@ from engine.server.metrics import ServerMetrics
 from engine.server.protocol import ApiError, error_body
 from engine.server.requests import EngineDeadError
 from engine.server.serving import Serving, collect, new_id
+from engine.server.weights_api import add_weight_routes
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, "cannot flush the prefix cache while requests are running")
         return JSONResponse({"flushed": True})
 
+    add_weight_routes(app, state)
     return app
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.core.scheduler import SchedulerStats
 from engine.engine import Engine
+from engine.memory import MemoryReleasedError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.server.metrics import ServerMetrics
@@ -63,6 +64,10 @@ class AsyncEngine:
         self._groups: dict[str, RequestGroup] = {}
         self._log_interval = log_interval
         self._log_at, self._log_gen, self._log_computed = time.monotonic(), 0, 0
+        # A weight swap waiting for running requests to finish, and the requests that came
+        # meanwhile (admitted after the swap, on the new weights).
+        self._swap: tuple[Any, str | None, asyncio.Future] | None = None
+        self._held: list[RequestGroup] = []
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- event-loop side -----------------------------------------------------------------
@@ -70,6 +75,11 @@ class AsyncEngine:
     def engine(self) -> Engine:
         """The engine; only its own thread may step it."""
         return self._engine
+
+    @property
+    def swap_pending(self) -> bool:
+        """A weight swap waits for the running requests (new ones are held meanwhile)."""
+        return self._swap is not None
 
     def start(self) -> None:
         self.thread.start()
@@ -100,6 +110,18 @@ class AsyncEngine:
         self._check_alive()
         fut = self.loop.create_future()
         self._send("call", (fn, fut))
+        if self.dead:
+            _resolve(fut, None, EngineDeadError("the engine is not running"))
+        return await fut
+
+    async def swap_weights(self, params: Any, abort_running: bool,
+                           version: str | None) -> str:
+        """Serve `params` from a step boundary on: new requests are held, running ones
+        finish on the old weights (or are aborted), then the weights are swapped and the
+        prefix cache flushed. Returns the new weight version."""
+        self._check_alive()
+        fut = self.loop.create_future()
+        self._send("swap", (params, abort_running, version, fut))
         if self.dead:
             _resolve(fut, None, EngineDeadError("the engine is not running"))
         return await fut
@@ -142,6 +164,7 @@ class AsyncEngine:
                 self.stats = self._engine.scheduler.stats()
                 self.step_compiles = self._engine.runner.serving_compiles
                 self._maybe_log()
+                self._maybe_swap()
         except Exception as e:
             self._die(e)
 
@@ -161,13 +184,16 @@ class AsyncEngine:
             self._handlers[kind](self, arg)
 
     def _on_add(self, group: RequestGroup) -> None:
+        if self._swap is not None:  # admitted once the new weights serve
+            self._held.append(group)
+            return
         added: list[str] = []
         try:
             for eid, ids in zip(group.engine_ids, group.prompts, strict=True):
                 self._engine.add_request(ids, group.params, request_id=eid)
                 added.append(eid)
         except Exception as e:  # ValueError: the client's (400); anything else: a bug (500)
-            if not isinstance(e, ValueError):
+            if not isinstance(e, (ValueError, MemoryReleasedError)):
                 log.exception("add_request failed")
             for eid in added:
                 self._engine.abort(eid)
@@ -182,6 +208,11 @@ class AsyncEngine:
     def _on_abort(self, arg: tuple[RequestGroup | str, bool]) -> None:
         target, notify = arg
         gid = target if isinstance(target, str) else target.gid
+        for held in [g for g in self._held if g.gid == gid]:  # not admitted yet (a swap)
+            self._held.remove(held)
+            if notify:
+                self._post(held._fail, EngineDeadError("aborted before it was admitted"))
+            return
         group = self._groups.get(gid)
         if group is None or (group is not target and not isinstance(target, str)):
             return
@@ -198,7 +229,7 @@ class AsyncEngine:
         self._abort_all()
 
     def _abort_all(self) -> None:
-        for gid in list(self._groups):
+        for gid in [g.gid for g in self._held] + list(self._groups):
             self._on_abort((gid, True))
 
     def _on_call(self, arg: tuple[Callable[[Engine], Any], asyncio.Future]) -> None:
@@ -208,8 +239,34 @@ class AsyncEngine:
         except Exception as e:
             self._post(_resolve, fut, None, e)
 
+    def _on_swap(self, arg: tuple[Any, bool, str | None, asyncio.Future]) -> None:
+        params, abort_running, version, fut = arg
+        if self._swap is not None:  # the HTTP side serializes updates; never two at once
+            self._post(_resolve, fut, None, RuntimeError("a weight swap is already pending"))
+            return
+        if abort_running:
+            self._abort_all()
+        self._swap = (params, version, fut)
+        self._maybe_swap()
+
+    def _maybe_swap(self) -> None:
+        """The pending swap, once no request runs (a step boundary); then the held adds."""
+        if self._swap is None or self._engine.has_unfinished():
+            return
+        from engine.weights_update import swap
+
+        (params, version, fut), self._swap = self._swap, None
+        try:
+            self._post(_resolve, fut, swap(self._engine, params, version), None)
+        except Exception as e:
+            self._post(_resolve, fut, None, e)
+        held, self._held = self._held, []
+        for group in held:
+            self._on_add(group)
+
     _handlers: dict[str, Callable[[AsyncEngine, Any], None]] = {
-        "add": _on_add, "abort": _on_abort, "abort_all": _on_abort_all, "call": _on_call}
+        "add": _on_add, "abort": _on_abort, "abort_all": _on_abort_all, "call": _on_call,
+        "swap": _on_swap}
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now, deltas = time.monotonic(), []
@@ -265,9 +322,13 @@ class AsyncEngine:
         if self.on_death is not None:  # first: a client told of a failed request that then
             self.on_death(exc)  # asks /health must find the failure already recorded
         err = EngineDeadError(f"the engine died ({type(exc).__name__}: {exc})")
-        for group in self._groups.values():
+        for group in [*self._groups.values(), *self._held]:
             self._post(group._fail, err)
         self._groups.clear()
+        self._held.clear()
+        if self._swap is not None:
+            self._post(_resolve, self._swap[2], None, err)
+            self._swap = None
         self._tracks.clear()
         while True:
             try:
@@ -276,8 +337,8 @@ class AsyncEngine:
                 break
             if kind == "add":
                 self._post(arg._fail, err)
-            elif kind == "call":
-                self._post(_resolve, arg[1], None, err)
+            elif kind in ("call", "swap"):
+                self._post(_resolve, arg[-1], None, err)
 
     def _maybe_log(self) -> None:
         """One status line every log_interval seconds while there is anything to say."""

@@ -192,7 +192,59 @@ def create_router_app(state: RouterState) -> FastAPI:
 
     app.add_api_route("/flush_cache", broadcast, methods=["GET", "POST"])
     app.add_api_route("/abort_request", broadcast, methods=["POST"])
+
+    async def broadcast_update(request: Request) -> Response:
+        """Every replica updates (or releases, resumes); success only when all did, and the
+        message names each replica that did not."""
+        answers = await fetch_all(request, request.url.path, request.method,
+                                  await request.body(), UPDATE_TIMEOUT_S)
+        return JSONResponse(*all_succeeded(answers))
+
+    for path in ("/update_weights_from_disk", "/release_memory_occupation",
+                 "/resume_memory_occupation"):
+        app.add_api_route(path, broadcast_update, methods=["POST"])
+
+    @app.get("/get_server_info")
+    async def get_server_info(request: Request) -> Response:
+        answers = await fetch_all(request, "/get_server_info")
+        infos = [a.json() if isinstance(a, httpx.Response) and a.status_code == 200 else
+                 {"error": str(a) if isinstance(a, Exception) else a.text} for a in answers]
+        versions = {i.get("weight_version") for i in infos}
+        return JSONResponse({"weight_version": versions.pop() if len(versions) == 1 else None,
+                             "replicas": infos})
+
+    app.add_api_route("/get_model_info", any_replica, methods=["GET"])
     return app
+
+
+UPDATE_TIMEOUT_S = 1800.0
+"""A weight update reads a checkpoint (minutes for a large one) and waits for the running
+requests to finish."""
+
+
+def all_succeeded(answers: list[httpx.Response | Exception]) -> tuple[dict[str, Any], int]:
+    """The replicas' {"success", "message"} answers as one, with its status: 200 when every
+    replica succeeded, else the first failure's status (503 when one did not answer)."""
+    replicas, failed, status = [], [], 200
+    for r, a in enumerate(answers):
+        if isinstance(a, Exception):
+            body, code = {"success": False, "message": f"did not answer: {a}"}, 503
+        else:
+            try:
+                body = a.json()
+            except ValueError:
+                body = {"success": False, "message": a.text}
+            code = a.status_code
+            if not isinstance(body, dict) or "success" not in body:  # an API error's shape
+                body = {"success": False, "message": str(body)}
+        replicas.append(body)
+        if code != 200 or not body.get("success"):
+            failed.append(f"replica {r}: {body.get('message')}")
+            if status == 200:  # the first failure's: a refusal (400) or an error
+                status = code if code != 200 else 400
+    message = ("all replicas succeeded" if not failed else
+               f"{len(failed)} of {len(answers)} replicas failed: " + "; ".join(failed))
+    return {"success": not failed, "message": message, "replicas": replicas}, status
 
 
 def merge_metrics(pages: list[str]) -> str:

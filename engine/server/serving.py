@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 
+from engine.memory import MemoryReleasedError
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.server.async_engine import AsyncEngine
@@ -173,7 +174,7 @@ class Serving:
             code = "context_length_exceeded" if "maximum context length" in str(e) else None
             # A constraint that does not compile names its field (GrammarError.param).
             raise ApiError(400, str(e), getattr(e, "param", None) or param, code) from None
-        except (QueueFullError, EngineDeadError) as e:
+        except (QueueFullError, EngineDeadError, MemoryReleasedError) as e:
             raise ApiError(503, str(e)) from None
 
     # -- answering ---------------------------------------------------------------------------

@@ -82,9 +82,29 @@ def test_dp_routes_broadcasts_and_survives_a_replica_death(default_gguf, tmp_pat
             time.sleep(0.2)
         assert flushed.json() == [{"flushed": True}] * 2
 
+        # Weight updates and memory calls reach every replica; success only when all did.
+        r = http.post("/update_weights_from_disk", json={"model_path": MODEL}, timeout=600)
+        assert r.status_code == 200 and r.json()["success"], r.text
+        assert [x["weight_version"] for x in r.json()["replicas"]] == ["1", "1"]
+        info = http.get("/get_server_info").json()
+        assert info["weight_version"] == "1" and len(info["replicas"]) == 2
+        r = http.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "no")})
+        assert r.status_code == 400 and not r.json()["success"]
+        assert r.json()["message"].startswith("2 of 2 replicas failed: replica 0: ")
+        r = http.post("/release_memory_occupation", json={"tags": ["kv_cache"]})
+        assert r.status_code == 200 and all(x["bytes"] > 0 for x in r.json()["replicas"])
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+        assert e.value.status_code == 503
+        assert http.post("/resume_memory_occupation", json={}).json()["success"]
+        assert replica(SYS_A + "What is a kraken?") == a
+
         pids = dict(re.findall(r"replica (\d): pid (\d+)", server.log_path.read_text()))
         os.kill(int(pids[b]), signal.SIGKILL)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60  # a loaded host takes a while to end a big process
+        while httpx.get(f"{server.url}/health", timeout=30).json()["replicas"][int(b)] != "dead":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
         assert replica(SYS_B + "Is this legal?") == a  # b's prefix goes to the survivor
         health = httpx.get(f"{server.url}/health", timeout=30)
         assert health.status_code == 503 and health.json()["replicas"][int(b)] == "dead"
@@ -94,6 +114,21 @@ def test_dp_routes_broadcasts_and_survives_a_replica_death(default_gguf, tmp_pat
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(90) == 1  # a replica died: not a clean run
     assert not [p for p in children if pid_alive(p)]
+
+
+def test_a_broadcast_succeeds_only_when_every_replica_did() -> None:
+    from engine.server.router import all_succeeded
+
+    ok = httpx.Response(200, json={"success": True, "message": "done"})
+    refused = httpx.Response(400, json={"success": False, "message": "shape (3,) vs (4,)"})
+    body, status = all_succeeded([ok, ok])
+    assert (status, body["success"], body["message"]) == (200, True, "all replicas succeeded")
+    body, status = all_succeeded([ok, refused, httpx.ConnectError("refused")])
+    assert status == 400 and not body["success"]
+    assert body["message"] == ("2 of 3 replicas failed: replica 1: shape (3,) vs (4,); "
+                               "replica 2: did not answer: refused")
+    body, status = all_succeeded([httpx.ConnectError("gone"), ok])
+    assert status == 503 and body["replicas"][1] == {"success": True, "message": "done"}
 
 
 def test_merged_metrics_have_one_header_per_family_and_a_replica_label_per_sample() -> None:
