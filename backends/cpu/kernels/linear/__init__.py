@@ -58,14 +58,14 @@ def _check(x: jax.Array, w: QuantizedWeight) -> None:
         raise ValueError(f"unknown weight format {w.fmt!r}; known: {', '.join(FORMATS)}")
     if x.ndim < 1 or x.shape[1:] != w.in_shape:
         raise ValueError(f"x {x.shape} does not match the weight's input dims {w.in_shape}")
-    if w.data.shape != (w.n, row_bytes(w.fmt, w.k)) and w.fmt not in ("f32", "bf16", "int8"):
-        raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, row bytes]")
-    if w.fmt in ("f32", "bf16", "int8") and w.data.shape != (w.n, w.k):
-        raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, K={w.k}]")
     if w.fmt not in ("f32", "bf16", "int8") and w.k % BLOCK:
         raise ValueError(f"{w.fmt} needs K divisible by {BLOCK}, got K={w.k}")
     if w.fmt in SUPER_BYTES and w.k % SUPER:
         raise ValueError(f"{w.fmt} needs K divisible by {SUPER}, got K={w.k}")
+    if w.data.shape != (w.n, row_bytes(w.fmt, w.k)) and w.fmt not in ("f32", "bf16", "int8"):
+        raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, row bytes]")
+    if w.fmt in ("f32", "bf16", "int8") and w.data.shape != (w.n, w.k):
+        raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, K={w.k}]")
 
 
 def kernel(x: jax.Array, w: QuantizedWeight, isa: int, int_act: bool = False) -> jax.Array:

@@ -55,6 +55,7 @@ enum Fmt : int32_t {
 constexpr int kTile = 4;    // output rows decoded together
 constexpr int kBlock = 32;  // GGUF block length along K
 constexpr int kSuper = 256;  // GGUF K-quant super-block length
+constexpr int kDirectRows = 4;  // up to this many x rows, integer dots skip the decoded tile
 
 // Bytes of one W row of K weights.
 int64_t RowBytes(int32_t fmt, int64_t k) {
@@ -264,6 +265,58 @@ AVX512_FN void DotTileAvx512(const float* x, const float* const* w, int rows, in
     y[j] = s[j];
   }
 }
+
+// Several x rows at once (register tiles of kTile weight rows x R x rows): each weight load
+// feeds R FMAs and each x load kTile, so steps of many rows stay bound by the FMAs, not the
+// loads. y[r * ldy + j] for r < R, j < kTile (full tiles only).
+AVX2_FN void DotRowsAvx2(const float* x, int64_t ldx, const float* const* w, int64_t k,
+                         float* y, int64_t ldy) {
+  constexpr int R = 2;
+  __m256 acc[R][kTile];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + i);
+    for (int j = 0; j < kTile; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w[j] + i);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < kTile; ++j) {
+      float s = Hsum256(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) s += x[r * ldx + t] * w[j][t];
+      y[r * ldy + j] = s;
+    }
+  }
+}
+
+AVX512_FN void DotRowsAvx512(const float* x, int64_t ldx, const float* const* w, int64_t k,
+                             float* y, int64_t ldy) {
+  constexpr int R = 4;
+  __m512 acc[R][kTile];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * ldx + i);
+    for (int j = 0; j < kTile; ++j) {
+      const __m512 wv = _mm512_loadu_ps(w[j] + i);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(xv[r], wv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < kTile; ++j) {
+      float s = _mm512_reduce_add_ps(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) s += x[r * ldx + t] * w[j][t];
+      y[r * ldy + j] = s;
+    }
+  }
+}
+constexpr int kRowsAvx2 = 2, kRowsAvx512 = 4;  // R of DotRowsAvx2 / DotRowsAvx512
 
 // ---------------------------------------------------------------------------------------
 // Integer dots (act = 1). Activations: per row, per block b of 32, int8 q [K], float d [B]
@@ -507,6 +560,53 @@ VNNI_FN void DotIntVnni(const int8_t* xq, const float* xd, const float* xds, con
   DOT_INT_BODY(Dot32Vnni)
 }
 
+// Few activation rows (decode steps): each weight row's blocks are unpacked in registers
+// and dotted with the rows directly, without the decoded tile. Nibble formats dot their
+// unsigned nibbles q in [0, 15] with x (w = d*q + c, c = -8d for q4_0, m for q4_1); q8_0 and
+// int8 take |w| and sign(w) * x. DOT32 as in DOT_INT_BODY.
+#define DOT_DIRECT_BODY(DOT32)                                                              \
+  const int64_t nb = k / kBlock;                                                            \
+  const __m128i low = _mm_set1_epi8(0x0f);                                                  \
+  for (int64_t i = 0; i < m; ++i) {                                                         \
+    const int8_t* xr = xq + i * k;                                                          \
+    const float *xdr = xd + i * nb, *xsr = xds + i * nb;                                    \
+    __m256 acc = _mm256_setzero_ps();                                                       \
+    float off = 0.0f;                                                                       \
+    for (int64_t b = 0; b < nb; ++b) {                                                      \
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * kBlock)); \
+      __m256i s;                                                                            \
+      float d;                                                                              \
+      if (fmt == INT8 || fmt == Q8_0) {                                                     \
+        const uint8_t* p = fmt == INT8 ? row + b * kBlock : row + b * 34 + 2;               \
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));         \
+        s = DOT32(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));                           \
+        d = fmt == INT8 ? scale : _cvtsh_ss(Load16(row + b * 34));                          \
+      } else {                                                                              \
+        const int head = fmt == Q4_0 ? 2 : 4;                                               \
+        const uint8_t* p = row + b * (head + 16);                                           \
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + head));      \
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low),        \
+                                           _mm_and_si128(v, low));                          \
+        s = DOT32(q, xv);                                                                   \
+        d = _cvtsh_ss(Load16(p));                                                           \
+        off += (fmt == Q4_0 ? -8.0f * d : _cvtsh_ss(Load16(p + 2))) * xsr[b];               \
+      }                                                                                     \
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xdr[b] * d), acc);        \
+    }                                                                                       \
+    y[i] = Hsum256(acc) + off;                                                              \
+  }
+
+// y[i] (i < m) = dot of activation row i with one weight row (formats int8, q8_0, q4_0, q4_1).
+AVX2_FN void DotDirectAvx2(int32_t fmt, const uint8_t* row, float scale, const int8_t* xq,
+                           const float* xd, const float* xds, int64_t m, int64_t k, float* y) {
+  DOT_DIRECT_BODY(Dot32Avx2)
+}
+
+VNNI_FN void DotDirectVnni(int32_t fmt, const uint8_t* row, float scale, const int8_t* xq,
+                           const float* xd, const float* xds, int64_t m, int64_t k, float* y) {
+  DOT_DIRECT_BODY(Dot32Vnni)
+}
+
 // ---------------------------------------------------------------------------------------
 // A small pool: parallel_for(n, fn) runs fn(0..n-1) on the caller and the workers. Workers
 // spin briefly after a job (the next linear layer follows within microseconds in a decode
@@ -647,8 +747,20 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
           wr[j] = buf.data() + j * k;
         }
       }
-      float out[kTile];
-      for (int64_t r = 0; r < m; ++r) {
+      float out[kRowsAvx512 * kTile];
+      int64_t r = 0;
+      if (rows == kTile && isa >= 1) {  // register tiles of R x rows
+        const int64_t step = isa >= 2 ? kRowsAvx512 : kRowsAvx2;
+        for (; r + step <= m; r += step) {
+          (isa >= 2 ? DotRowsAvx512 : DotRowsAvx2)(xp + r * k, k, wr, k, out, kTile);
+          for (int64_t i = 0; i < step; ++i) {
+            for (int j = 0; j < kTile; ++j) {
+              yp[(r + i) * n + n0 + j] = sp ? out[i * kTile + j] * sp[n0 + j] : out[i * kTile + j];
+            }
+          }
+        }
+      }
+      for (; r < m; ++r) {
         dot(xp + r * k, wr, rows, k, out);
         for (int j = 0; j < rows; ++j) yp[r * n + n0 + j] = sp ? out[j] * sp[n0 + j] : out[j];
       }
@@ -656,8 +768,9 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
   });
 }
 
-// act = 1: x quantized per block (once per call), each tile's rows decoded once to
-// integers, then every x row dotted with the tile (the decoded tile stays in L1).
+// act = 1: x quantized per block (once per call). Up to kDirectRows rows: integer dots from
+// the weight blocks unpacked in registers; the K-quants (and level 0) decode each tile's
+// rows once to integers, then dot every x row with the tile (the decoded tile stays in L1).
 void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t m,
                int64_t n, int64_t k, int32_t fmt, int32_t isa) {
   const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k), tiles = (n + kTile - 1) / kTile;
@@ -666,6 +779,27 @@ void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, i
   auto quantize = isa >= 1 ? QuantizeRowAvx2 : QuantizeRowGeneric;
   for (int64_t r = 0; r < m; ++r) {
     quantize(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb, xds.data() + r * nb);
+  }
+  if (isa >= 1 && m > kDirectRows) {
+    // Many rows: the float tiles' FMAs beat integer dots here (each block's int32 sums need
+    // a conversion and a scale), so the quantized x, as floats d * q, takes the float path.
+    std::vector<float> xf(m * k);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t e = 0; e < k; ++e) xf[r * k + e] = float(xq[r * k + e]) * xd[r * nb + e / kBlock];
+    }
+    return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
+  }
+  if (isa >= 1 && fmt <= Q4_1) {
+    auto direct = isa >= 3 ? DotDirectVnni : DotDirectAvx2;
+    ForTiles(n, m * n * k / 4, [&](int64_t n0, int64_t n1) {
+      float out[kDirectRows];
+      for (int64_t j = n0; j < n1; ++j) {
+        direct(fmt, wp + j * row_bytes, sp ? sp[j] : 1.0f, xq.data(), xd.data(), xds.data(), m,
+               k, out);
+        for (int64_t r = 0; r < m; ++r) yp[r * n + j] = out[r];
+      }
+    });
+    return;
   }
   auto decode = isa >= 1 ? DecodeRowIntAvx2 : DecodeRowIntGeneric;
   auto dot = isa >= 3 ? DotIntVnni : isa >= 1 ? DotIntAvx2 : DotIntGeneric;
