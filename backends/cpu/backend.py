@@ -53,7 +53,7 @@ class CpuBackend(Backend):
         return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
-        """The C++ kernel at any step size (kernels/linear/tuning.py has the measurements),
+        """The C++ kernel at every step size (kernels/linear/tuning.py has the measurements),
         with integer activations for int8 and GGUF weights unless option `activations` is
         'float'. The plain-JAX reference (of the same arithmetic) without the kernel library,
         under a mesh (the kernel's custom call is opaque to XLA's partitioner), or for a

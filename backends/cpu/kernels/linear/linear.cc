@@ -55,6 +55,7 @@ enum Fmt : int32_t {
 constexpr int kTile = 4;    // output rows decoded together
 constexpr int kBlock = 32;  // GGUF block length along K
 constexpr int kSuper = 256;  // GGUF K-quant super-block length
+constexpr int kRowChunk = 64;  // x rows a float tile pass covers (64 x 1536 floats: 384 KiB)
 constexpr int kDirectRows = 4;  // up to this many x rows, integer dots skip the decoded tile
 
 // Bytes of one W row of K weights.
@@ -412,7 +413,8 @@ void DecodeRowViaInt(int32_t fmt, const uint8_t* row, int64_t k, float* out) {
   }
 }
 
-void QuantizeRowGeneric(const float* x, int64_t k, int8_t* q, float* d, float* ds) {
+// xf (optional): the quantized row as floats d * q.
+void QuantizeRowGeneric(const float* x, int64_t k, int8_t* q, float* d, float* ds, float* xf) {
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     float amax = 0.0f;
@@ -422,6 +424,7 @@ void QuantizeRowGeneric(const float* x, int64_t k, int8_t* q, float* d, float* d
     for (int j = 0; j < kBlock; ++j) {
       const int v = int(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[j] * id))));
       q[b * kBlock + j] = int8_t(v);
+      if (xf) xf[b * kBlock + j] = float(v) * db;
       sum += v;
     }
     d[b] = db;
@@ -448,7 +451,8 @@ void DotIntGeneric(const int8_t* xq, const float* xd, const float* xds, const In
   }
 }
 
-AVX2_FN void QuantizeRowAvx2(const float* x, int64_t k, int8_t* q, float* d, float* ds) {
+AVX2_FN void QuantizeRowAvx2(const float* x, int64_t k, int8_t* q, float* d, float* ds,
+                             float* xf) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < k / kBlock; ++b) {
@@ -473,6 +477,14 @@ AVX2_FN void QuantizeRowAvx2(const float* x, int64_t k, int8_t* q, float* d, flo
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     p = _mm256_permutevar8x32_epi32(p, order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), p);
+    if (xf) {
+      const __m256 dv = _mm256_set1_ps(db);
+      float* o = xf + b * kBlock;
+      _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(i0), dv));
+      _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(i1), dv));
+      _mm256_storeu_ps(o + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(i2), dv));
+      _mm256_storeu_ps(o + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(i3), dv));
+    }
     d[b] = db;
     ds[b] = db * float(_mm_cvtsi128_si32(s4));
   }
@@ -561,40 +573,42 @@ VNNI_FN void DotIntVnni(const int8_t* xq, const float* xd, const float* xds, con
 }
 
 // Few activation rows (decode steps): each weight row's blocks are unpacked in registers
-// and dotted with the rows directly, without the decoded tile. Nibble formats dot their
+// once and dotted with every x row directly, without the decoded tile. Nibble formats dot their
 // unsigned nibbles q in [0, 15] with x (w = d*q + c, c = -8d for q4_0, m for q4_1); q8_0 and
 // int8 take |w| and sign(w) * x. DOT32 as in DOT_INT_BODY.
 #define DOT_DIRECT_BODY(DOT32)                                                              \
   const int64_t nb = k / kBlock;                                                            \
   const __m128i low = _mm_set1_epi8(0x0f);                                                  \
-  for (int64_t i = 0; i < m; ++i) {                                                         \
-    const int8_t* xr = xq + i * k;                                                          \
-    const float *xdr = xd + i * nb, *xsr = xds + i * nb;                                    \
-    __m256 acc = _mm256_setzero_ps();                                                       \
-    float off = 0.0f;                                                                       \
-    for (int64_t b = 0; b < nb; ++b) {                                                      \
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * kBlock)); \
-      __m256i s;                                                                            \
-      float d;                                                                              \
-      if (fmt == INT8 || fmt == Q8_0) {                                                     \
-        const uint8_t* p = fmt == INT8 ? row + b * kBlock : row + b * 34 + 2;               \
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));         \
-        s = DOT32(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));                           \
-        d = fmt == INT8 ? scale : _cvtsh_ss(Load16(row + b * 34));                          \
-      } else {                                                                              \
-        const int head = fmt == Q4_0 ? 2 : 4;                                               \
-        const uint8_t* p = row + b * (head + 16);                                           \
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + head));      \
-        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low),        \
-                                           _mm_and_si128(v, low));                          \
-        s = DOT32(q, xv);                                                                   \
-        d = _cvtsh_ss(Load16(p));                                                           \
-        off += (fmt == Q4_0 ? -8.0f * d : _cvtsh_ss(Load16(p + 2))) * xsr[b];               \
-      }                                                                                     \
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xdr[b] * d), acc);        \
+  __m256 acc[kDirectRows];                                                                  \
+  float off[kDirectRows];                                                                   \
+  for (int64_t i = 0; i < m; ++i) acc[i] = _mm256_setzero_ps(), off[i] = 0.0f;             \
+  for (int64_t b = 0; b < nb; ++b) {                                                        \
+    const bool nibbles = fmt == Q4_0 || fmt == Q4_1;                                        \
+    __m256i wv, wa;                                                                         \
+    float d, c = 0.0f;                                                                      \
+    if (!nibbles) {                                                                         \
+      const uint8_t* p = fmt == INT8 ? row + b * kBlock : row + b * 34 + 2;                 \
+      wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));                         \
+      wa = _mm256_abs_epi8(wv);                                                             \
+      d = fmt == INT8 ? scale : _cvtsh_ss(Load16(row + b * 34));                            \
+    } else {                                                                                \
+      const int head = fmt == Q4_0 ? 2 : 4;                                                 \
+      const uint8_t* p = row + b * (head + 16);                                             \
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + head));        \
+      wa = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low)); \
+      wv = wa;                                                                              \
+      d = _cvtsh_ss(Load16(p));                                                             \
+      c = fmt == Q4_0 ? -8.0f * d : _cvtsh_ss(Load16(p + 2));                               \
     }                                                                                       \
-    y[i] = Hsum256(acc) + off;                                                              \
-  }
+    for (int64_t i = 0; i < m; ++i) {                                                       \
+      const __m256i xv =                                                                    \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * k + b * kBlock));    \
+      const __m256i s = DOT32(wa, nibbles ? xv : _mm256_sign_epi8(xv, wv));                 \
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[i * nb + b] * d), acc[i]); \
+      off[i] += c * xds[i * nb + b];                                                        \
+    }                                                                                       \
+  }                                                                                         \
+  for (int64_t i = 0; i < m; ++i) y[i] = Hsum256(acc[i]) + off[i];
 
 // y[i] (i < m) = dot of activation row i with one weight row (formats int8, q8_0, q4_0, q4_1).
 AVX2_FN void DotDirectAvx2(int32_t fmt, const uint8_t* row, float scale, const int8_t* xq,
@@ -734,8 +748,11 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
   ForTiles(tiles, m * n * k, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> buf;
     if (fmt != F32 && int64_t(buf.size()) < kTile * k) buf.resize(kTile * k);
+    // x in chunks of kRowChunk rows that stay in L2 while the tiles pass over them (a
+    // tile's rows are decoded again for each chunk).
+    for (int64_t m0 = 0; m0 < m; m0 += kRowChunk)
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTile;
+      const int64_t n0 = t * kTile, m1 = std::min(m, m0 + kRowChunk);
       const int rows = int(std::min<int64_t>(kTile, n - n0));
       const float* wr[kTile];
       for (int j = 0; j < rows; ++j) {
@@ -748,10 +765,10 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
         }
       }
       float out[kRowsAvx512 * kTile];
-      int64_t r = 0;
+      int64_t r = m0;
       if (rows == kTile && isa >= 1) {  // register tiles of R x rows
         const int64_t step = isa >= 2 ? kRowsAvx512 : kRowsAvx2;
-        for (; r + step <= m; r += step) {
+        for (; r + step <= m1; r += step) {
           (isa >= 2 ? DotRowsAvx512 : DotRowsAvx2)(xp + r * k, k, wr, k, out, kTile);
           for (int64_t i = 0; i < step; ++i) {
             for (int j = 0; j < kTile; ++j) {
@@ -760,7 +777,7 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
           }
         }
       }
-      for (; r < m; ++r) {
+      for (; r < m1; ++r) {
         dot(xp + r * k, wr, rows, k, out);
         for (int j = 0; j < rows; ++j) yp[r * n + n0 + j] = sp ? out[j] * sp[n0 + j] : out[j];
       }
@@ -774,21 +791,18 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
 void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t m,
                int64_t n, int64_t k, int32_t fmt, int32_t isa) {
   const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k), tiles = (n + kTile - 1) / kTile;
+  // Many rows (isa >= 1): the float tiles' FMAs beat integer dots here (each block's int32
+  // sums need a conversion and a scale), so the quantized x, as floats d * q, takes the
+  // float path.
+  const bool as_float = isa >= 1 && m > kDirectRows;
   std::vector<int8_t> xq(m * k);
-  std::vector<float> xd(m * nb), xds(m * nb);
+  std::vector<float> xd(m * nb), xds(m * nb), xf(as_float ? m * k : 0);
   auto quantize = isa >= 1 ? QuantizeRowAvx2 : QuantizeRowGeneric;
   for (int64_t r = 0; r < m; ++r) {
-    quantize(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb, xds.data() + r * nb);
+    quantize(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb, xds.data() + r * nb,
+             as_float ? xf.data() + r * k : nullptr);
   }
-  if (isa >= 1 && m > kDirectRows) {
-    // Many rows: the float tiles' FMAs beat integer dots here (each block's int32 sums need
-    // a conversion and a scale), so the quantized x, as floats d * q, takes the float path.
-    std::vector<float> xf(m * k);
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t e = 0; e < k; ++e) xf[r * k + e] = float(xq[r * k + e]) * xd[r * nb + e / kBlock];
-    }
-    return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
-  }
+  if (as_float) return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
   if (isa >= 1 && fmt <= Q4_1) {
     auto direct = isa >= 3 ? DotDirectVnni : DotDirectAvx2;
     ForTiles(n, m * n * k / 4, [&](int64_t n0, int64_t n1) {
