@@ -12,7 +12,7 @@ import jax
 from backends.cpu.attention import ragged_paged_attention
 from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo
-from engine.model.quant import QuantizedWeight, reference_linear
+from engine.model.quant import QuantizedWeight, int_activations_ok, reference_linear
 
 
 class CpuBackend(Backend):
@@ -33,6 +33,13 @@ class CpuBackend(Backend):
                 raise ValueError(f"cpu option min_token_bucket must be 1, 2, 4, 8 or 16, "
                                  f"got {small!r}")
             self.capabilities = dataclasses.replace(self.capabilities, min_token_bucket=small)
+        # Option activations ('int8', the default, or 'float'): how int8 and GGUF weights meet
+        # x in the linear kernel. int8: x quantized per block of 32 (as llama.cpp does) and
+        # integer dots; float: x as it is (the weights' values exactly, a little slower).
+        acts = self.options.get("activations", "int8")
+        if acts not in ("int8", "float"):
+            raise ValueError(f"cpu option activations must be int8 or float, got {acts!r}")
+        self.int_activations = acts == "int8"
 
     def memory_info(self) -> MemoryInfo:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -46,16 +53,15 @@ class CpuBackend(Backend):
         return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
-        """The C++ kernel for decode-sized steps and wide quantized heads (kernels/linear/
-        tuning.py), where it beats XLA; otherwise, without the kernel library, or under a
-        mesh (the kernel's custom call is opaque to XLA's partitioner), or for a format the
-        kernel does not read (fp8, int4), the plain-JAX reference."""
+        """The C++ kernel at every step size (kernels/linear/tuning.py has the measurements),
+        with integer activations for int8 and GGUF weights unless option `activations` is
+        'float'. The plain-JAX reference (of the same arithmetic) without the kernel library,
+        under a mesh (the kernel's custom call is opaque to XLA's partitioner), or for a
+        format the kernel does not read (fp8, int4)."""
         from backends.cpu.kernels import linear as kernels
-        from backends.cpu.kernels.linear.tuning import MAX_KERNEL_TOKENS, WIDE_N
 
+        int_act = self.int_activations and int_activations_ok(w)
         isa = kernels.isa_level()
-        wide = w.n >= WIDE_N and w.fmt != "f32"
-        if (isa < 0 or self.mesh is not None or w.fmt not in kernels.FORMATS
-                or (x.shape[0] > MAX_KERNEL_TOKENS.get(w.fmt, 0) and not wide)):
-            return reference_linear(x, w)
-        return kernels.kernel(x, w, isa)
+        if isa < 0 or self.mesh is not None or w.fmt not in kernels.FORMATS:
+            return reference_linear(x, w, int_act)
+        return kernels.kernel(x, w, isa, int_act)

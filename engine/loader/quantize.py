@@ -9,8 +9,8 @@
           until they divide K: quant.int4_group), made at load like int8; the head (or
           tied embedding) is int8, as AWQ/GPTQ checkpoints keep theirs at 16 bits: on
           SmolLM2-135M (2026-12-03) an int4 head cost 14 points of greedy agreement more.
-    gguf  a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks kept as they are (read again from the
-          memory-mapped file); tensors of other types stay the float weights loaded.
+    gguf  a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks kept as they are (read again
+          from the memory-mapped file); tensors of other types stay the float weights loaded.
     f32   no quantization: float32 weights stored by output channel, so that decode-sized
           steps take the CPU kernel (faster than XLA's dot there; same values).
 
@@ -41,7 +41,7 @@ METHODS = ("int8", "gguf", "f32", "fp8", "int4")
 PROJECTIONS = {"wqkv": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
                "w_down": 1}
 """Layer weight -> number of contracted (input) dims of its logical shape."""
-GGUF_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+GGUF_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 """GGUF tensor types kept as blocks -> the QuantizedWeight format."""
 _GGUF_LAYER = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
                "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
@@ -84,7 +84,7 @@ def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:
         """(format, raw rows [N, row bytes]) of a tensor kept as blocks, or None."""
         info = file.tensors.get(name)
         kind = getattr(info.qtype, "name", None) if info is not None else None
-        if kind not in GGUF_KEPT or info.shape[-1] % 32:
+        if kind not in GGUF_KEPT or info.shape[-1] % (256 if kind.endswith("_K") else 32):
             return None
         raw = np.array(file.raw(info))  # a copy: the file is closed below
         if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):

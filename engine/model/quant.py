@@ -12,6 +12,8 @@ weights of output n = flat index into out_shape.
     q8_0    uint8 [N, K/32 * 34]  (GGUF blocks)    [0]
     q4_0    uint8 [N, K/32 * 18]  (GGUF blocks)    [0]
     q4_1    uint8 [N, K/32 * 20]  (GGUF blocks)    [0]
+    q4_k    uint8 [N, K/256 * 144] (GGUF K-quant)  [0]
+    q6_k    uint8 [N, K/256 * 210] (GGUF K-quant)  [0]
     fp8     float8_e4m3fn [N, K]                   float32 [N] (per output channel)
                                                    or [N, K/G] (per group of G along K)
     int4    uint8 [N, K/2] (two 4-bit codes/byte)  float32 [N, K/G] (per group of G along K)
@@ -28,6 +30,14 @@ reference says which.
 GGUF blocks of 32 weights along K, little-endian: q8_0 = f16 d, 32 x int8 q (w = d*q);
 q4_0 = f16 d, 16 bytes of nibbles (w = d*(q - 8)); q4_1 = f16 d, f16 m, 16 bytes (w = d*q + m);
 byte j of the nibbles holds element j (low nibble) and element j + 16 (high nibble).
+K-quants, super-blocks of 256: q4_k = f16 d, f16 dmin, 12 bytes of 6-bit scales and mins
+(8 each), 128 bytes of nibbles (sub-block s of 32: bytes 32*(s//2) onward, low nibbles for
+even s; w = d*sc[s]*q - dmin*mn[s]); q6_k = 128 bytes of low nibbles, 64 bytes of 2-bit
+highs, 16 int8 scales (one per 16 weights), f16 d (w = d*sc*(q - 32)).
+
+Integer activations (`quantize_activations`): the CPU kernel can quantize x per block of 32
+to int8 (as llama.cpp does) and dot integers; `reference_linear(x, w, int_act=True)`
+is that arithmetic in plain JAX, up to float rounding.
 
 Stacked layers (lax.scan) add a leading layer axis to data and scales. The model calls
 `linear(x, w, eq)` for every projection; the backend's `linear` runs quantized weights (its
@@ -43,10 +53,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
+FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6,
+           "q6_k": 7}
 """Format name -> the number the CPU kernel's `fmt` attribute uses."""
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+SUPER = 256
+SUPER_BYTES = {"q4_k": 144, "q6_k": 210}
+"""GGUF K-quants: bytes of one super-block of SUPER weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +106,8 @@ def row_bytes(fmt: str, k: int) -> int:
     """Bytes of one output channel's K weights."""
     if fmt in BLOCK_BYTES:
         return k // BLOCK * BLOCK_BYTES[fmt]
+    if fmt in SUPER_BYTES:
+        return k // SUPER * SUPER_BYTES[fmt]
     if fmt == "int4":
         return k // 2
     return k * {"f32": 4, "bf16": 2, "int8": 1, "fp8": 1}[fmt]
@@ -122,6 +138,8 @@ def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int,
         q = q.reshape(*data.shape[:-1], groups, k // groups).astype(jnp.float32)
         w = (q - zeros[..., None]) * scales[..., None]  # [..., K/G, G]
         return w.reshape(*data.shape[:-1], k)
+    if fmt in SUPER_BYTES:
+        return _dequantize_k(data, fmt, k)
     if fmt not in BLOCK_BYTES:
         raise ValueError(f"unknown quantized format {fmt!r}; known: {', '.join(FORMATS)}")
     blocks = data.reshape(*data.shape[:-1], k // BLOCK, BLOCK_BYTES[fmt])  # [..., B, bytes]
@@ -137,6 +155,48 @@ def dequantize_rows(data: jax.Array, scales: jax.Array, fmt: str, k: int,
     return w.reshape(*data.shape[:-1], k)
 
 
+def _dequantize_k(data: jax.Array, fmt: str, k: int) -> jax.Array:
+    """float32 [..., K] from K-quant rows [..., K/256 * bytes]."""
+    lead = data.shape[:-1]
+    sb = data.reshape(*lead, k // SUPER, SUPER_BYTES[fmt]).astype(jnp.int32)  # [..., S, bytes]
+    if fmt == "q4_k":
+        d, dmin = _f16(sb.astype(jnp.uint8), 0), _f16(sb.astype(jnp.uint8), 2)  # [..., S, 1]
+        lo, hi, mix = sb[..., 4:8], sb[..., 8:12], sb[..., 12:16]  # 6-bit scales and mins
+        sc = jnp.concatenate([lo & 63, (mix & 15) | ((lo >> 6) << 4)], axis=-1)  # [..., S, 8]
+        mn = jnp.concatenate([hi & 63, (mix >> 4) | ((hi >> 6) << 4)], axis=-1)
+        qs = sb[..., 16:].reshape(*lead, k // SUPER, 4, 1, 32)  # 4 spans of 32 bytes
+        q = (qs >> jnp.array([0, 4]).reshape(2, 1)) & 15  # [..., S, 4, 2, 32]: s = 2*span + nibble
+        q = q.reshape(*lead, k // SUPER, 8, 32).astype(jnp.float32)
+        w = (d * sc.astype(jnp.float32))[..., None] * q - (dmin * mn.astype(jnp.float32))[..., None]
+    else:  # q6_k
+        ql = sb[..., :128].reshape(*lead, k // SUPER, 2, 1, 64)  # halves of 128 weights
+        qh = sb[..., 128:192].reshape(*lead, k // SUPER, 2, 1, 32)
+        lo = ((ql >> jnp.array([0, 4]).reshape(2, 1)) & 15).reshape(*lead, k // SUPER, 2, 4, 32)
+        hi = (qh >> jnp.array([0, 2, 4, 6]).reshape(4, 1)) & 3  # [..., S, 2, 4, 32]
+        q = ((lo | (hi << 4)) - 32).reshape(*lead, k // SUPER, 16, 16).astype(jnp.float32)
+        sc = jax.lax.bitcast_convert_type(sb[..., 192:208].astype(jnp.uint8), jnp.int8)
+        d = _f16(sb.astype(jnp.uint8), 208)  # [..., S, 1]
+        w = (d * sc.astype(jnp.float32))[..., None] * q  # [..., S, 16, 16]
+    return w.reshape(*lead, k)
+
+
+def quantize_activations(x: jax.Array) -> jax.Array:
+    """x [T, K] (K a multiple of 32) as the CPU kernel's integer path sees it, float32: per
+    block of 32, d = max|x| * (1/127), q = round-half-even(x * (1/d)), x' = d * q."""
+    t, k = x.shape
+    xb = x.astype(jnp.float32).reshape(t, k // BLOCK, BLOCK)  # [T, B, 32]
+    d = jnp.max(jnp.abs(xb), axis=-1, keepdims=True) * np.float32(1 / 127)
+    inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    q = jnp.clip(jnp.round(xb * inv), -127, 127)
+    return (q * d).reshape(t, k)
+
+
+def int_activations_ok(w: QuantizedWeight) -> bool:
+    """Whether the CPU kernel can dot w with integer activations (int8 or a GGUF format, K a
+    multiple of 32)."""
+    return w.fmt in FORMATS and w.fmt not in ("f32", "bf16") and w.k % BLOCK == 0
+
+
 def dequantize(w: QuantizedWeight) -> jax.Array:
     """The logical weight, float32 [(L,) *in_shape, *out_shape]."""
     nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [(L,) N, K]
@@ -144,12 +204,16 @@ def dequantize(w: QuantizedWeight) -> jax.Array:
     return jnp.swapaxes(nk, -1, -2).reshape(*lead, *w.in_shape, *w.out_shape)
 
 
-def reference_linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+def reference_linear(x: jax.Array, w: QuantizedWeight, int_act: bool = False) -> jax.Array:
     """x [T, *in_shape] -> [T, *out_shape] in x's dtype: dequantize, then one float32 dot
-    (the oracle every kernel is tested against)."""
+    (the oracle every kernel is tested against). int_act: x quantized as the kernel's
+    integer path does first (quantize_activations)."""
     t = x.shape[0]
     nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [N, K]
-    y = jnp.dot(x.reshape(t, w.k).astype(jnp.float32), nk.T,
+    x2 = x.reshape(t, w.k).astype(jnp.float32)  # [T, K]
+    if int_act:
+        x2 = quantize_activations(x2)
+    y = jnp.dot(x2, nk.T,
                 precision=jax.lax.Precision.HIGHEST)  # [T, N]
     return y.reshape(t, *w.out_shape).astype(x.dtype)
 
@@ -266,9 +330,10 @@ def pack_stacked(w: jax.Array, n_in: int, fmt: str, group: int = INT4_GROUP
 
 def from_gguf_rows(raw: np.ndarray, fmt: str, in_shape: tuple[int, ...],
                    out_shape: tuple[int, ...]) -> QuantizedWeight:
-    """GGUF blocks kept as they are: raw uint8 [N, K/32 * block bytes] of one tensor."""
+    """GGUF blocks kept as they are: raw uint8 [N, row bytes] of one tensor."""
     k, n = math.prod(in_shape), math.prod(out_shape)
-    if fmt not in BLOCK_BYTES or k % BLOCK or raw.shape != (n, row_bytes(fmt, k)):
+    unit = SUPER if fmt in SUPER_BYTES else BLOCK
+    if fmt not in {**BLOCK_BYTES, **SUPER_BYTES} or k % unit or raw.shape != (n, row_bytes(fmt, k)):
         raise ValueError(f"{fmt} rows {raw.shape} do not fit a weight of K={k}, N={n}")
     data = jnp.asarray(np.ascontiguousarray(raw, dtype=np.uint8))
     return QuantizedWeight(data, jnp.zeros((0,), jnp.float32), fmt, in_shape, out_shape)

@@ -3,7 +3,8 @@
 - GGUF blocks kept (--quantization gguf), and float32 weights laid out for the kernel
   (--quantization f32), through the CPU kernel: the same logits as the float32 oracle (the
   file's blocks dequantized at load, plain JAX), and the same greedy tokens.
-- int8 weight-only per channel (--quantization int8): top-1 agreement and logit error bounded.
+- int8 weight-only per channel (--quantization int8), and the GGUF blocks, as the CPU backend
+  runs them by default (integer activations): top-1 agreement and logit error bounded.
 - fp8 (--quantization fp8) through the reference path (weight-only) and as the GPU runs it
   (W8A8: activations quantized per token, quant.w8a8_reference), and int4 (group-wise, 128):
   top-1 agreement and logit error bounded, with the measured figures in the tests.
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from backends.cpu.attention import ragged_paged_attention
+from backends.cpu.backend import CpuBackend
 from backends.cpu.kernels import linear as kernels
 from engine.attention import AttentionMetadata
 from engine.loader.load import load_checkpoint
@@ -113,15 +115,26 @@ def test_kernel_path_equals_float32_oracle(models, oracle, method):
     assert (got.argmax(-1) == oracle.argmax(-1)).all()
 
 
-def test_int8_agrees_with_float32(models, oracle):
+@pytest.mark.parametrize("method", ["int8", "gguf"])
+def test_backend_default_agrees_with_float32(models, oracle, method):
+    """What the CPU backend runs by default for int8 and GGUF weights (the kernel with
+    activations quantized per block of 32 and integer dots; plain JAX without the library):
+    greedy tokens agree with float32 at most positions, logit error bounded. Per call the
+    kernel equals its plain-JAX emulation to float rounding (tests/backends/cpu); through 30
+    layers the two drift apart as much as either does from float32, because SmolLM2's
+    residual stream has outliers (up to ~14000) whose blocks quantize with steps of ~100, so
+    a rounding flip upstream moves an input by a whole step."""
     cfg, ids, params = models
-    got = logits(cfg, params["int8"], ids, reference_linear)
+    got = logits(cfg, params[method], ids, CpuBackend().linear)
     agree = float((got.argmax(-1) == oracle.argmax(-1)).mean())
     err = np.abs(got - oracle).max(-1) / np.abs(oracle).max(-1)  # per position, relative
-    # Measured 2026-12-03: agreement 0.957 (245 of 256), relative max logit error median
-    # 0.037, max 0.078 (absolute 2.1 on logits up to 44).
-    assert agree >= 0.85, agree
-    assert np.median(err) <= 0.06 and err.max() <= 0.2, (np.median(err), err.max())
+    # Measured 2026-12-03 (integer activations, AVX-512 VNNI): int8 agreement 0.953 (244 of
+    # 256), relative max logit error median 0.046, max 0.111; gguf (Q4_1 kept) 0.980 (251 of
+    # 256), median 0.027, max 0.076. With float activations int8 measured 0.957 / 0.037.
+    floor, median = {"int8": (0.85, 0.06), "gguf": (0.93, 0.04)}[method]
+    assert agree >= floor, agree
+    assert np.median(err) <= median and err.max() <= 0.2, (np.median(err), err.max())
+
 
 
 # Measured 2026-12-03 (teacher-forced top-1 agreement with float32 over the 256 positions;

@@ -1,8 +1,10 @@
 """The CPU linear layer through jax.ffi: reference, validation, kernel, public wrapper.
 
 y [T, *out_shape] = x [T, *in_shape] @ w for an engine.model.quant.QuantizedWeight in any
-of its formats (float32, bf16, int8 per-channel, GGUF q8_0/q4_0/q4_1), computed by
-linear.cc at the ISA level chosen here. The reference is engine.model.quant.reference_linear.
+of its formats (float32, bf16, int8 per-channel, GGUF q8_0/q4_0/q4_1/q4_k/q6_k), computed by
+linear.cc at the ISA level chosen here, with float32 activations or (int_act, int8 and GGUF
+weights) activations quantized per block of 32 and integer dots. The reference is
+engine.model.quant.reference_linear (with int_act: the same activation quantization).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import numpy as np
 
 from backends.cpu.kernels import build
 from engine import envs
-from engine.model.quant import BLOCK, FORMATS, QuantizedWeight, reference_linear, row_bytes
+from engine.model.quant import (
+    BLOCK,
+    FORMATS,
+    SUPER,
+    SUPER_BYTES,
+    QuantizedWeight,
+    int_activations_ok,
+    reference_linear,
+    row_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +37,8 @@ reference = reference_linear
 
 @functools.cache
 def _native_isa() -> int:
-    """The best ISA level of this CPU the library runs (0 generic, 1 AVX2, 2 AVX-512), or -1
-    without the library. Registers the FFI target on first call."""
+    """The best ISA level of this CPU the library runs (0 generic, 1 AVX2, 2 AVX-512, 3
+    AVX-512 VNNI), or -1 without the library. Registers the FFI target on first call."""
     lib = build.load()
     if lib is None:
         return -1
@@ -47,28 +58,36 @@ def _check(x: jax.Array, w: QuantizedWeight) -> None:
         raise ValueError(f"unknown weight format {w.fmt!r}; known: {', '.join(FORMATS)}")
     if x.ndim < 1 or x.shape[1:] != w.in_shape:
         raise ValueError(f"x {x.shape} does not match the weight's input dims {w.in_shape}")
+    if w.fmt not in ("f32", "bf16", "int8") and w.k % BLOCK:
+        raise ValueError(f"{w.fmt} needs K divisible by {BLOCK}, got K={w.k}")
+    if w.fmt in SUPER_BYTES and w.k % SUPER:
+        raise ValueError(f"{w.fmt} needs K divisible by {SUPER}, got K={w.k}")
     if w.data.shape != (w.n, row_bytes(w.fmt, w.k)) and w.fmt not in ("f32", "bf16", "int8"):
         raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, row bytes]")
     if w.fmt in ("f32", "bf16", "int8") and w.data.shape != (w.n, w.k):
         raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, K={w.k}]")
-    if w.fmt not in ("f32", "bf16", "int8") and w.k % BLOCK:
-        raise ValueError(f"{w.fmt} needs K divisible by {BLOCK}, got K={w.k}")
 
 
-def kernel(x: jax.Array, w: QuantizedWeight, isa: int) -> jax.Array:
-    """The FFI call: x [T, *in_shape] -> [T, *out_shape] (x's dtype, float32 inside)."""
+def kernel(x: jax.Array, w: QuantizedWeight, isa: int, int_act: bool = False) -> jax.Array:
+    """The FFI call: x [T, *in_shape] -> [T, *out_shape] (x's dtype, float32 inside).
+    int_act: integer activations (int8 and GGUF formats, K a multiple of 32)."""
     _check(x, w)
+    if int_act and not int_activations_ok(w):
+        raise ValueError(f"integer activations need an int8 or GGUF weight with K divisible "
+                         f"by {BLOCK}; got {w.fmt} with K={w.k}")
     t = x.shape[0]
     x2 = x.reshape(t, w.k).astype(jnp.float32)  # [T, K]
     scales = w.scales if w.fmt == "int8" else jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, w.n), jnp.float32))
-    y = call(x2, w.data, scales, fmt=np.int32(FORMATS[w.fmt]), isa=np.int32(isa))  # [T, N]
+    y = call(x2, w.data, scales, fmt=np.int32(FORMATS[w.fmt]), isa=np.int32(isa),
+             act=np.int32(int_act))  # [T, N]
     return y.reshape(t, *w.out_shape).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames="isa")
-def linear(x: jax.Array, w: QuantizedWeight, isa: int | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("isa", "int_act"))
+def linear(x: jax.Array, w: QuantizedWeight, isa: int | None = None, int_act: bool = False
+           ) -> jax.Array:
     """x [T, *in_shape] @ w -> [T, *out_shape]: the kernel at `isa` (default isa_level()),
     or the plain-JAX reference where there is no kernel."""
     isa = isa_level() if isa is None else isa
-    return reference(x, w) if isa < 0 else kernel(x, w, isa)
+    return reference(x, w, int_act) if isa < 0 else kernel(x, w, isa, int_act)

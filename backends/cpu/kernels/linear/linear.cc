@@ -7,7 +7,16 @@
 //   3 q8_0  GGUF blocks of 32 along K: f16 d, 32 x int8 q; w = d * q          (34 bytes)
 //   4 q4_0  GGUF blocks of 32: f16 d, 16 bytes of nibbles; w = d * (q - 8)    (18 bytes)
 //   5 q4_1  GGUF blocks of 32: f16 d, f16 m, 16 bytes of nibbles; w = d*q + m (20 bytes)
+//   6 q4_k  GGUF super-blocks of 256 (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales
+//           and mins, 128 bytes of nibbles; sub-block s of 32: w = d*sc[s]*q - dmin*mn[s]
+//   7 q6_k  GGUF super-blocks of 256 (210 bytes): 128 bytes low nibbles, 64 bytes high 2-bit
+//           pairs, 16 int8 scales, f16 d; sub-block h of 16: w = d*sc[h]*(q - 32)
 // In a nibble block, byte j holds element j in its low nibble and element j + 16 in its high.
+//
+// Activations (the `act` attribute): 0 float32 as given; 1 quantized per block of 32 to int8
+// (llama.cpp's Q8 activations: d = max|x| * (1/127), q = round-half-even(x * (1/d))) and
+// dotted with the weights' integers (block formats and int8 only, K a multiple of 32); see
+// "Integer dots" below. engine.model.quant.quantize_activations is the same arithmetic.
 //
 // The work is split over tiles of 4 output rows: a tile's rows are decoded to float32 in a
 // thread-local buffer (f32 rows are read in place), then every x row is dotted with the 4
@@ -16,11 +25,13 @@
 //
 // ISA levels (the `isa` attribute, chosen in Python from engine_cpu_isa() and the
 // ENGINE_CPU_ISA override): 0 generic C++, 1 AVX2 + FMA + F16C, 2 AVX-512 F/BW/VL. Every
-// level computes the same sums in float32; only the summation order differs.
+// level computes the same sums in float32; only the summation order differs. Level 3 is
+// level 2 with AVX-512 VNNI (vpdpbusd) for the integer dots.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -38,9 +49,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-enum Fmt : int32_t { F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, NUM_FMTS = 6 };
+enum Fmt : int32_t {
+  F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q4_K = 6, Q6_K = 7, NUM_FMTS = 8
+};
 constexpr int kTile = 4;    // output rows decoded together
 constexpr int kBlock = 32;  // GGUF block length along K
+constexpr int kSuper = 256;  // GGUF K-quant super-block length
+constexpr int kRowChunk = 64;  // x rows a float tile pass covers (64 x 1536 floats: 384 KiB)
+constexpr int kDirectRows = 4;  // up to this many x rows, integer dots skip the decoded tile
 
 // Bytes of one W row of K weights.
 int64_t RowBytes(int32_t fmt, int64_t k) {
@@ -51,6 +67,8 @@ int64_t RowBytes(int32_t fmt, int64_t k) {
     case Q8_0: return k / kBlock * 34;
     case Q4_0: return k / kBlock * 18;
     case Q4_1: return k / kBlock * 20;
+    case Q4_K: return k / kSuper * 144;
+    case Q6_K: return k / kSuper * 210;
   }
   return -1;
 }
@@ -249,6 +267,360 @@ AVX512_FN void DotTileAvx512(const float* x, const float* const* w, int rows, in
   }
 }
 
+// Several x rows at once (register tiles of kTile weight rows x R x rows): each weight load
+// feeds R FMAs and each x load kTile, so steps of many rows stay bound by the FMAs, not the
+// loads. y[r * ldy + j] for r < R, j < kTile (full tiles only).
+AVX2_FN void DotRowsAvx2(const float* x, int64_t ldx, const float* const* w, int64_t k,
+                         float* y, int64_t ldy) {
+  constexpr int R = 2;
+  __m256 acc[R][kTile];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + i);
+    for (int j = 0; j < kTile; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w[j] + i);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < kTile; ++j) {
+      float s = Hsum256(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) s += x[r * ldx + t] * w[j][t];
+      y[r * ldy + j] = s;
+    }
+  }
+}
+
+AVX512_FN void DotRowsAvx512(const float* x, int64_t ldx, const float* const* w, int64_t k,
+                             float* y, int64_t ldy) {
+  constexpr int R = 4;
+  __m512 acc[R][kTile];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * ldx + i);
+    for (int j = 0; j < kTile; ++j) {
+      const __m512 wv = _mm512_loadu_ps(w[j] + i);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(xv[r], wv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < kTile; ++j) {
+      float s = _mm512_reduce_add_ps(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) s += x[r * ldx + t] * w[j][t];
+      y[r * ldy + j] = s;
+    }
+  }
+}
+constexpr int kRowsAvx2 = 2, kRowsAvx512 = 4;  // R of DotRowsAvx2 / DotRowsAvx512
+
+// ---------------------------------------------------------------------------------------
+// Integer dots (act = 1). Activations: per row, per block b of 32, int8 q [K], float d [B]
+// and ds[b] = d[b] * sum(q of block b) (for the weights' offsets). A weight row is decoded
+// per block into int8 q (|q| <= 128), a = |q| as unsigned bytes, two half-block scales and
+// an offset: w[e] = d[e / 16] * q[e] + c[e / 32]. So a block's dot is
+//   xd[b] * (wd[2b] * isum(elements 0-15) + wd[2b + 1] * isum(16-31)) + c[b] * ds[b].
+// The SIMD dots take |w| (unsigned) times sign(w) * x (signed), in int32 lanes of 4 products:
+// lanes 0-3 hold elements 0-15, so each half-block scale is stored 4 times (d8, [B * 8]).
+
+struct IntRows {  // kTile decoded weight rows
+  int8_t* q[kTile];
+  uint8_t* a[kTile];
+  float* d8[kTile];  // [B * 8]
+  float* c[kTile];   // [B]
+};
+
+// One block of 32 weights: q[32] signed, the two half-block scales and the offset.
+void DecodeBlockGeneric(int32_t fmt, const uint8_t* row, int64_t b, float scale, int8_t* q,
+                        float* d2, float* c) {
+  *c = 0.0f;
+  if (fmt == INT8) {
+    std::memcpy(q, row + b * kBlock, kBlock);
+    d2[0] = d2[1] = scale;
+  } else if (fmt == Q8_0) {
+    const uint8_t* p = row + b * 34;
+    std::memcpy(q, p + 2, kBlock);
+    d2[0] = d2[1] = HalfToFloat(Load16(p));
+  } else if (fmt == Q4_0 || fmt == Q4_1) {
+    const int head = fmt == Q4_0 ? 2 : 4;
+    const uint8_t* p = row + b * (head + 16);
+    const int off = fmt == Q4_0 ? 8 : 0;
+    for (int j = 0; j < 16; ++j) {
+      q[j] = int8_t((p[head + j] & 0xf) - off);
+      q[j + 16] = int8_t((p[head + j] >> 4) - off);
+    }
+    d2[0] = d2[1] = HalfToFloat(Load16(p));
+    if (fmt == Q4_1) *c = HalfToFloat(Load16(p + 2));
+  } else if (fmt == Q4_K) {
+    const uint8_t* p = row + (b / 8) * 144;
+    const int s = int(b % 8);
+    const uint8_t* sc = p + 4;
+    int scale6, min6;
+    if (s < 4) {
+      scale6 = sc[s] & 63;
+      min6 = sc[s + 4] & 63;
+    } else {
+      scale6 = (sc[s + 4] & 0xf) | ((sc[s - 4] >> 6) << 4);
+      min6 = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+    }
+    const uint8_t* qs = p + 16 + 32 * (s / 2);
+    for (int j = 0; j < kBlock; ++j) q[j] = int8_t(s % 2 ? qs[j] >> 4 : qs[j] & 0xf);
+    d2[0] = d2[1] = HalfToFloat(Load16(p)) * float(scale6);
+    *c = -(HalfToFloat(Load16(p + 2)) * float(min6));
+  } else {  // Q6_K
+    const uint8_t* p = row + (b / 8) * 210;
+    const int s = int(b % 8), n = s / 4, t = s % 4;
+    const uint8_t* ql = p + 64 * n + 32 * (t & 1);
+    const uint8_t* qh = p + 128 + 32 * n;
+    for (int j = 0; j < kBlock; ++j) {
+      int lo = t < 2 ? ql[j] & 0xf : ql[j] >> 4;
+      q[j] = int8_t((lo | (((qh[j] >> (2 * t)) & 3) << 4)) - 32);
+    }
+    const float d = HalfToFloat(Load16(p + 208));
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    d2[0] = d * float(sc[2 * s]);
+    d2[1] = d * float(sc[2 * s + 1]);
+  }
+}
+
+bool HasOffset(int32_t fmt) { return fmt == Q4_1 || fmt == Q4_K; }
+
+void DecodeRowIntGeneric(int32_t fmt, const uint8_t* row, int64_t k, float scale, int8_t* q,
+                         uint8_t* a, float* d8, float* c) {
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    float d2[2];
+    DecodeBlockGeneric(fmt, row, b, scale, q + b * kBlock, d2, c + b);
+    for (int j = 0; j < kBlock; ++j) {
+      int v = q[b * kBlock + j];
+      a[b * kBlock + j] = uint8_t(v < 0 ? -v : v);
+    }
+    for (int l = 0; l < 8; ++l) d8[b * 8 + l] = d2[l / 4];
+  }
+}
+
+// A float32 row from the integer decoding (the float path of the K-quants).
+void DecodeRowViaInt(int32_t fmt, const uint8_t* row, int64_t k, float* out) {
+  int8_t q[kBlock];
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    float d2[2], c;
+    DecodeBlockGeneric(fmt, row, b, 1.0f, q, d2, &c);
+    for (int j = 0; j < kBlock; ++j) out[b * kBlock + j] = d2[j / 16] * float(q[j]) + c;
+  }
+}
+
+// xf (optional): the quantized row as floats d * q.
+void QuantizeRowGeneric(const float* x, int64_t k, int8_t* q, float* d, float* ds, float* xf) {
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.0f;
+    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float db = amax * (1.0f / 127.0f), id = db > 0.0f ? 1.0f / db : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < kBlock; ++j) {
+      const int v = int(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[j] * id))));
+      q[b * kBlock + j] = int8_t(v);
+      if (xf) xf[b * kBlock + j] = float(v) * db;
+      sum += v;
+    }
+    d[b] = db;
+    ds[b] = db * float(sum);
+  }
+}
+
+// y[j] for the tile's kTile rows: one activation row against the decoded weight rows.
+void DotIntGeneric(const int8_t* xq, const float* xd, const float* xds, const IntRows& w,
+                   int64_t nb, bool offset, float* y) {
+  for (int j = 0; j < kTile; ++j) {
+    float s = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t i0 = 0, i1 = 0;
+      const int8_t *xp = xq + b * kBlock, *wp = w.q[j] + b * kBlock;
+      for (int e = 0; e < 16; ++e) i0 += int32_t(xp[e]) * wp[e];
+      for (int e = 16; e < 32; ++e) i1 += int32_t(xp[e]) * wp[e];
+      s += xd[b] * (w.d8[j][b * 8] * float(i0) + w.d8[j][b * 8 + 4] * float(i1));
+    }
+    if (offset) {
+      for (int64_t b = 0; b < nb; ++b) s += w.c[j][b] * xds[b];
+    }
+    y[j] = s;
+  }
+}
+
+AVX2_FN void QuantizeRowAvx2(const float* x, int64_t k, int8_t* q, float* d, float* ds,
+                             float* xf) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+    __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float db = _mm_cvtss_f32(h) * (1.0f / 127.0f), id = db > 0.0f ? 1.0f / db : 0.0f;
+    const __m256 iv = _mm256_set1_ps(id);
+    // cvtps rounds half to even (the default MXCSR mode), as jnp.round does.
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, iv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, iv));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, iv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, iv));
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    // packs work per 128-bit lane: bytes come out as dwords 0,2,4,6,1,3,5,7 of the row.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), p);
+    if (xf) {
+      const __m256 dv = _mm256_set1_ps(db);
+      float* o = xf + b * kBlock;
+      _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(i0), dv));
+      _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(i1), dv));
+      _mm256_storeu_ps(o + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(i2), dv));
+      _mm256_storeu_ps(o + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(i3), dv));
+    }
+    d[b] = db;
+    ds[b] = db * float(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// Nibbles of a 16-byte span as 32 bytes: element j low nibble of byte j, j + 16 high.
+AVX2_FN inline __m256i Nibbles16(const uint8_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+}
+
+AVX2_FN void DecodeRowIntAvx2(int32_t fmt, const uint8_t* row, int64_t k, float scale,
+                              int8_t* q, uint8_t* a, float* d8, float* c) {
+  if (fmt == Q4_K || fmt == Q6_K) return DecodeRowIntGeneric(fmt, row, k, scale, q, a, d8, c);
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    __m256i v;
+    float d, cb = 0.0f;
+    if (fmt == INT8) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+      d = scale;
+    } else if (fmt == Q8_0) {
+      const uint8_t* p = row + b * 34;
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+      d = _cvtsh_ss(Load16(p));
+    } else if (fmt == Q4_0) {
+      const uint8_t* p = row + b * 18;
+      v = _mm256_sub_epi8(Nibbles16(p + 2), eight);
+      d = _cvtsh_ss(Load16(p));
+    } else {  // Q4_1
+      const uint8_t* p = row + b * 20;
+      v = Nibbles16(p + 4);
+      d = _cvtsh_ss(Load16(p));
+      cb = _cvtsh_ss(Load16(p + 2));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + b * kBlock), _mm256_abs_epi8(v));
+    _mm256_storeu_ps(d8 + b * 8, _mm256_set1_ps(d));
+    c[b] = cb;
+  }
+}
+
+// The SIMD integer dot, kTile weight rows at once; DOT32(a, sx) sums 4 adjacent byte
+// products of |w| (unsigned) and sign(w) * x (signed) into 8 int32 lanes.
+#define DOT_INT_BODY(DOT32)                                                                 \
+  __m256 acc[kTile];                                                                        \
+  for (int j = 0; j < kTile; ++j) acc[j] = _mm256_setzero_ps();                            \
+  for (int64_t b = 0; b < nb; ++b) {                                                        \
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock)); \
+    const __m256 xs = _mm256_set1_ps(xd[b]);                                                \
+    for (int j = 0; j < kTile; ++j) {                                                       \
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q[j] + b * kBlock)); \
+      const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.a[j] + b * kBlock)); \
+      const __m256i s = DOT32(wa, _mm256_sign_epi8(xv, wq));                                \
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),                                       \
+                               _mm256_mul_ps(xs, _mm256_loadu_ps(w.d8[j] + b * 8)), acc[j]); \
+    }                                                                                       \
+  }                                                                                         \
+  for (int j = 0; j < kTile; ++j) {                                                         \
+    float s = Hsum256(acc[j]);                                                              \
+    if (offset) {                                                                           \
+      for (int64_t b = 0; b < nb; ++b) s += w.c[j][b] * xds[b];                             \
+    }                                                                                       \
+    y[j] = s;                                                                               \
+  }
+
+AVX2_FN inline __m256i Dot32Avx2(__m256i a, __m256i sx) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, sx), _mm256_set1_epi16(1));
+}
+
+AVX2_FN void DotIntAvx2(const int8_t* xq, const float* xd, const float* xds, const IntRows& w,
+                        int64_t nb, bool offset, float* y) {
+  DOT_INT_BODY(Dot32Avx2)
+}
+
+#define VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+VNNI_FN inline __m256i Dot32Vnni(__m256i a, __m256i sx) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, sx);
+}
+
+VNNI_FN void DotIntVnni(const int8_t* xq, const float* xd, const float* xds, const IntRows& w,
+                        int64_t nb, bool offset, float* y) {
+  DOT_INT_BODY(Dot32Vnni)
+}
+
+// Few activation rows (decode steps): each weight row's blocks are unpacked in registers
+// once and dotted with every x row directly, without the decoded tile. Nibble formats dot their
+// unsigned nibbles q in [0, 15] with x (w = d*q + c, c = -8d for q4_0, m for q4_1); q8_0 and
+// int8 take |w| and sign(w) * x. DOT32 as in DOT_INT_BODY.
+#define DOT_DIRECT_BODY(DOT32)                                                              \
+  const int64_t nb = k / kBlock;                                                            \
+  const __m128i low = _mm_set1_epi8(0x0f);                                                  \
+  __m256 acc[kDirectRows];                                                                  \
+  float off[kDirectRows];                                                                   \
+  for (int64_t i = 0; i < m; ++i) acc[i] = _mm256_setzero_ps(), off[i] = 0.0f;             \
+  for (int64_t b = 0; b < nb; ++b) {                                                        \
+    const bool nibbles = fmt == Q4_0 || fmt == Q4_1;                                        \
+    __m256i wv, wa;                                                                         \
+    float d, c = 0.0f;                                                                      \
+    if (!nibbles) {                                                                         \
+      const uint8_t* p = fmt == INT8 ? row + b * kBlock : row + b * 34 + 2;                 \
+      wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));                         \
+      wa = _mm256_abs_epi8(wv);                                                             \
+      d = fmt == INT8 ? scale : _cvtsh_ss(Load16(row + b * 34));                            \
+    } else {                                                                                \
+      const int head = fmt == Q4_0 ? 2 : 4;                                                 \
+      const uint8_t* p = row + b * (head + 16);                                             \
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + head));        \
+      wa = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low)); \
+      wv = wa;                                                                              \
+      d = _cvtsh_ss(Load16(p));                                                             \
+      c = fmt == Q4_0 ? -8.0f * d : _cvtsh_ss(Load16(p + 2));                               \
+    }                                                                                       \
+    for (int64_t i = 0; i < m; ++i) {                                                       \
+      const __m256i xv =                                                                    \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * k + b * kBlock));    \
+      const __m256i s = DOT32(wa, nibbles ? xv : _mm256_sign_epi8(xv, wv));                 \
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[i * nb + b] * d), acc[i]); \
+      off[i] += c * xds[i * nb + b];                                                        \
+    }                                                                                       \
+  }                                                                                         \
+  for (int64_t i = 0; i < m; ++i) y[i] = Hsum256(acc[i]) + off[i];
+
+// y[i] (i < m) = dot of activation row i with one weight row (formats int8, q8_0, q4_0, q4_1).
+AVX2_FN void DotDirectAvx2(int32_t fmt, const uint8_t* row, float scale, const int8_t* xq,
+                           const float* xd, const float* xds, int64_t m, int64_t k, float* y) {
+  DOT_DIRECT_BODY(Dot32Avx2)
+}
+
+VNNI_FN void DotDirectVnni(int32_t fmt, const uint8_t* row, float scale, const int8_t* xq,
+                           const float* xd, const float* xds, int64_t m, int64_t k, float* y) {
+  DOT_DIRECT_BODY(Dot32Vnni)
+}
+
 // ---------------------------------------------------------------------------------------
 // A small pool: parallel_for(n, fn) runs fn(0..n-1) on the caller and the workers. Workers
 // spin briefly after a job (the next linear layer follows within microseconds in a decode
@@ -340,6 +712,7 @@ Pool& GetPool() {
 
 bool CpuHas(int level) {
   __builtin_cpu_init();
+  if (level >= 3 && !__builtin_cpu_supports("avx512vnni")) return false;
   if (level >= 2 && !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl"))) {
     return false;
@@ -348,39 +721,38 @@ bool CpuHas(int level) {
                        __builtin_cpu_supports("f16c"));
 }
 
-ffi::Error Linear(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scales,
-                  ffi::ResultBuffer<ffi::F32> y, int32_t fmt, int32_t isa) {
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0]) {
-    return ffi::Error::InvalidArgument("engine_cpu_linear: x must be [M, K] and y [M, N]");
+// Runs run_tiles(t0, t1) over [0, tiles) on the pool; below ~64k multiply-adds a job is
+// cheaper alone than handed to the pool.
+template <typename F>
+void ForTiles(int64_t tiles, int64_t work, const F& run_tiles) {
+  Pool& pool = GetPool();
+  const int64_t chunks = work < (1 << 16) ? 1 : std::min<int64_t>(tiles, 4 * pool.size());
+  if (chunks <= 1) {
+    run_tiles(0, tiles);
+  } else {
+    pool.ParallelFor(chunks, [&](int64_t c) {
+      run_tiles(tiles * c / chunks, tiles * (c + 1) / chunks);
+    });
   }
-  const int64_t m = xd[0], k = xd[1], n = yd[1];
-  if (fmt < 0 || fmt >= NUM_FMTS) return ffi::Error::InvalidArgument("unknown weight format");
-  if (fmt >= Q8_0 && k % kBlock != 0) {
-    return ffi::Error::InvalidArgument("GGUF block formats need K divisible by 32");
-  }
-  const int64_t row_bytes = RowBytes(fmt, k);
-  if (int64_t(w.size_bytes()) != n * row_bytes) {
-    return ffi::Error::InvalidArgument("engine_cpu_linear: W has the wrong byte count");
-  }
-  const int64_t ns = scales.element_count();
-  if (ns != 0 && ns != n) return ffi::Error::InvalidArgument("scales must be [N] or empty");
-  if (isa < 0 || isa > 2 || !CpuHas(isa)) {
-    return ffi::Error::InvalidArgument("engine_cpu_linear: ISA level not supported here");
-  }
-  auto decode = isa == 2 ? DecodeRowAvx512 : isa == 1 ? DecodeRowAvx2 : DecodeRowGeneric;
-  auto dot = isa == 2 ? DotTileAvx512 : isa == 1 ? DotTileAvx2 : DotTileGeneric;
-  const float* xp = x.typed_data();
-  const float* sp = ns ? scales.typed_data() : nullptr;
-  const uint8_t* wp = static_cast<const uint8_t*>(w.untyped_data());
-  float* yp = y->typed_data();
-  const int64_t tiles = (n + kTile - 1) / kTile;
+}
 
-  auto run_tiles = [&](int64_t t0, int64_t t1) {
+// act = 0: every tile's rows decoded to float32 (f32 read in place), dotted with float x.
+void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t m,
+                 int64_t n, int64_t k, int32_t fmt, int32_t isa) {
+  auto decode = fmt == Q4_K || fmt == Q6_K ? DecodeRowViaInt
+                : isa >= 2                 ? DecodeRowAvx512
+                : isa == 1                 ? DecodeRowAvx2
+                                           : DecodeRowGeneric;
+  auto dot = isa >= 2 ? DotTileAvx512 : isa == 1 ? DotTileAvx2 : DotTileGeneric;
+  const int64_t row_bytes = RowBytes(fmt, k), tiles = (n + kTile - 1) / kTile;
+  ForTiles(tiles, m * n * k, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> buf;
     if (fmt != F32 && int64_t(buf.size()) < kTile * k) buf.resize(kTile * k);
+    // x in chunks of kRowChunk rows that stay in L2 while the tiles pass over them (a
+    // tile's rows are decoded again for each chunk).
+    for (int64_t m0 = 0; m0 < m; m0 += kRowChunk)
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTile;
+      const int64_t n0 = t * kTile, m1 = std::min(m, m0 + kRowChunk);
       const int rows = int(std::min<int64_t>(kTile, n - n0));
       const float* wr[kTile];
       for (int j = 0; j < rows; ++j) {
@@ -392,23 +764,118 @@ ffi::Error Linear(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F3
           wr[j] = buf.data() + j * k;
         }
       }
-      float out[kTile];
-      for (int64_t r = 0; r < m; ++r) {
+      float out[kRowsAvx512 * kTile];
+      int64_t r = m0;
+      if (rows == kTile && isa >= 1) {  // register tiles of R x rows
+        const int64_t step = isa >= 2 ? kRowsAvx512 : kRowsAvx2;
+        for (; r + step <= m1; r += step) {
+          (isa >= 2 ? DotRowsAvx512 : DotRowsAvx2)(xp + r * k, k, wr, k, out, kTile);
+          for (int64_t i = 0; i < step; ++i) {
+            for (int j = 0; j < kTile; ++j) {
+              yp[(r + i) * n + n0 + j] = sp ? out[i * kTile + j] * sp[n0 + j] : out[i * kTile + j];
+            }
+          }
+        }
+      }
+      for (; r < m1; ++r) {
         dot(xp + r * k, wr, rows, k, out);
         for (int j = 0; j < rows; ++j) yp[r * n + n0 + j] = sp ? out[j] * sp[n0 + j] : out[j];
       }
     }
-  };
-  // Below ~64k multiply-adds a job is cheaper alone than handed to the pool.
-  Pool& pool = GetPool();
-  const int64_t chunks = m * n * k < (1 << 16) ? 1 : std::min<int64_t>(tiles, 4 * pool.size());
-  if (chunks <= 1) {
-    run_tiles(0, tiles);
-  } else {
-    pool.ParallelFor(chunks, [&](int64_t c) {
-      run_tiles(tiles * c / chunks, tiles * (c + 1) / chunks);
-    });
+  });
+}
+
+// act = 1: x quantized per block (once per call). Up to kDirectRows rows: integer dots from
+// the weight blocks unpacked in registers; the K-quants (and level 0) decode each tile's
+// rows once to integers, then dot every x row with the tile (the decoded tile stays in L1).
+void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t m,
+               int64_t n, int64_t k, int32_t fmt, int32_t isa) {
+  const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k), tiles = (n + kTile - 1) / kTile;
+  // Many rows (isa >= 1): the float tiles' FMAs beat integer dots here (each block's int32
+  // sums need a conversion and a scale), so the quantized x, as floats d * q, takes the
+  // float path.
+  const bool as_float = isa >= 1 && m > kDirectRows;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> xd(m * nb), xds(m * nb), xf(as_float ? m * k : 0);
+  auto quantize = isa >= 1 ? QuantizeRowAvx2 : QuantizeRowGeneric;
+  for (int64_t r = 0; r < m; ++r) {
+    quantize(xp + r * k, k, xq.data() + r * k, xd.data() + r * nb, xds.data() + r * nb,
+             as_float ? xf.data() + r * k : nullptr);
   }
+  if (as_float) return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
+  if (isa >= 1 && fmt <= Q4_1) {
+    auto direct = isa >= 3 ? DotDirectVnni : DotDirectAvx2;
+    ForTiles(n, m * n * k / 4, [&](int64_t n0, int64_t n1) {
+      float out[kDirectRows];
+      for (int64_t j = n0; j < n1; ++j) {
+        direct(fmt, wp + j * row_bytes, sp ? sp[j] : 1.0f, xq.data(), xd.data(), xds.data(), m,
+               k, out);
+        for (int64_t r = 0; r < m; ++r) yp[r * n + j] = out[r];
+      }
+    });
+    return;
+  }
+  auto decode = isa >= 1 ? DecodeRowIntAvx2 : DecodeRowIntGeneric;
+  auto dot = isa >= 3 ? DotIntVnni : isa >= 1 ? DotIntAvx2 : DotIntGeneric;
+  const bool offset = HasOffset(fmt);
+  ForTiles(tiles, m * n * k / 4, [&](int64_t t0, int64_t t1) {
+    // Per row: q [K], a [K], d8 [B * 8], c [B] (floats first for alignment).
+    thread_local std::vector<float> fbuf;
+    thread_local std::vector<int8_t> qbuf;
+    if (int64_t(fbuf.size()) < kTile * nb * 9) fbuf.resize(kTile * nb * 9);
+    if (int64_t(qbuf.size()) < 2 * kTile * k) qbuf.resize(2 * kTile * k);
+    IntRows w;
+    for (int j = 0; j < kTile; ++j) {
+      w.q[j] = qbuf.data() + j * k;
+      w.a[j] = reinterpret_cast<uint8_t*>(qbuf.data() + (kTile + j) * k);
+      w.d8[j] = fbuf.data() + j * nb * 8;
+      w.c[j] = fbuf.data() + kTile * nb * 8 + j * nb;
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile;
+      const int rows = int(std::min<int64_t>(kTile, n - n0));
+      for (int j = 0; j < kTile; ++j) {  // a short last tile repeats its last row
+        const int64_t nj = n0 + std::min(j, rows - 1);
+        decode(fmt, wp + nj * row_bytes, k, sp ? sp[nj] : 1.0f, w.q[j], w.a[j], w.d8[j], w.c[j]);
+      }
+      float out[kTile];
+      for (int64_t r = 0; r < m; ++r) {
+        dot(xq.data() + r * k, xd.data() + r * nb, xds.data() + r * nb, w, nb, offset, out);
+        for (int j = 0; j < rows; ++j) yp[r * n + n0 + j] = out[j];
+      }
+    }
+  });
+}
+
+ffi::Error Linear(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scales,
+                  ffi::ResultBuffer<ffi::F32> y, int32_t fmt, int32_t isa, int32_t act) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0]) {
+    return ffi::Error::InvalidArgument("engine_cpu_linear: x must be [M, K] and y [M, N]");
+  }
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (fmt < 0 || fmt >= NUM_FMTS) return ffi::Error::InvalidArgument("unknown weight format");
+  if (fmt >= Q8_0 && k % kBlock != 0) {
+    return ffi::Error::InvalidArgument("GGUF block formats need K divisible by 32");
+  }
+  if ((fmt == Q4_K || fmt == Q6_K) && k % kSuper != 0) {
+    return ffi::Error::InvalidArgument("GGUF K-quants need K divisible by 256");
+  }
+  if (act != 0 && (act != 1 || fmt < INT8 || k % kBlock != 0)) {
+    return ffi::Error::InvalidArgument(
+        "integer activations need an int8 or GGUF weight and K divisible by 32");
+  }
+  if (int64_t(w.size_bytes()) != n * RowBytes(fmt, k)) {
+    return ffi::Error::InvalidArgument("engine_cpu_linear: W has the wrong byte count");
+  }
+  const int64_t ns = scales.element_count();
+  if (ns != 0 && ns != n) return ffi::Error::InvalidArgument("scales must be [N] or empty");
+  if (isa < 0 || isa > 3 || !CpuHas(isa)) {
+    return ffi::Error::InvalidArgument("engine_cpu_linear: ISA level not supported here");
+  }
+  const float* sp = ns ? scales.typed_data() : nullptr;
+  const uint8_t* wp = static_cast<const uint8_t*>(w.untyped_data());
+  (act ? LinearInt : LinearFloat)(x.typed_data(), wp, sp, y->typed_data(), m, n, k, fmt, isa);
   return ffi::Error::Success();
 }
 
@@ -421,7 +888,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EngineCpuLinear, Linear,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scales [N] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<int32_t>("fmt")
-                                  .Attr<int32_t>("isa"));
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("act"));
 
-// The highest ISA level this CPU runs (0 generic, 1 AVX2, 2 AVX-512).
-extern "C" int engine_cpu_isa() { return CpuHas(2) ? 2 : CpuHas(1) ? 1 : 0; }
+// The highest ISA level this CPU runs (0 generic, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI).
+extern "C" int engine_cpu_isa() { return CpuHas(3) ? 3 : CpuHas(2) ? 2 : CpuHas(1) ? 1 : 0; }

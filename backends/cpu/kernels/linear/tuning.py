@@ -1,25 +1,22 @@
-"""When the CPU linear kernel runs: by weight format and the step's token count T.
+"""Where the CPU linear kernel's choices come from (measurements; the constants are in
+linear.cc: kTile 4 weight rows, register tiles of 4 (AVX-512) or 2 (AVX2) x rows, kRowChunk
+64 x rows per pass, kDirectRows 4).
 
-Elsewhere the backend runs the plain-JAX reference: dequantize in XLA, then XLA's own dot (a
-blocked GEMM that reuses each weight over many rows better than the kernel's 4-row tiles).
-Measured 2026-12-03 with scripts/cpu_linear_bench.py on a 2-core AMD EPYC (AVX-512), other
-work on the host (load average 11-14), best of 20 runs, so indicative only; K=576
-(SmolLM2-135M), ms, kernel / reference of the same weight (XLA's dot on the float32 [K, N]
-weight in brackets):
-    N=576   T=1   f32 0.021/0.051  int8 0.023/0.039  q4_1 0.041/0.335  (0.051)
-            T=8   f32 0.054/0.095  int8 0.038/0.127  q4_1 0.044/0.261  (0.055)
-            T=32  f32 0.162/0.173  int8 0.254/0.170  q4_1 0.264/0.295  (0.153)
-    N=1536  T=1   f32 0.056/0.063  int8 0.043/0.067  q4_1 0.075/1.77   (0.089)
-            T=8   f32 0.079/0.184  int8 0.198/0.206  q4_1 0.215/0.501  (0.117)
-            T=32  f32 0.435/0.436  int8 0.258/0.410  q4_1 0.692/0.464  (0.287)
-    N=49152 T=1   f32 3.31/3.56    int8 0.82/0.72    q4_1 1.23/179     (7.57)
-    (one core, taskset: N=49152 T=8 int8 24/264, q4_1 19/260; T=32 int8 100/368)
-XLA fuses an int8 dequantization into a one-row dot well, but not the GGUF bit unpacking,
-and none of them at several rows: for the head's wide N the kernel wins at every T.
+Since 2026-12-03 the backend runs the kernel at every step size and for every format (the
+earlier per-format row limits, past which XLA's dot or the plain-JAX dequantize-and-dot ran,
+are gone). scripts/cpu_linear_bench.py, 2-core AMD EPYC (AVX-512 VNNI), other work on the
+host (load average 9-13), best of 25 interleaved runs, so indicative only; K=576 or 1536
+(SmolLM2-135M), ms, XLA's dot on float32 / the kernel on the same f32 weights | q4_1 blocks:
+kernel with float x / with integer x / plain-JAX reference:
+    K=576  N=1536  T=1    0.064 / 0.042 | 0.038 / 0.034 / 1.42
+                   T=8    0.140 / 0.082 | 0.067 / 0.070 / 0.46
+                   T=32   0.367 / 0.293 | 0.211 / 0.226 / 0.69
+                   T=256  2.19  / 1.74  | 1.51  / 1.55  / 2.52
+    K=1536 N=576   T=256  2.26  / 1.68  | 2.31  / 2.18  / 2.81
+    K=576  N=49152 T=1    4.76  / 3.11  | 1.18  / 0.95  / 107
+                   T=64   46.0  / 48.6  | 52.1  / 61.3  / 171
+Integer x (activations quantized per block of 32) pays at 1 row, where the weight blocks are
+unpacked in registers and dotted as integers (about 1.2-2x the float decode); from 5 rows the
+quantized x takes the float tiles (the per-block int32 -> float conversion and scale of the
+integer dots cost as much as AVX-512 FMAs on this CPU, which has no AMX).
 """
-
-MAX_KERNEL_TOKENS = {"f32": 8, "bf16": 8, "int8": 16, "q8_0": 16, "q4_0": 16, "q4_1": 16}
-"""Format -> the largest T the kernel runs at (prompt chunks use the reference)."""
-WIDE_N = 8192
-"""From this many outputs (the vocabulary head) up, quantized formats take the kernel at
-any T: dequantizing the whole weight in XLA costs more than the kernel's passes."""
