@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner, make_step, mesh_context
 from engine.sampler import SamplingMode
+from engine.spec import Proposer
+from engine.spec.ngram import NgramProposer
 from engine.weights_update import WeightRecipe, commit
 
 log = logging.getLogger(__name__)
@@ -258,11 +261,25 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
                     threads=s.warmup_threads)
             runner.warmed_up = True
+    sp = config.speculative
+    proposer = (PROPOSERS[sp.speculative_algorithm](config)
+                if sp.speculative_algorithm is not None else None)
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
-                    overlap=s.overlap_schedule)
+                    overlap=s.overlap_schedule, proposer=proposer,
+                    num_draft_tokens=sp.speculative_num_draft_tokens,
+                    spec_max_batch=sp.speculative_max_batch)
     engine.weight_recipe = loaded.recipe
     return engine, loaded
+
+
+def _ngram(config: EngineConfig) -> NgramProposer:
+    sp = config.speculative
+    return NgramProposer(sp.speculative_ngram_min, sp.speculative_ngram_max)
+
+
+PROPOSERS: dict[str, Callable[[EngineConfig], Proposer]] = {"ngram": _ngram}
+"""speculative_algorithm -> the proposer of draft tokens (engine.spec)."""
 
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
