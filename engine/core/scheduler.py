@@ -201,13 +201,19 @@ class Scheduler:
             self._share_computed(r, min(r.num_computed_tokens, r.num_prompt_tokens))
         decodes = [r for r in self._running if r.num_tokens - r.num_computed_tokens == 1]
         others = [r for r in self._running if r.num_tokens - r.num_computed_tokens > 1]
-        # Budget and rows the decodes leave for their drafts (each decode keeps its 1 token).
-        spare = min(step.budget - len(decodes),
-                    self.config.max_running_requests - len(self._running))
+        # Budget and rows the decodes leave for drafts (each decode keeps its 1 token), and
+        # the pages their next tokens need. No drafts while prompt chunks run: they must not
+        # take the pages a chunk would then preempt a request for.
+        spare = 0 if others else min(step.budget - len(decodes),
+                                     self.config.max_running_requests - len(self._running))
+        need = {r.request_id: max(self._pages_for(r.num_computed_tokens + 1) - len(r.page_ids), 0)
+                for r in decodes}
+        reserved = sum(need.values())
         for r in decodes + others:
             n = min(r.num_tokens - r.num_computed_tokens, step.budget)
             drafts, r.draft_token_ids = r.draft_token_ids, []
-            k = self._draft_room(r, min(len(drafts), spare)) if n == 1 else 0
+            k = self._draft_room(r, min(len(drafts), spare), reserved) if spare else 0
+            reserved -= need.get(r.request_id, 0)
             if r.status is Status.RUNNING and n > 0 and self._grow(r, n + k, step):
                 self._add_seq(r, n, step, drafts[:k])
                 spare -= k
@@ -292,12 +298,13 @@ class Scheduler:
         self._add_seq(r, n, step)
         return True
 
-    def _draft_room(self, r: Request, k: int) -> int:
+    def _draft_room(self, r: Request, k: int, reserved: int) -> int:
         """How many of k drafts decode `r` may carry: within max_total_tokens, and in pages
-        that are free now beyond the one its own next token may need."""
+        that are free now beyond the `reserved` ones the step's unscheduled decodes (r
+        included) need for their next tokens."""
         c, held = r.num_computed_tokens, len(r.page_ids)
         k = max(min(k, r.max_total_tokens - r.num_tokens), 0)
-        free = self.pool.num_free - max(self._pages_for(c + 1) - held, 0)
+        free = self.pool.num_free - reserved
         while k and self._pages_for(c + 1 + k) - max(self._pages_for(c + 1), held) > free:
             k -= 1
         return k
