@@ -4,7 +4,6 @@ arrive together) equals the non-streamed one, and /metrics counts the drafts."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
