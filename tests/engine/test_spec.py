@@ -87,6 +87,30 @@ def test_tiny_preemption_overlap_and_abort_keep_outputs(tmp_path: Path) -> None:
     assert eng.scheduler.stats().kv_pages_used == 0 and not eng.has_unfinished()
 
 
+def test_tiny_draft_model_same_weights_and_a_smaller_one(tmp_path: Path) -> None:
+    """A draft of the target's own weights proposes what the target then computes (greedy:
+    nearly every draft accepted); a smaller random draft is mostly rejected. Outputs equal
+    the plain engine's either way, prompts longer than a step's budget included."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 40, size=int(n)).tolist() for n in (20, 90, 7)]
+    params = [SamplingParams(max_tokens=m, temperature=t, seed=2, ignore_eos=True)
+              for m, t in ((30, 0), (20, 0), (25, 0.8))]
+    opts = dict(chunked_prefill_size=64, max_running_requests=16)
+    want = outputs(tiny(tmp_path, **opts).generate(prompts, params))
+    small = tmp_path / "draft" / "config.json"
+    small.parent.mkdir()
+    small.write_text(json.dumps({**TINY, "hidden_size": 32, "num_hidden_layers": 1}))
+    rates = []
+    for draft in (tmp_path / "config.json", small):
+        llm = tiny(tmp_path, speculative_algorithm="draft", speculative_draft_model=str(draft),
+                   speculative_max_batch=16, **opts)
+        assert outputs(llm.generate(prompts[:2], params[:2])) == want[:2]  # greedy
+        rates.append(llm.engine.scheduler.stats().spec_acceptance_rate)
+        assert outputs(llm.generate(prompts, params)) == want
+        assert llm.engine.scheduler.stats().kv_pages_used == 0
+    assert rates[0] > 0.8 and rates[1] < 0.3, rates
+
+
 def test_tiny_sampled_distribution_is_the_models(tmp_path: Path) -> None:
     """Seeds 0..N-1 at temperature 0.5 over a 16-token vocabulary: the tokens equal a plain
     engine's seed for seed, and the third output token's frequencies fit the model's exact
