@@ -309,10 +309,14 @@ def _draft(t: Target) -> DraftModelProposer:
                          f"same tokenizer")
     if model.fuse_qkv and t.backend.mesh is None:
         fuse_qkv(loaded.params, t.place)
-    if model.quantization is not None and t.backend.mesh is None:
+    quant = model.quantization
+    if quant == "f32" and t.backend.mesh is not None:  # as for the target
+        quant = None
+    if quant is not None:
         from engine.loader.quantize import quantize_params
 
-        quantize_params(loaded.params, cfg, model.quantization, loaded.path)
+        quantize_params(loaded.params, cfg, quant, loaded.path)
+        place_params(loaded.params, t.place)
     k = sp.speculative_num_draft_tokens
     runner = ModelRunner(cfg, loaded.params, t.backend, page_size=t.runner.page_size,
                          num_pages=t.runner.num_pages, max_num_tokens=t.runner.buckets.tokens[-1],
