@@ -1,7 +1,7 @@
 """Speculative decoding end to end: with drafts verified in the target's step, every output
 equals the engine's without speculation, token for token (greedy, and seeded sampling: each
-verified row samples with the noise a plain step uses there), and the sampled distribution
-is the model's (a chi-square test over seeds)."""
+verified row samples with the noise a plain step uses there; logprobs up to rounding), and
+the sampled distribution is the model's (a chi-square test over seeds)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from tests.bench.test_offline_bench import TINY
 
 SMALL = dict(backend="cpu", max_total_tokens=8192, max_running_requests=16,
              chunked_prefill_size=256)
-"""The default_llm fixture's settings."""
 TEXT = ("The quick brown fox jumps over the lazy dog. It was a sunny day in the park and the "
         "children played near the old oak tree while their parents talked.")
 REWRITE = f"Repeat the following text exactly.\nText: {TEXT}\nRepeated text:"
 
 
 @pytest.fixture(scope="module")
-def spec_llm(default_gguf):
+def spec_llm(default_gguf):  # the default_llm fixture's settings
     return LLM(speculative_algorithm="ngram", speculative_num_draft_tokens=4,
                speculative_max_batch=16, **SMALL)
 
@@ -34,22 +33,21 @@ def outputs(outs) -> list[list[tuple]]:
             for o in outs]
 
 
-def test_smollm2_outputs_equal_without_speculation(default_llm, spec_llm) -> None:
-    prompts = [REWRITE, "1, 2, 3, 4,", REWRITE]
-    params = [SamplingParams(max_tokens=40, temperature=0),
-              SamplingParams(max_tokens=30, temperature=0, stop=[" 9,"], min_tokens=3),
-              SamplingParams(max_tokens=24, temperature=0.8, seed=5, n=2, logprobs=2)]
-    before = spec_llm.engine.scheduler.stats()
-    plain, spec = default_llm.generate(prompts, params), spec_llm.generate(prompts, params)
+def test_smollm2_outputs_equal_without_speculation(spec_llm) -> None:
+    prompts = [REWRITE, "1, 2, 3, 4,"]
+    params = [SamplingParams(max_tokens=28, temperature=0),
+              SamplingParams(max_tokens=20, temperature=0, stop=[" 9,"], min_tokens=3)]
+    eng = spec_llm.engine
+    proposer, eng.proposer = eng.proposer, None  # speculation off: the same engine otherwise
+    plain = spec_llm.generate(prompts, params)
+    eng.proposer = proposer
+    before = eng.scheduler.stats()
+    spec = spec_llm.generate(prompts, params)
     assert outputs(spec) == outputs(plain)
     assert spec[1].outputs[0].finish_reason == "stop"  # the stop string cut the run
-    for a, b in zip(plain[2].outputs, spec[2].outputs, strict=True):  # the same up to rounding
-        assert [sorted(d) for d in b.logprobs] == [sorted(d) for d in a.logprobs]
-        assert all(abs(d[t] - e[t]) < 1e-3 for d, e in zip(a.logprobs, b.logprobs, strict=True)
-                   for t in d)
     stats = spec_llm.engine.scheduler.stats()
     accepted = stats.num_accepted_tokens - before.num_accepted_tokens
-    assert accepted >= 20  # it did speculate, and some drafts were rejected
+    assert accepted >= 10  # it did speculate, and some drafts were rejected
     assert stats.num_draft_tokens - before.num_draft_tokens > accepted
     assert stats.kv_pages_used == 0
 
@@ -65,17 +63,25 @@ def tiny(tmp_path: Path, vocab: int = 512, **kw) -> LLM:
 SPEC = dict(speculative_algorithm="ngram", speculative_max_batch=64)
 
 
-def test_tiny_preemption_overlap_and_abort_keep_outputs(tmp_path: Path) -> None:
+def test_tiny_preemption_overlap_n_logprobs_and_abort_keep_outputs(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 30, size=int(n)).tolist() for n in (20, 7, 12, 25)]
-    params = [SamplingParams(max_tokens=m, temperature=t, seed=1, ignore_eos=True)
-              for m, t in ((30, 0), (40, 1.0), (20, 0), (30, 0))]
-    want = outputs(tiny(tmp_path).generate(prompts, params))
-    # 5 pages of 16 tokens for 4 requests of up to 55: they preempt each other; overlapped
+    params = [SamplingParams(max_tokens=m, temperature=t, seed=1, ignore_eos=True, n=n,
+                             logprobs=lp)
+              for m, t, n, lp in ((30, 0, 1, None), (40, 1.0, 2, 2), (20, 0, 1, None),
+                                  (30, 0, 1, None))]
+    plain = tiny(tmp_path).generate(prompts, params)
+    want = outputs(plain)
+    # 5 pages of 16 tokens for 5 sequences of up to 55: they preempt each other; overlapped
     # steps while more than 2 run, speculative ones (synchronous) once 2 or fewer do.
     small = tiny(tmp_path, max_total_tokens=80, overlap_schedule=True,
                  speculative_algorithm="ngram", speculative_max_batch=2)
-    assert outputs(small.generate(prompts, params)) == want
+    spec = small.generate(prompts, params)
+    assert outputs(spec) == want
+    for a, b in zip(plain[1].outputs, spec[1].outputs, strict=True):  # equal up to rounding
+        assert [sorted(d) for d in b.logprobs] == [sorted(d) for d in a.logprobs]
+        assert max(abs(d[t] - e[t]) for d, e in zip(a.logprobs, b.logprobs, strict=True)
+                   for t in d) < 1e-4
     stats = small.engine.scheduler.stats()
     assert stats.num_preemptions > 0 and stats.num_accepted_tokens > 0
     assert stats.kv_pages_used == 0

@@ -37,3 +37,17 @@ def test_ngram_min_size_is_respected() -> None:
     assert NgramProposer(min_n=2, max_n=3).lookup([9, 6, 5, 9], k=2) == []
     with pytest.raises(ValueError, match="min_n"):
         NgramProposer(min_n=3, max_n=2)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(speculative_algorithm="eagle"), "must be one of ngram, draft"),
+    (dict(speculative_algorithm="draft"), "speculative_draft_model=None goes with"),
+    (dict(speculative_draft_model="m.gguf"), "goes with speculative_algorithm draft"),
+    (dict(speculative_algorithm="ngram", speculative_num_draft_tokens=0), "must be >= 1, got 0"),
+    (dict(speculative_ngram_min=3, speculative_ngram_max=2), "speculative_ngram_min=3"),
+])
+def test_bad_speculative_options_are_clear_errors(options, match) -> None:
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=match):
+        EngineConfig.build(**options)
