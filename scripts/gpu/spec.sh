@@ -16,14 +16,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
 # A fixed KV pool (64k tokens, 8.6 GB) for the target, so the draft's weights and its pool
 # of as many pages fit beside it.
-BASE=(--backend cuda --load-format dummy --model llama-3.1-8b --max-total-tokens 65536
+# BACKEND, TARGET, SMALL_DRAFT: for a dry run elsewhere (BACKEND=cpu TARGET=smollm2-135m
+# SMALL_DRAFT=smollm2-135m OUTPUT_LEN=8).
+TARGET=${TARGET:-llama-3.1-8b}
+BASE=(--backend ${BACKEND:-cuda} --load-format dummy --model $TARGET --max-total-tokens 65536
       --speculative-num-draft-tokens ${K:-4} --batch-size ${BATCHES:-1}
       --output-len ${OUTPUT_LEN:-64} ${ENGINE_ARGS:-})
 quiet() { grep -v -E "INFO|Warning|warn|deprecat" ; }
 for run in ${RUNS:-same small ngram}; do
   case $run in
-  same)  args=(--speculative-algorithm draft --speculative-draft-model llama-3.1-8b) ;;
-  small) args=(--speculative-algorithm draft --speculative-draft-model llama-3.2-1b) ;;
+  same)  args=(--speculative-algorithm draft --speculative-draft-model $TARGET) ;;
+  small) args=(--speculative-algorithm draft --speculative-draft-model ${SMALL_DRAFT:-llama-3.2-1b}) ;;
   ngram) args=(--speculative-algorithm ngram) ;;
   esac
   echo "== $run $(date -u +%H:%M:%S)"
