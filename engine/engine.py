@@ -209,6 +209,9 @@ class Engine:
         return 0 < n and (self.spec_max_batch is None or n <= self.spec_max_batch)
 
     def _set_drafts(self) -> None:
+        running = self.scheduler.running
+        if any(r.num_tokens - r.num_computed_tokens > 1 for r in running):
+            return  # the scheduler takes no drafts while prompt chunks run: propose none
         reqs = self._drafting()
         if reqs:
             for r, d in zip(reqs, self.proposer.propose(reqs, self.num_draft_tokens),
