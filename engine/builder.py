@@ -296,27 +296,21 @@ def _ngram(t: Target) -> NgramProposer:
 
 
 def _draft(t: Target) -> DraftModelProposer:
-    """The draft model, loaded like the target (same load format, dtype, quantization),
-    with a KV pool of as many pages as the target's."""
+    """The draft model, loaded like the target (load_weights: the same load format, dtype,
+    q/k/v fusion and quantization), with a KV pool of as many pages as the target's (in the
+    weights' dtype)."""
     sp, model = t.config.speculative, t.config.model
     config = dataclasses.replace(t.config, model=dataclasses.replace(
         model, model=sp.speculative_draft_model))
-    loaded = load_model(config, t.backend, t.dtype, t.scan, t.place)
+    mesh = t.backend.mesh
+    loaded = load_weights(config, t.backend, t.dtype, t.scan, mesh,
+                          t.backend.mesh_rules if mesh is not None else None, t.place)
+    loaded.params = commit(loaded.params)
     cfg = loaded.cfg
     if cfg.vocab_size > t.vocab_size:
         raise ValueError(f"the draft model {sp.speculative_draft_model} has a vocabulary of "
                          f"{cfg.vocab_size} tokens, the model {t.vocab_size}: it needs the "
                          f"same tokenizer")
-    if model.fuse_qkv and t.backend.mesh is None:
-        fuse_qkv(loaded.params, t.place)
-    quant = model.quantization
-    if quant == "f32" and t.backend.mesh is not None:  # as for the target
-        quant = None
-    if quant is not None:
-        from engine.loader.quantize import quantize_params
-
-        quantize_params(loaded.params, cfg, quant, loaded.path)
-        place_params(loaded.params, t.place)
     k = sp.speculative_num_draft_tokens
     runner = ModelRunner(cfg, loaded.params, t.backend, page_size=t.runner.page_size,
                          num_pages=t.runner.num_pages, max_num_tokens=t.runner.buckets.tokens[-1],
