@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from engine.parallel.mesh import init_distributed, make_mesh
 from engine.parallel.sharding import kv_shards, make_rules, named_sharding
 from engine.runner import ModelRunner, make_step, mesh_context
 from engine.sampler import SamplingMode
+from engine.spec import Proposer
+from engine.spec.draft import DraftModelProposer
+from engine.spec.ngram import NgramProposer
 from engine.weights_update import WeightRecipe, commit
 
 log = logging.getLogger(__name__)
@@ -258,11 +262,67 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
                     threads=s.warmup_threads)
             runner.warmed_up = True
+    sp = config.speculative
+    proposer = None
+    if sp.speculative_algorithm is not None:
+        proposer = PROPOSERS[sp.speculative_algorithm](Target(
+            config, backend, dtype, scan, place, runner, cfg.vocab_size, max_len))
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
-                    overlap=s.overlap_schedule)
+                    overlap=s.overlap_schedule, proposer=proposer,
+                    num_draft_tokens=sp.speculative_num_draft_tokens,
+                    spec_max_batch=sp.speculative_max_batch)
     engine.weight_recipe = loaded.recipe
     return engine, loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a proposer of draft tokens may need of the engine being built."""
+
+    config: EngineConfig
+    backend: Backend
+    dtype: jnp.dtype
+    scan: bool
+    place: Place | None
+    runner: ModelRunner
+    vocab_size: int
+    max_model_len: int
+
+
+def _ngram(t: Target) -> NgramProposer:
+    sp = t.config.speculative
+    return NgramProposer(sp.speculative_ngram_min, sp.speculative_ngram_max)
+
+
+def _draft(t: Target) -> DraftModelProposer:
+    """The draft model, loaded like the target (load_weights: the same load format, dtype,
+    q/k/v fusion and quantization), with a KV pool of as many pages as the target's (in the
+    weights' dtype)."""
+    sp, model = t.config.speculative, t.config.model
+    config = dataclasses.replace(t.config, model=dataclasses.replace(
+        model, model=sp.speculative_draft_model))
+    mesh = t.backend.mesh
+    loaded = load_weights(config, t.backend, t.dtype, t.scan, mesh,
+                          t.backend.mesh_rules if mesh is not None else None, t.place)
+    loaded.params = commit(loaded.params)
+    cfg = loaded.cfg
+    if cfg.vocab_size > t.vocab_size:
+        raise ValueError(f"the draft model {sp.speculative_draft_model} has a vocabulary of "
+                         f"{cfg.vocab_size} tokens, the model {t.vocab_size}: it needs the "
+                         f"same tokenizer")
+    k = sp.speculative_num_draft_tokens
+    runner = ModelRunner(cfg, loaded.params, t.backend, page_size=t.runner.page_size,
+                         num_pages=t.runner.num_pages, max_num_tokens=t.runner.buckets.tokens[-1],
+                         max_num_seqs=t.runner.buckets.seqs[-1],
+                         max_model_len=t.max_model_len + k, kv_dtype=t.dtype, kv_place=None)
+    log.info("draft model %s: %d layers, %d KV pages", sp.speculative_draft_model,
+             cfg.num_layers, t.runner.num_pages)
+    return DraftModelProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+
+
+PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": _draft}
+"""speculative_algorithm -> the proposer of draft tokens (engine.spec)."""
 
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,

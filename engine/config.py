@@ -201,6 +201,46 @@ class ParallelOptions:
             object.__setattr__(self, "axis_rules", tuple(sorted(self.axis_rules.items())))
 
 
+SPECULATIVE_ALGORITHMS = ("ngram", "draft")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeOptions:
+    speculative_algorithm: str | None = None
+    """Speculative decoding: 'ngram' (prompt lookup: drafts copied from the request's own
+    prompt and output) or 'draft' (a smaller model of the same tokenizer); None: off."""
+    speculative_num_draft_tokens: int = 4
+    """Draft tokens proposed per decode and step (k: a decode becomes a 1 + k token row)."""
+    speculative_ngram_min: int = 1
+    """ngram: the shortest suffix looked up (like vLLM's prompt_lookup_min)."""
+    speculative_ngram_max: int = 4
+    """ngram: the longest suffix looked up, tried first (like vLLM's prompt_lookup_max)."""
+    speculative_draft_model: str | None = None
+    """draft: the draft model (HF directory, .gguf file or alias), same tokenizer."""
+    speculative_max_batch: int = 4
+    """Speculate only while at most this many requests run: above it the step is bound by
+    compute more than by reading the weights, and verifying drafts costs more than it saves
+    (the CPU default: docs/benchmarks.md)."""
+
+    def __post_init__(self) -> None:
+        a = self.speculative_algorithm
+        if a is not None and a not in SPECULATIVE_ALGORITHMS:
+            raise ValueError(f"speculative_algorithm must be one of "
+                             f"{', '.join(SPECULATIVE_ALGORITHMS)}, got {a!r}")
+        if self.speculative_num_draft_tokens < 1:
+            raise ValueError(f"speculative_num_draft_tokens must be >= 1, got "
+                             f"{self.speculative_num_draft_tokens}")
+        if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+            raise ValueError(f"need 1 <= {self.speculative_ngram_min=} <= "
+                             f"{self.speculative_ngram_max=}")
+        if (a == "draft") != (self.speculative_draft_model is not None):
+            raise ValueError(f"speculative_draft_model={self.speculative_draft_model!r} goes "
+                             f"with speculative_algorithm draft (got {a!r})")
+        if self.speculative_max_batch < 1:
+            raise ValueError(f"speculative_max_batch must be >= 1, got "
+                             f"{self.speculative_max_batch}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: ModelOptions = ModelOptions()
@@ -208,6 +248,7 @@ class EngineConfig:
     cache: CacheOptions = CacheOptions()
     scheduler: SchedulingOptions = SchedulingOptions()
     parallel: ParallelOptions = ParallelOptions()
+    speculative: SpeculativeOptions = SpeculativeOptions()
 
     @classmethod
     def build(cls, config_file: str | Path | None = None, **overrides: Any) -> EngineConfig:
@@ -250,7 +291,8 @@ class EngineConfig:
 
 
 _SECTION_TYPES = {"model": ModelOptions, "backend": BackendOptions, "cache": CacheOptions,
-                  "scheduler": SchedulingOptions, "parallel": ParallelOptions}
+                  "scheduler": SchedulingOptions, "parallel": ParallelOptions,
+                  "speculative": SpeculativeOptions}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,12 @@ lives here too. The scheduler decides everything about pages; the runner compute
 Structured outputs: each sequence (each of n siblings) owns a grammar matcher, held here by
 request id, so it survives preemption (which recomputes K/V but never resamples) and is
 untouched by prefix caching; it advances exactly with the tokens appended to the output.
+
+Speculative decoding (a proposer): before scheduling, running decodes get draft tokens; the
+step verifies them and `_process` appends the accepted run one token at a time through
+`_append`, so every stop rule applies and tokens after a stop are dropped. Speculative steps
+run synchronously (an overlapped step in flight is collected first): the proposer needs the
+previous step's tokens on the host. Rows with a grammar or prompt logprobs get no drafts.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from engine.memory import MemoryReleasedError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.runner import PLACEHOLDER, GrammarMasks, Launched, ModelRunner, TokenSample
 from engine.sampling_params import SamplingParams
+from engine.spec import Proposer
+from engine.spec.accept import num_accepted
 from engine.structured import DEFAULT_BACKEND, GrammarCompiler, Matcher, make_backend
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Any,
                  *, eos_token_ids: tuple[int, ...], vocab_size: int, max_model_len: int,
                  seed: int = 0, grammar_backend: str = DEFAULT_BACKEND,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, proposer: Proposer | None = None,
+                 num_draft_tokens: int = 4, spec_max_batch: int | None = None) -> None:
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
@@ -64,6 +73,9 @@ class Engine:
         self.weight_updates = 0
         self.memory_released: set[str] = set()
         """engine.memory tags whose device memory is released: no request is taken."""
+        self.proposer, self.num_draft_tokens = proposer, num_draft_tokens
+        self.spec_max_batch = spec_max_batch
+        """Speculate only while at most this many requests run (None: always)."""
 
     # -- receive -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -148,7 +160,12 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the outputs of user requests that made progress."""
-        if self.overlap:
+        if self._propose():
+            if self._inflight is not None:  # collect the overlapped step: drafts need its tokens
+                prev, self._inflight = self._inflight, None
+                return self._process(prev[0].batch, self.runner.collect(prev[0]), prev[1])
+            self._set_drafts()
+        elif self.overlap:
             return self._step_overlapped()
         batch = self.scheduler.schedule()
         if not batch:
@@ -178,6 +195,28 @@ class Engine:
         if batch:
             outs += self._run_now(batch)
         return list({id(o): o for o in outs}.values())
+
+    def _drafting(self) -> list[Request]:
+        return [r for r in self.scheduler.running
+                if r.num_tokens - r.num_computed_tokens == 1
+                and r.request_id not in self._matchers and r.params.prompt_logprobs is None]
+
+    def _propose(self) -> bool:
+        """Whether this step speculates: a proposer, and few enough running requests."""
+        if self.proposer is None:
+            return False
+        n = len(self.scheduler.running)
+        return 0 < n and (self.spec_max_batch is None or n <= self.spec_max_batch)
+
+    def _set_drafts(self) -> None:
+        running = self.scheduler.running
+        if any(r.num_tokens - r.num_computed_tokens > 1 for r in running):
+            return  # the scheduler takes no drafts while prompt chunks run: propose none
+        reqs = self._drafting()
+        if reqs:
+            for r, d in zip(reqs, self.proposer.propose(reqs, self.num_draft_tokens),
+                            strict=True):
+                r.draft_token_ids = d[:self.num_draft_tokens]
 
     def _needs_host_tokens(self, req: Request) -> bool:
         # Prompt logprobs run their own step, which takes no placeholders.
@@ -216,10 +255,14 @@ class Engine:
         if not rows:
             return None
         backend = self.grammar_compiler().backend
+        # Mask rows are logits rows: a seq with drafts has more than one (none here).
+        at = batch.logit_rows()
+        rows = [(m, at[i]) for m, i in rows]
         return GrammarMasks([i for _, i in rows], backend.mask_words,
                             lambda bitmask: backend.fill_masks(rows, bitmask))
 
-    def _process(self, batch: ScheduledBatch, samples: list[TokenSample | None],
+    def _process(self, batch: ScheduledBatch,
+                 samples: list[TokenSample | list[TokenSample] | None],
                  placeholders: dict[str, int] | None = None) -> list:
         touched: dict[str, RequestOutput] = {}
         for seq, s in zip(batch.seqs, samples, strict=True):
@@ -227,8 +270,17 @@ class Engine:
                 continue
             rid, idx = self._owner[seq.request.request_id]
             group = self._groups[rid]
-            at = placeholders.get(seq.request.request_id) if placeholders else None
-            self._append(seq.request, group, idx, s, at)
+            if seq.num_draft:  # s: the target's token after each position
+                drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
+                n = num_accepted(drafts, [x.token for x in s])
+                self.scheduler.accept_drafts(seq.request, seq.num_draft, n)
+                for x in s[:n + 1]:
+                    self._append(seq.request, group, idx, x)
+                    if seq.request.finished:
+                        break
+            else:
+                at = placeholders.get(seq.request.request_id) if placeholders else None
+                self._append(seq.request, group, idx, s, at)
             touched[rid] = group.output
         for rid, out in touched.items():
             out.num_cached_tokens = max(c.num_cached_tokens for c in self._groups[rid].children)

@@ -56,6 +56,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npu-device", default=None, choices=["npu", "cpu"],
                    help="--backend npu: run on the Ascend NPU (torch_npu) or on CPU torch with "
                         "the reference ops (default: npu)")
+    p.add_argument("--speculative-algorithm", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram (prompt lookup) or draft (a draft model)")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="draft tokens per decode and step (default 4)")
+    p.add_argument("--speculative-ngram-min", type=int, default=None,
+                   help="ngram: shortest suffix looked up (default 1)")
+    p.add_argument("--speculative-ngram-max", type=int, default=None,
+                   help="ngram: longest suffix looked up, tried first (default 4)")
+    p.add_argument("--speculative-draft-model", default=None,
+                   help="draft: the draft model (same tokenizer as --model)")
+    p.add_argument("--speculative-max-batch", type=int, default=None,
+                   help="speculate only while at most this many requests run (default 4)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                    default=None, help="devices to shard the model over (mesh axis 'tp')")
     p.add_argument("--expert-parallel", action="store_true", default=None,
@@ -74,7 +86,10 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv",
                   "quantization", "kv_cache_dtype", "seed", "warmup_threads",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
-                  "num_processes", "process_id", "interpret", "npu_device")
+                  "num_processes", "process_id", "interpret", "npu_device",
+                  "speculative_algorithm", "speculative_num_draft_tokens",
+                  "speculative_ngram_min", "speculative_ngram_max", "speculative_draft_model",
+                  "speculative_max_batch")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

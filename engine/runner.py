@@ -227,10 +227,11 @@ class ModelRunner:
         with mesh_context(self.backend):
             return self._step.trace(*self._idle_args(t, s, p, decode_only, mode)).lower()
 
-    def _row_params(self, req: Request) -> SamplingParams:
-        """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does."""
+    def _row_params(self, req: Request, ahead: int = 0) -> SamplingParams:
+        """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does.
+        `ahead`: the row samples the token after that many draft tokens."""
         p = req.params
-        if len(req.output_token_ids) >= p.min_tokens:
+        if len(req.output_token_ids) + ahead >= p.min_tokens:
             return p
         banned = [*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)]
         if not banned:
@@ -248,7 +249,9 @@ class ModelRunner:
         starts = np.fromiter((sq.start_pos for sq in seqs), np.int32, n)
         n_pages = np.fromiter((len(sq.page_ids) for sq in seqs), np.int32, n)
         n_tok = int(lens.sum())
-        t, s_pad, p = self.buckets.shape_for(n_tok, n, int(n_pages.max()))
+        # Speculative decoding: a seq with k drafts samples k + 1 rows (ScheduledBatch.
+        # logit_rows), so the sequence bucket holds the rows, not only the seqs.
+        t, s_pad, p = self.buckets.shape_for(n_tok, batch.num_rows, int(n_pages.max()))
         ps = self.page_size
         ends = np.cumsum(lens, dtype=np.int32)
         page_table = np.zeros((s_pad, p), np.int32)
@@ -272,20 +275,27 @@ class ModelRunner:
         query_start[:n] = ends - lens
         seq_lens = np.zeros(s_pad, np.int32)
         seq_lens[:n] = starts + lens
-        logits_idx = np.zeros(s_pad, np.int32)
-        logits_idx[:n] = ends - 1
+        logits_idx = np.zeros(s_pad, np.int32)  # [S]: the token whose logits row r samples
+        drafts = np.fromiter((sq.num_draft for sq in seqs), np.int32, n)
+        last = np.asarray(batch.logit_rows(), np.int32)
+        row_seq = np.repeat(np.arange(n, dtype=np.int32), drafts + 1)
+        logits_idx[:row_seq.size] = (ends - 1)[row_seq] - (last[row_seq]
+                                                            - np.arange(row_seq.size))
         md = AttentionMetadata(
             positions=positions, slot_mapping=slots, token_seq=token_seq,
             query_start=query_start, seq_lens=seq_lens, page_table=page_table,
             num_tokens=np.int32(n_tok), page_size=self.page_size,
             decode_only=n_tok == len(seqs),
         )
+        # Row i of a seq with drafts d samples what follows its output + d[:i]: the same
+        # params, seed and step (so the same noise) as a step without drafts would use there.
         rows = [
-            SamplingRow(params=self._row_params(sq.request), seed=sq.request.seed,
-                        step=len(sq.request.output_token_ids),
+            SamplingRow(params=self._row_params(sq.request, i), seed=sq.request.seed,
+                        step=len(sq.request.output_token_ids) + i,
                         prompt_ids=sq.request.prompt_token_ids,
-                        output_ids=sq.request.output_token_ids)
-            for sq in seqs
+                        output_ids=sq.request.output_token_ids
+                        + sq.token_ids[len(sq.token_ids) - sq.num_draft:][:i])
+            for sq in seqs for i in range(sq.num_draft + 1)
         ]
         need = SamplingMode.from_rows(rows)
         # Few programs: logprob counts are rounded up to 0, 5 or 20.
@@ -294,8 +304,8 @@ class ModelRunner:
         st = SamplingTensors.from_rows(rows, self.cfg.vocab_size, pad_to=s_pad, mode=mode)
         return tokens, md, logits_idx, st, mode
 
-    def execute(self, batch: ScheduledBatch,
-                masks: GrammarMasks | None = None) -> list[TokenSample | None]:
+    def execute(self, batch: ScheduledBatch, masks: GrammarMasks | None = None,
+                ) -> list[TokenSample | list[TokenSample] | None]:
         """Run one step; one entry per scheduled seq (None where the seq does not sample).
         `masks`: the grammar-constrained rows, if any (else the fused step runs)."""
         return self.collect(self.launch(batch, masks=masks))
@@ -332,7 +342,8 @@ class ModelRunner:
         else:
             with mesh_context(self.backend):
                 out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
-        rows = {sq.request.request_id: i for i, sq in enumerate(batch.seqs) if sq.sample}
+        rows = {sq.request.request_id: i for i, sq in zip(batch.logit_rows(), batch.seqs,
+                                                          strict=True) if sq.sample}
         dispatched = time.perf_counter()
         if self._compiles.compiles > compiles:  # dispatch compiles synchronously
             self._compiled_while_serving(shape, self._compiles.compiles - compiles, t_prep)
@@ -366,8 +377,10 @@ class ModelRunner:
                 ", grammar-constrained" if constrained else "",
                 "" if self.warmed_up else " (no warm-up ran: see --warmup-decode-len)")
 
-    def collect(self, launched: Launched) -> list[TokenSample | None]:
-        """Wait for a launched step and read its samples (one entry per scheduled seq)."""
+    def collect(self, launched: Launched) -> list[TokenSample | list[TokenSample] | None]:
+        """Wait for a launched step and read its samples: one entry per scheduled seq, a
+        list of num_draft + 1 samples for a seq with drafts (the token after each of its last
+        num_draft + 1 tokens)."""
         t0 = time.perf_counter()
         out = to_host(launched.out)  # also reads a replicated multi-process array
         done = time.perf_counter()
@@ -384,15 +397,17 @@ class ModelRunner:
         if launched.shape not in self.compiled_shapes:
             self.compiled_shapes.add(launched.shape)
             log.debug("step shape %s first run (wait %.2fs)", launched.shape, done - t0)
-        results: list[TokenSample | None] = []
-        for i, sq in enumerate(launched.batch.seqs):
+        results: list[TokenSample | list[TokenSample] | None] = []
+        for last, sq in zip(launched.batch.logit_rows(), launched.batch.seqs, strict=True):
             if not sq.sample:
                 results.append(None)
                 continue
             k = sq.request.params.logprobs or 0
-            top = [(int(a), float(b)) for a, b in zip(out.top_ids[i, :k], out.top_logprobs[i, :k],
-                                                      strict=True)]
-            results.append(TokenSample(int(out.tokens[i]), float(out.logprobs[i]), top))
+            row = [TokenSample(int(out.tokens[i]), float(out.logprobs[i]),
+                               [(int(a), float(b)) for a, b in
+                                zip(out.top_ids[i, :k], out.top_logprobs[i, :k], strict=True)])
+                   for i in range(last - sq.num_draft, last + 1)]
+            results.append(row if sq.num_draft else row[0])
         return results
 
     def _constrained_step(self, tokens: np.ndarray, md: AttentionMetadata,

@@ -274,8 +274,8 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplingMode,
         tokens = jnp.where(greedy, jnp.argmax(x, axis=-1), drawn)
     tokens = tokens.astype(jnp.int32)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]  # [S]
-    if mode.num_logprobs:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, mode.num_logprobs)  # [S, K]
+    if mode.num_logprobs:  # K rounds up (runner), past a vocabulary smaller than it
+        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(mode.num_logprobs, V))  # [S, K]
     else:
         top_logprobs = jnp.zeros((S, 0), jnp.float32)
         top_ids = jnp.zeros((S, 0), jnp.int32)

@@ -69,6 +69,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from engine.bench.latency_baselines import compare_line, run_baselines
     from engine.bench.roofline import copy_bandwidth
 
+    if args.speculative_algorithm is not None:  # it times steps, not tokens
+        raise SystemExit("engine bench latency times decode steps of one token: measure "
+                         "speculative decoding with engine bench spec")
     load = HostLoad.start(on_cpu(args))
     base = run_baselines(args) if args.baseline else []  # first: as for --baseline hf offline
     llm = make_llm(args)
@@ -90,6 +93,31 @@ def cmd_latency(args: argparse.Namespace) -> int:
         print(compare_line(r, next(e for e in rows if e["batch"] == r["batch"])), flush=True)
     load.finish()
     dump()
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.bench.hostload import HostLoad
+    from engine.bench.spec import HEADER, compare, row_line
+
+    load = HostLoad.start(on_cpu(args))
+    llm = make_llm(args)
+    sp = llm.config.speculative
+    print(f"speculative decoding: {sp.speculative_algorithm}, "
+          f"{sp.speculative_num_draft_tokens} draft tokens\n{HEADER}", flush=True)
+    rows = []
+    for b in args.batch_size:
+        rows.append(compare(llm, b, args.output_len, args.warmup_runs))
+        print(row_line(rows[-1]), flush=True)
+        if args.output_json:  # rewritten after every row: a cut-off run keeps what it had
+            with open(args.output_json, "w") as f:
+                json.dump({"rows": rows, "host_load": load.as_dict()}, f, indent=2)
+    load.finish()
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"rows": rows, "host_load": load.as_dict()}, f, indent=2)
     return 0
 
 
@@ -168,6 +196,15 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
                    "the 'bench' extra, on the GGUF file itself; batch 1)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_latency)
+
+    p = bench.add_parser("spec", help="speculative decoding off and on, side by side: "
+                         "output tok/s, tokens per step, acceptance (a repetitive workload)")
+    add_engine_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--warmup-runs", type=int, default=1)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_spec)
 
     p = bench.add_parser("serving", help="a workload against a running server: throughput, "
                          "TTFT, TPOT, ITL, E2E latency")

@@ -45,6 +45,10 @@ class Request:
     prompt_logprobs: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
     """Prompt position -> {its token: logprob, top alternatives...}, as the runner computes
     them (params.prompt_logprobs)."""
+    draft_token_ids: list[int] = dataclasses.field(default_factory=list)
+    """Speculative decoding: tokens proposed to follow this decode, set by the engine before
+    a step and consumed by the scheduler (which may schedule fewer); never part of the
+    request's tokens until the target model has verified them."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -75,6 +79,9 @@ class ScheduledSeq:
     """All pages of the request, covering positions [0, start_pos + len(token_ids))."""
     sample: bool
     """True when the step reaches the end of the known tokens: a new token is sampled."""
+    num_draft: int = 0
+    """Speculative decoding: the last num_draft of token_ids are unverified draft tokens.
+    The step returns the target's token after each of the last num_draft + 1 positions."""
 
 
 @dataclasses.dataclass
@@ -90,3 +97,17 @@ class ScheduledBatch:
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
+
+    def logit_rows(self) -> list[int]:
+        """Each seq's last row among the step's sampled logits rows: a seq that samples
+        has 1 + num_draft rows, one after each of its last 1 + num_draft tokens (in order);
+        a seq that does not sample has one unused row."""
+        rows, off = [], -1
+        for sq in self.seqs:
+            off += 1 + sq.num_draft
+            rows.append(off)
+        return rows
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seqs) + sum(sq.num_draft for sq in self.seqs)

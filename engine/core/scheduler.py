@@ -14,6 +14,14 @@ preemption), and the request then swaps to the cached copy and locks the longer 
 `schedule()` assumes the previous batch has been computed, and `finish()` is called
 after the step that produced the final token; the engine finishes a request at the
 latest when it reaches `max_total_tokens`.
+
+Speculative decoding: a decode with draft tokens (`Request.draft_token_ids`) is scheduled
+as a 1 + k token row, like a prompt chunk; num_computed_tokens then counts the drafts until
+`accept_drafts()` rolls it back to the verified tokens and gives back the pages beyond
+them. Drafts never displace real work: they use the budget and sequence rows the step's
+decodes leave over and only pages that are free, and they never reach the prefix cache
+(only computed pages of real tokens join it, and a request is rolled back before the
+engine appends its verified tokens).
 """
 
 from __future__ import annotations
@@ -106,6 +114,22 @@ class SchedulerStats:
     num_preemptions: int
     num_computed_tokens: int
     num_steps: int
+    num_draft_tokens: int = 0
+    """Speculative decoding: draft tokens verified by the target model."""
+    num_accepted_tokens: int = 0
+    """Draft tokens the target model accepted."""
+    num_spec_verifies: int = 0
+    """Decode rows that verified drafts; each yields its accepted drafts + 1 tokens."""
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def spec_tokens_per_verify(self) -> float:
+        """Tokens a speculative decode row yields per step (accepted drafts + 1)."""
+        n = self.num_spec_verifies
+        return (self.num_accepted_tokens + n) / n if n else 0.0
 
     @property
     def kv_usage(self) -> float:
@@ -129,6 +153,8 @@ class _Slot:
 class _Step:
     seqs: dict[str, ScheduledSeq]
     budget: int
+    drafts: int = 0
+    """Draft tokens scheduled: each takes a row of the step's sequence bucket."""
     preempted: list[Request] = dataclasses.field(default_factory=list)
 
 
@@ -145,6 +171,7 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._slots: dict[str, _Slot] = {}  # running requests only
         self._hits = self._looked_up = self._preemptions = self._computed = self._steps = 0
+        self._drafted = self._accepted = self._verifies = 0
 
     def add(self, req: Request) -> None:
         """Queue `req`; ValueError if it could never run, even alone in the pool."""
@@ -174,10 +201,22 @@ class Scheduler:
             self._share_computed(r, min(r.num_computed_tokens, r.num_prompt_tokens))
         decodes = [r for r in self._running if r.num_tokens - r.num_computed_tokens == 1]
         others = [r for r in self._running if r.num_tokens - r.num_computed_tokens > 1]
+        # Budget and rows the decodes leave for drafts (each decode keeps its 1 token), and
+        # the pages their next tokens need. No drafts while prompt chunks run: they must not
+        # take the pages a chunk would then preempt a request for.
+        spare = 0 if others else min(step.budget - len(decodes),
+                                     self.config.max_running_requests - len(self._running))
+        need = {r.request_id: max(self._pages_for(r.num_computed_tokens + 1) - len(r.page_ids), 0)
+                for r in decodes}
+        reserved = sum(need.values())
         for r in decodes + others:
             n = min(r.num_tokens - r.num_computed_tokens, step.budget)
-            if r.status is Status.RUNNING and n > 0 and self._grow(r, n, step):
-                self._add_seq(r, n, step)
+            drafts, r.draft_token_ids = r.draft_token_ids, []
+            k = self._draft_room(r, min(len(drafts), spare), reserved) if spare else 0
+            reserved -= need.get(r.request_id, 0)
+            if r.status is Status.RUNNING and n > 0 and self._grow(r, n + k, step):
+                self._add_seq(r, n, step, drafts[:k])
+                spare -= k
         if not step.preempted:  # pages just ran short: admitting more would thrash
             self._admit(step)
         batch = ScheduledBatch(list(step.seqs.values()), step.preempted)
@@ -216,7 +255,8 @@ class Scheduler:
             note(r)
         admitted: set[Request] = set()
         for r in self._policy(list(self._waiting), self.cache):
-            if len(self._running) >= self.config.max_running_requests or step.budget <= 0:
+            if (len(self._running) + step.drafts >= self.config.max_running_requests
+                    or step.budget <= 0):
                 break
             if self._held_back(r, group_cached):
                 continue
@@ -258,7 +298,18 @@ class Scheduler:
         self._add_seq(r, n, step)
         return True
 
-    def _add_seq(self, r: Request, n: int, step: _Step) -> None:
+    def _draft_room(self, r: Request, k: int, reserved: int) -> int:
+        """How many of k drafts decode `r` may carry: within max_total_tokens, and in pages
+        that are free now beyond the `reserved` ones the step's unscheduled decodes (r
+        included) need for their next tokens."""
+        c, held = r.num_computed_tokens, len(r.page_ids)
+        k = max(min(k, r.max_total_tokens - r.num_tokens), 0)
+        free = self.pool.num_free - reserved
+        while k and self._pages_for(c + 1 + k) - max(self._pages_for(c + 1), held) > free:
+            k -= 1
+        return k
+
+    def _add_seq(self, r: Request, n: int, step: _Step, drafts: list[int] = ()) -> None:
         start = r.num_computed_tokens
         end = start + n
         p = r.num_prompt_tokens
@@ -266,10 +317,30 @@ class Scheduler:
             tokens = r.prompt_token_ids[start:end]
         else:
             tokens = r.prompt_token_ids[start:] + r.output_token_ids[max(start - p, 0) : end - p]
-        step.seqs[r.request_id] = ScheduledSeq(r, tokens, start, list(r.page_ids),
-                                               sample=end == r.num_tokens)
-        r.num_computed_tokens = end
-        step.budget -= n
+        step.seqs[r.request_id] = ScheduledSeq(r, tokens + list(drafts), start,
+                                               list(r.page_ids), sample=end == r.num_tokens,
+                                               num_draft=len(drafts))
+        r.num_computed_tokens = end + len(drafts)
+        step.budget -= n + len(drafts)
+        step.drafts += len(drafts)
+
+    def accept_drafts(self, r: Request, num_draft: int, num_accepted: int) -> None:
+        """After the step that verified `num_draft` drafts of running decode `r`, of which
+        the first `num_accepted` were accepted, and before the engine appends its tokens:
+        positions past the accepted drafts hold rejected K/V (num_computed_tokens rolls back
+        over them) and the pages past the one its next token needs go back to the pool."""
+        if not 0 <= num_accepted <= num_draft:
+            raise ValueError(f"{num_accepted=} must be in [0, {num_draft=}]")
+        r.num_computed_tokens -= num_draft - num_accepted
+        if r.num_computed_tokens != r.num_tokens + num_accepted:
+            raise ValueError(f"request {r.request_id!r}: accept_drafts after its tokens were "
+                             f"appended ({r.num_computed_tokens=}, {r.num_tokens=})")
+        keep = max(self._pages_for(r.num_computed_tokens + 1), self._slots[r.request_id].depth)
+        self.pool.decref(r.page_ids[keep:])  # own pages (refcount 1): drafts only
+        del r.page_ids[keep:]
+        self._drafted += num_draft
+        self._accepted += num_accepted
+        self._verifies += 1
 
     def _preempt(self, r: Request, step: _Step) -> None:
         """Retract `r`: its computed full pages stay cached, it is recomputed later."""
@@ -277,6 +348,7 @@ class Scheduler:
         if seq is not None:  # scheduled earlier in this step: undo that
             r.num_computed_tokens = seq.start_pos
             step.budget += len(seq.token_ids)
+            step.drafts -= seq.num_draft
         self._leave_running(r, keep=True)
         r.num_computed_tokens = 0
         r.status = Status.PREEMPTED
@@ -344,6 +416,11 @@ class Scheduler:
         req.status = Status.FINISHED
         req.finish_reason = reason
 
+    @property
+    def running(self) -> tuple[Request, ...]:
+        """Running requests, oldest admission first."""
+        return tuple(self._running)
+
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
@@ -366,4 +443,5 @@ class Scheduler:
             kv_pages_cached=self.cache.cached_pages, kv_pages_total=total,
             prefix_hit_tokens=self._hits, prompt_tokens=self._looked_up,
             num_preemptions=self._preemptions, num_computed_tokens=self._computed,
-            num_steps=self._steps)
+            num_steps=self._steps, num_draft_tokens=self._drafted,
+            num_accepted_tokens=self._accepted, num_spec_verifies=self._verifies)

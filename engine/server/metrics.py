@@ -93,6 +93,17 @@ class ServerMetrics:
             metric("engine:num_preemptions_total", "counter",
                    "Preemptions (a running sequence lost its pages).",
                    ("", stats.num_preemptions))
+            metric("engine:spec_decode_num_draft_tokens_total", "counter",
+                   "Speculative decoding: draft tokens verified.", ("", stats.num_draft_tokens))
+            metric("engine:spec_decode_num_accepted_tokens_total", "counter",
+                   "Speculative decoding: draft tokens accepted.",
+                   ("", stats.num_accepted_tokens))
+            metric("engine:spec_decode_acceptance_rate", "gauge",
+                   "Speculative decoding: accepted / verified draft tokens.",
+                   ("", stats.spec_acceptance_rate))
+            metric("engine:spec_decode_tokens_per_step", "gauge",
+                   "Speculative decoding: tokens a decode with drafts yields per step "
+                   "(accepted drafts + 1).", ("", stats.spec_tokens_per_verify))
         if step_compiles is not None:
             metric("engine:step_compilations_total", "counter",
                    "Step programs compiled (or loaded from the compilation cache) while "

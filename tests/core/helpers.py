@@ -6,11 +6,18 @@ it is written into a store keyed by (page_id, offset). Before computing from pos
 p, the runner checks that every earlier position of the request reads back the right
 K/V through `page_ids`, and the sampled token is read from the K/V of the last
 position, so a wrong page mapping fails a check or changes the outputs.
+
+With `draft_rng`, the runner also speculates: each running decode gets up to 3 draft
+tokens, each the fake model's next token with probability 0.6 (else a wrong one); the step
+writes the drafts' K/V like any other token's, accepts the longest right run and hands the
+rest back (Scheduler.accept_drafts), so a rolled-back position that is read again before it
+is recomputed fails the K/V check.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 from collections import Counter
 
 from engine.core.request import Request, ScheduledBatch, Status
@@ -69,8 +76,9 @@ def expected_output(prompt: list[int], max_tokens: int, stop_token: int | None) 
 
 
 class FakeRunner:
-    def __init__(self, sched: Scheduler, stop_token: int | None = None) -> None:
-        self.sched = sched
+    def __init__(self, sched: Scheduler, stop_token: int | None = None,
+                 draft_rng: random.Random | None = None) -> None:
+        self.sched, self.draft_rng = sched, draft_rng
         self.stop_token = stop_token
         self.kv: dict[tuple[int, int], tuple[int, int]] = {}  # (page, offset) -> (pos, K/V)
         self.outputs: dict[str, list[int]] = {}
@@ -80,16 +88,30 @@ class FakeRunner:
         for r in reqs:
             self.sched.add(r)
 
+    def _propose(self) -> None:
+        rng = self.draft_rng
+        for r in self.sched.running:
+            if r.num_tokens - r.num_computed_tokens == 1:
+                tokens = list(r.all_token_ids)
+                for _ in range(rng.randint(0, 3)):
+                    right = fake_next_token(tokens)
+                    tokens.append(right if rng.random() < 0.6 else (right + 1) % VOCAB)
+                r.draft_token_ids = tokens[r.num_tokens:]
+
     def step(self) -> ScheduledBatch:
+        if self.draft_rng is not None:
+            self._propose()
         batch = self.sched.schedule()
         self.batches.append(batch)
         ps = self.sched.config.page_size
         assert len({s.request.request_id for s in batch.seqs}) == len(batch.seqs)
         assert batch.num_tokens <= self.sched.config.chunked_prefill_size
+        assert batch.num_rows <= self.sched.config.max_running_requests
         for seq in batch.seqs:
             req, start = seq.request, seq.start_pos
             end = start + len(seq.token_ids)
-            known = req.all_token_ids
+            known = req.all_token_ids + seq.token_ids[len(seq.token_ids) - seq.num_draft:]
+            assert req.num_computed_tokens == end
             assert req.status is Status.RUNNING
             assert seq.token_ids, "every scheduled request computes at least one token"
             assert seq.token_ids == known[start:end]
@@ -104,13 +126,33 @@ class FakeRunner:
                 assert self.sched.pool.refcount(page) == 1, f"write to shared page {page}"
                 self.kv[(page, p % ps)] = (p, kv[p])
         for seq in batch.seqs:
-            if seq.sample:
-                self._sample(seq.request, seq.page_ids, seq.start_pos + len(seq.token_ids))
+            end = seq.start_pos + len(seq.token_ids)
+            if seq.num_draft:
+                self._verify(seq.request, seq.page_ids, end, seq.token_ids[-seq.num_draft:])
+            elif seq.sample:
+                self._sample(seq.request, seq.page_ids, end)
         return batch
+
+    def _verify(self, req: Request, page_ids: list[int], end: int, drafts: list[int]) -> None:
+        k = len(drafts)
+        ps = self.sched.config.page_size
+        targets = [self.kv[(page_ids[(p - 1) // ps], (p - 1) % ps)][1] % VOCAB
+                   for p in range(end - k, end + 1)]
+        n = 0
+        while n < k and drafts[n] == targets[n]:
+            n += 1
+        self.sched.accept_drafts(req, k, n)
+        assert len(req.page_ids) * ps < req.num_computed_tokens + 1 + ps, "pages not given back"
+        for t in targets[:n + 1]:
+            self._append(req, t)
+            if req.finished:
+                break
 
     def _sample(self, req: Request, page_ids: list[int], end: int) -> None:
         ps = self.sched.config.page_size
-        token = self.kv[(page_ids[(end - 1) // ps], (end - 1) % ps)][1] % VOCAB
+        self._append(req, self.kv[(page_ids[(end - 1) // ps], (end - 1) % ps)][1] % VOCAB)
+
+    def _append(self, req: Request, token: int) -> None:
         req.output_token_ids.append(token)
         if token == self.stop_token:
             self.sched.finish(req, "stop")

@@ -1,8 +1,11 @@
 """Random arrivals, steps, aborts, finishes and flushes; page accounting after every step.
 
 Prompts come from a three-token alphabet so prefixes collide and the cache, sibling
-groups, eviction and preemption all get exercised on small pools.
+groups, eviction and preemption all get exercised on small pools. Half the machines also
+speculate (FakeRunner's draft tokens, some rejected), under the same invariants.
 """
+
+import random
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -32,14 +35,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(page_size=st.sampled_from([1, 2, 3, 4]), num_pages=st.integers(3, 20),
                 max_running=st.integers(1, 4), extra_budget=st.integers(0, 10),
                 policy=st.sampled_from(["fcfs", "lpm"]), eviction=st.sampled_from(["lru", "lfu"]),
-                disable=st.sampled_from([False, False, False, True]))
+                disable=st.sampled_from([False, False, False, True]),
+                speculate=st.sampled_from([None, None, 0, 1]))
     def setup(self, page_size: int, num_pages: int, max_running: int, extra_budget: int,
-              policy: str, eviction: str, disable: bool) -> None:
+              policy: str, eviction: str, disable: bool, speculate: int | None) -> None:
         self.sched = make_scheduler(
             page_size=page_size, num_pages=num_pages, max_running_requests=max_running,
             chunked_prefill_size=max_running + extra_budget, schedule_policy=policy,
             eviction_policy=eviction, disable_radix_cache=disable, max_model_len=MAX_MODEL_LEN)
-        self.runner = FakeRunner(self.sched, stop_token=STOP)
+        # speculate: the seed of the draft tokens' guesses (None: no speculation).
+        self.runner = FakeRunner(self.sched, stop_token=STOP, draft_rng=None if speculate is None
+                                 else random.Random(speculate))
         self.reqs: list[Request] = []
         self.cut_short: set[str] = set()  # finished by abort() or an early finish()
 

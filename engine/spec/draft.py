@@ -1,0 +1,105 @@
+"""Draft-model proposer: a smaller model of the same tokenizer, with its own runner and its
+own paged KV pool, proposes k tokens greedily: rows that catch up with each request's tokens
+up to its last one (chunked within a step's token budget), then k one-token steps, all
+requests batched together.
+
+Its K/V stays valid for the longest common prefix of what it computed and the request's
+tokens now: after a verification, the accepted drafts are kept and everything past the
+first rejected one is recomputed next time. Its pages are its own (no prefix cache); a
+request's pages go back once it is not among the decodes to draft for (finished, aborted,
+preempted or prefilling), or when the pool cannot hold its next drafts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from engine.core.page_pool import PagePool
+from engine.core.request import Request, ScheduledBatch, ScheduledSeq
+from engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclasses.dataclass
+class _Seq:
+    """The draft model's state of one request: K/V of tokens[:computed] in page_ids."""
+
+    tokens: list[int]
+    computed: int
+    page_ids: list[int]
+    shadow: Request
+    """What the draft runner samples for (greedy, its own id)."""
+
+
+class DraftModelProposer:
+    def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int) -> None:
+        """`runner`: an engine.runner.ModelRunner over the draft model with `num_pages`
+        pages of `page_size` tokens."""
+        self.runner, self.vocab_size = runner, vocab_size
+        self.pool = PagePool(num_pages, page_size)
+        self.page_size = page_size
+        self._seqs: dict[str, _Seq] = {}
+
+    def _release(self, rid: str) -> None:
+        self.pool.decref(self._seqs.pop(rid).page_ids)
+
+    def propose(self, requests: list[Request], k: int) -> list[list[int]]:
+        live = {r.request_id for r in requests}
+        for rid in [rid for rid, s in self._seqs.items() if rid not in live]:
+            self._release(rid)  # finished, aborted, or not decoding now: recomputed later
+        seqs = [self._seq(r, k) for r in requests]
+        active = [i for i, s in enumerate(seqs) if s is not None]
+        budget = self.runner.buckets.tokens[-1]
+        while True:  # catch up to each request's last token, in chunks within a step's budget
+            rows, left = [], budget
+            for i in active:
+                s = seqs[i]
+                n = min(len(s.tokens) - 1 - s.computed, left)
+                if n > 0:
+                    rows.append(self._row(s, n, sample=False))
+                    s.computed += n
+                    left -= n
+            if not rows:
+                break
+            self.runner.execute(ScheduledBatch(rows))
+        drafts: list[list[int]] = [[] for _ in requests]
+        for _ in range(k):  # one token a row: the last known one, then each draft
+            if not active:
+                break
+            batch = ScheduledBatch([self._row(seqs[i], 1, sample=True) for i in active])
+            for i, sample in zip(active, self.runner.execute(batch), strict=True):
+                s = seqs[i]
+                s.computed += 1
+                token = sample.token if 0 <= sample.token < self.vocab_size else 0
+                s.tokens.append(token)
+                drafts[i].append(token)
+        return drafts
+
+    def _seq(self, r: Request, k: int) -> _Seq | None:
+        """r's draft state, with pages for its tokens and k - 1 drafts; None if the pool
+        cannot hold them (the requests of this step keep theirs)."""
+        tokens = r.all_token_ids
+        s = self._seqs.get(r.request_id)
+        if s is None:
+            s = self._seqs[r.request_id] = _Seq([], 0, [], Request(
+                f"draft:{r.request_id}", [], GREEDY, seed=0))
+        same = 0
+        for a, b in zip(s.tokens[:s.computed], tokens, strict=False):
+            if a != b:
+                break
+            same += 1
+        s.tokens, s.computed = list(tokens), same
+        need = -(-(len(tokens) + k - 1) // self.page_size) - len(s.page_ids)
+        if need > self.pool.num_free:  # no draft this step; its K/V is recomputed later
+            self._release(r.request_id)
+            return None
+        s.page_ids += self.pool.alloc(max(need, 0))
+        return s
+
+    def _row(self, s: _Seq, n: int, sample: bool) -> ScheduledSeq:
+        # The runner samples for the shadow request (greedy: it reads only its output
+        # length); the K/V positions come from start_pos.
+        s.shadow.prompt_token_ids = s.tokens
+        return ScheduledSeq(s.shadow, s.tokens[s.computed:s.computed + n], s.computed,
+                            list(s.page_ids), sample=sample)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Speculative decoding on an NVIDIA GPU, Llama-3.1-8B shape with random weights
+# (--load-format dummy), batch 1, 4 draft tokens: `engine bench spec` runs speculation off
+# and on side by side in one engine for each proposer below. Run from the repo root;
+# results (text and JSON) in $OUT. About 3 minutes on an H200, most of it compilation.
+#   same    draft = the target's own weights (the same preset and seed): every draft is
+#           accepted; `bound tok/s` (tokens per step over the target's step time alone) is
+#           the UPPER BOUND of the mechanism, not a real draft's speed-up
+#   small   draft = a random Llama-3.2-1B (same vocabulary): drafts are rejected, so
+#           `on tok/s` against `off tok/s` is the overhead floor
+#   ngram   prompt lookup on the repetitive workload (random weights: acceptance is whatever
+#           the random model's loops give)
+set -uo pipefail
+OUT=${OUT:-.out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
+# A fixed KV pool (64k tokens, 8.6 GB) for the target, so the draft's weights and its pool
+# of as many pages fit beside it.
+# BACKEND, TARGET, SMALL_DRAFT: for a dry run elsewhere (BACKEND=cpu TARGET=smollm2-135m
+# SMALL_DRAFT=smollm2-135m OUTPUT_LEN=8).
+TARGET=${TARGET:-llama-3.1-8b}
+BASE=(--backend ${BACKEND:-cuda} --load-format dummy --model $TARGET --max-total-tokens 65536
+      --speculative-num-draft-tokens ${K:-4} --batch-size ${BATCHES:-1}
+      --output-len ${OUTPUT_LEN:-64} ${ENGINE_ARGS:-})
+quiet() { grep -v -E "INFO|Warning|warn|deprecat" ; }
+for run in ${RUNS:-same small ngram}; do
+  case $run in
+  same)  args=(--speculative-algorithm draft --speculative-draft-model $TARGET) ;;
+  small) args=(--speculative-algorithm draft --speculative-draft-model ${SMALL_DRAFT:-llama-3.2-1b}) ;;
+  ngram) args=(--speculative-algorithm ngram) ;;
+  esac
+  echo "== $run $(date -u +%H:%M:%S)"
+  timeout ${TIMEOUT:-170} python3 -m engine.cli bench spec "${BASE[@]}" "${args[@]}" \
+    --output-json "$OUT/spec_$run.json" 2>&1 | quiet | tee "$OUT/spec_$run.txt" | tail -3
+done
