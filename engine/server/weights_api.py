@@ -145,4 +145,13 @@ def add_weight_routes(app: FastAPI, state: Any) -> None:
             "max_model_len": serving.max_model_len,
             "max_total_num_tokens": sched.num_pages * sched.page_size,
             "max_running_requests": sched.max_running_requests,
-            "engine_config": dataclasses.asdict(state.config.model)})
+            "engine_config": dataclasses.asdict(state.config.model),
+            # SGLang's shape: clients (its bench_serving.py) read internal_states[0].
+            "internal_states": [{"avg_spec_accept_length": _accept_length(engine)}]})
+
+
+def _accept_length(engine: Any) -> float | None:
+    """Tokens a verify step yields on average (accepted drafts + 1), as SGLang reports it;
+    None when no speculative step has run."""
+    stats = engine.scheduler.stats()
+    return stats.spec_tokens_per_verify or None

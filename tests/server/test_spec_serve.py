@@ -46,3 +46,7 @@ def test_stream_equals_non_stream_and_drafts_are_counted(server: ServerProcess) 
     assert drafted >= accepted >= 10  # both requests copied from the prompt
     assert 0 < after["engine:spec_decode_acceptance_rate"] <= 1
     assert after["engine:spec_decode_tokens_per_step"] > 1
+    # SGLang's bench_serving.py reads this after every run (a KeyError without it).
+    info = http.get("/get_server_info").json()
+    assert info["internal_states"][0]["avg_spec_accept_length"] == pytest.approx(
+        after["engine:spec_decode_tokens_per_step"], rel=1e-6)
