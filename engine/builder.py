@@ -32,7 +32,14 @@ from engine.sampler import SamplingMode
 from engine.spec import Proposer
 from engine.spec.draft import DraftModelProposer
 from engine.spec.ngram import NgramProposer
-from engine.weights_update import WeightRecipe, commit
+from engine.weights_update import (
+    Params,
+    WeightRecipe,
+    check_architecture,
+    check_tree,
+    commit,
+    place_like,
+)
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +378,16 @@ def eos_ids(cfg: ModelConfig, loaded: LoadedModel) -> tuple[int, ...]:
     if tok is not None and tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
     return tuple(sorted(ids))
+
+
+def load_update(config: Any, recipe: WeightRecipe, backend: Any, current: Params,
+                model_path: str, load_format: str = "auto") -> Params:
+    """Weights read from disk through start-up's loader (any source it reads), checked and
+    placed like `current`. Runs off the step loop (it takes seconds)."""
+    model = dataclasses.replace(config.model, model=model_path, load_format=load_format)
+    loaded = load_model(dataclasses.replace(config, model=model), backend,
+                        jnp.dtype(recipe.dtype), recipe.scan, recipe.place)
+    check_architecture(loaded.cfg, recipe.cfg)
+    params = recipe.finish(loaded.params, loaded.path)
+    check_tree(params, current)
+    return place_like(params, current)

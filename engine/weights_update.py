@@ -186,21 +186,6 @@ def check_architecture(new: ModelConfig, serving: ModelConfig) -> None:
                              f"serving model has {f.name}={b!r}")
 
 
-def load_update(config: Any, recipe: WeightRecipe, backend: Any, current: Params,
-                model_path: str, load_format: str = "auto") -> Params:
-    """Weights read from disk through start-up's loader (any source it reads), checked and
-    placed like `current`. Runs off the step loop (it takes seconds)."""
-    from engine.builder import load_model
-
-    model = dataclasses.replace(config.model, model=model_path, load_format=load_format)
-    loaded = load_model(dataclasses.replace(config, model=model), backend,
-                        jnp.dtype(recipe.dtype), recipe.scan, recipe.place)
-    check_architecture(loaded.cfg, recipe.cfg)
-    params = recipe.finish(loaded.params, loaded.path)
-    check_tree(params, current)
-    return place_like(params, current)
-
-
 def swap(engine: Any, params: Params, version: str | None = None) -> str:
     """Serve `params` from the next step on (nothing may be running: the caller drained or
     aborted); the prefix cache is flushed. Returns the new weight version."""

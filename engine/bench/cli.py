@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def cmd_offline(args: argparse.Namespace) -> int:
-    from engine.bench.hostload import HostLoad
+    from engine.bench.hostload import HostLoad, on_cpu
     from engine.bench.offline import run_engine, write_json
     from engine.bench.roofline import copy_bandwidth, matmul_rate
 
@@ -55,16 +55,10 @@ def cmd_offline(args: argparse.Namespace) -> int:
     return 0
 
 
-def on_cpu(args: argparse.Namespace) -> bool:
-    from engine.backend import detect_backend
-
-    return (detect_backend() if args.backend == "auto" else args.backend) == "cpu"
-
-
 def cmd_latency(args: argparse.Namespace) -> int:
     import json
 
-    from engine.bench.hostload import HostLoad
+    from engine.bench.hostload import HostLoad, on_cpu
     from engine.bench.latency import HEADER, measure, row_line
     from engine.bench.latency_baselines import compare_line, run_baselines
     from engine.bench.roofline import copy_bandwidth
@@ -99,7 +93,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     import json
 
-    from engine.bench.hostload import HostLoad
+    from engine.bench.hostload import HostLoad, on_cpu
     from engine.bench.spec import HEADER, compare, row_line
 
     load = HostLoad.start(on_cpu(args))

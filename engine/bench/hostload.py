@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +56,10 @@ class HostLoad:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def on_cpu(args: Any) -> bool:
+    """Whether a bench's parsed arguments (their `backend`) run on the CPU backend."""
+    from engine.backend import detect_backend
+
+    return (detect_backend() if args.backend == "auto" else args.backend) == "cpu"

@@ -38,8 +38,7 @@ def time_loads(setup: Any, model: str | None, repeat: int, **options: Any) -> di
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from engine.bench.cli import on_cpu
-    from engine.bench.hostload import HostLoad
+    from engine.bench.hostload import HostLoad, on_cpu
     from engine.convert import convert, setup
     from engine.options import engine_options
 

@@ -20,7 +20,7 @@ fields ("data", "scales", "zeros"), leaving out those that are None and those th
 Restore: every array is read by orbax/tensorstore into the sharding its logical axes get on
 the current mesh (engine.parallel.sharding), so each device reads only its own slices and
 the TP size may differ from the one saved with. A QuantizedWeight's arrays go where the
-engine puts them (engine.parallel.sharding.quantized_shardings: rows with their scales and
+engine puts them (engine.model.weights.quantized_shardings: rows with their scales and
 zero points). Arrays are read in groups of layers, with progress in the log.
 """
 
@@ -314,7 +314,7 @@ def _quantized_shardings(d: dict[str, Any], place: Place | None, single: Any
     placement on the mesh (the one place_params gives the weight when it loads)."""
     if place is None:
         return {f: single for f in d["arrays"]}
-    from engine.parallel.sharding import quantized_shardings
+    from engine.model.weights import quantized_shardings
 
     shapes = {f: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]))
               for f, a in d["arrays"].items()}

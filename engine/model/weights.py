@@ -26,11 +26,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from engine.model.axes import PARAM_AXES, Axes, param_axes
 from engine.model.config import ModelConfig
 from engine.model.llama import Params
-from engine.model.quant import QuantizedWeight
+from engine.model.quant import BLOCK, BLOCK_BYTES, QuantizedWeight
 
 
 def _experts_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig
@@ -120,14 +121,56 @@ def _sharding(place: Place | None, name: str, shape: tuple[int, ...]) -> Any:
 def place_weight(x: Any, axes: Axes, place: Place | None) -> Any:
     """An array or QuantizedWeight (host or device) on the device, or on its shards of the
     mesh (a QuantizedWeight's data, scales and zeros split with their rows:
-    engine.parallel.sharding.quantized_shardings)."""
+    quantized_shardings)."""
     if place is None:
         return jax.tree.map(jnp.asarray, x)
     if isinstance(x, QuantizedWeight):
-        from engine.parallel.sharding import quantized_shardings
-
         return jax.tree.map(jax.device_put, x, quantized_shardings(x, axes, place))
     return jax.device_put(x, place(x.shape, axes))
+
+
+def quantized_shardings(w: QuantizedWeight, axes: Axes,
+                        place: Place
+                        ) -> QuantizedWeight:
+    """Where each array of a QuantizedWeight lives: a QuantizedWeight of NamedShardings.
+
+    The logical weight [(L,) *in_shape, *out_shape] is placed by its axes; its stored rows
+    [(L,) N, K bytes] then split along N when the outermost output dim is sharded (N is
+    out_shape flattened, so that is a contiguous split of whole rows: heads with their
+    head_dim, KV heads with their queries), and along K when the outermost input dim is
+    (wo's heads, w_down's MLP width). A sharded inner dim would interleave rows: that
+    weight is replicated instead. Scales and zero points follow their rows; grouped ones
+    (int4, block-scaled fp8) split along K with the data, so a K split must not cut a
+    group (or a GGUF 32-block): ValueError, naming the sizes, if it would."""
+    nl = w.data.ndim - 2  # a leading layer axis when stacked
+    lead_shape = tuple(w.data.shape[:nl])
+    logical = place((*lead_shape, *w.in_shape, *w.out_shape), axes)
+    mesh = logical.mesh
+    spec = list(logical.spec) + [None] * (len(axes) - len(logical.spec))
+    lead, ins = spec[:nl], spec[nl:nl + len(w.in_shape)]
+    outs = spec[nl + len(w.in_shape):]
+    n_axis = outs[0] if outs and not any(outs[1:]) else None
+    k_axis = ins[0] if ins and not any(ins[1:]) else None
+    if k_axis is not None:
+        parts = mesh.shape[k_axis]
+        unit = w.group_size if w.grouped else (BLOCK if w.fmt in BLOCK_BYTES else 1)
+        if w.k % parts or (w.k // parts) % unit:
+            raise ValueError(
+                f"a {w.fmt} weight of K={w.k} ({unit} weights per scale block along K) "
+                f"cannot be split {parts} ways along K for tensor parallelism: each shard's "
+                f"{w.k / parts:g} weights would cut a block; use a tensor_parallel_size "
+                f"that leaves a multiple of {unit} per shard")
+
+    def sharding(*dims: str | None) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*lead, *dims))
+
+    grouped = w.scales.ndim == w.data.ndim
+    per_row = not grouped and w.scales.shape[-1] == w.n and w.n > 0
+    scales = (sharding(n_axis, k_axis) if grouped else sharding(n_axis) if per_row
+              else sharding(None))
+    zeros = None if w.zeros is None else sharding(n_axis, k_axis)
+    return QuantizedWeight(sharding(n_axis, k_axis), scales, w.fmt, w.in_shape,
+                           w.out_shape, zeros)
 
 
 def place_params(params: Params, place: Place | None) -> Params:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ from engine.sampling_params import SamplingParams
 from engine.server import openai_api
 from engine.server.async_engine import AsyncEngine
 from engine.server.metrics import ServerMetrics
-from engine.server.protocol import ApiError, error_body
+from engine.server.protocol import ApiError, error_body, read_json
 from engine.server.requests import EngineDeadError
 from engine.server.serving import Serving, collect, new_id
 from engine.server.weights_api import add_weight_routes
@@ -139,27 +138,6 @@ class ServerState:
         if self.serving is None:
             raise ApiError(503, "the model is still loading")
         return self.serving
-
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON object body; 413 past `limit` bytes (whatever Content-Length claims)."""
-    declared = request.headers.get("content-length", "")
-    too_big = ApiError(413, f"the request body is larger than {limit} bytes")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
 
 
 class ApiKeyMiddleware:

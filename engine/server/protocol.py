@@ -351,3 +351,24 @@ def _token_bias(bias: dict[Any, Any], vocab_size: int, param: str) -> dict[int, 
         out[tok] = float(value)
     return out
 
+
+async def read_json(request: Any, limit: int) -> dict[str, Any]:
+    """The JSON object body of a starlette Request; 413 past `limit` bytes (whatever
+    Content-Length claims)."""
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body

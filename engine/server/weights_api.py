@@ -39,7 +39,7 @@ def answer(success: bool, message: str, status: int | None = None, **extra: Any)
 
 def add_weight_routes(app: FastAPI, state: Any) -> None:
     """Register the routes on the server's app (`state`: engine.server.api.ServerState)."""
-    from engine.server.api import read_json
+    from engine.server.protocol import read_json
 
     lock = asyncio.Lock()  # one update or memory change at a time
     model_path: dict[str, str | None] = {"now": state.config.model.model}
@@ -67,7 +67,7 @@ def add_weight_routes(app: FastAPI, state: Any) -> None:
             if engine.memory_released:
                 return answer(False, "the engine's memory is released: POST "
                               "/resume_memory_occupation before updating the weights")
-            from engine.weights_update import load_update
+            from engine.builder import load_update
 
             t0 = time.monotonic()
             try:  # read and placed off the step loop, which serves on meanwhile

@@ -76,8 +76,9 @@ def test_hf_named_device_arrays_give_a_fresh_engines_tokens_without_recompiling(
 
 def test_an_orbax_folder_updates_through_the_start_up_loader(models):
     """What POST /update_weights_from_disk runs, on a checkpoint `engine convert` wrote."""
+    from engine.builder import load_update
     from engine.convert import convert
-    from engine.weights_update import load_update, swap
+    from engine.weights_update import swap
 
     out = convert(str(models["root"] / "b"), models["root"] / "b_orbax", **OPTIONS)
     llm = models["a"]

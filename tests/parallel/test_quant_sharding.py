@@ -1,4 +1,4 @@
-"""quantized_shardings (engine.parallel.sharding) without devices: an abstract 4-way mesh
+"""quantized_shardings (engine.model.weights) without devices: an abstract 4-way mesh
 and host arrays of the stored shapes (the placement reads shapes only). The end-to-end
 checks (TP 2/4 equal TP 1) are in test_tensor_parallel.py."""
 
@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from engine.model.quant import QuantizedWeight
-from engine.parallel.sharding import TP_RULES, named_sharding, quantized_shardings
+from engine.model.weights import quantized_shardings
+from engine.parallel.sharding import TP_RULES, named_sharding
 
 MESH = AbstractMesh((4,), ("tp",))
 PLACE = functools.partial(named_sharding, mesh=MESH, rules=TP_RULES)
