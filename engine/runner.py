@@ -293,7 +293,8 @@ class ModelRunner:
             SamplingRow(params=self._row_params(sq.request, i), seed=sq.request.seed,
                         step=len(sq.request.output_token_ids) + i,
                         prompt_ids=sq.request.prompt_token_ids,
-                        output_ids=sq.request.output_token_ids
+                        output_ids=sq.request.output_token_ids if i == 0 else
+                        sq.request.output_token_ids
                         + sq.token_ids[len(sq.token_ids) - sq.num_draft:][:i])
             for sq in seqs for i in range(sq.num_draft + 1)
         ]

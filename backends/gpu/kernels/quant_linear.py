@@ -124,6 +124,18 @@ def _load_fp8(ref, mask):
     return lax.bitcast_convert_type(_load(ref, mask), jnp.float8_e4m3fn)
 
 
+def _k_tiles(x_ref, w_ref, t, i, j, mnk: tuple[int, int, int], sizes: GemmSizes, load):
+    """K step t's tiles of x [M, K] and w [N, K] for output block (i, j): x [BM, BK] and
+    w [BN, BK], masked (by `load`) where they pass M, N or K."""
+    (m, n, k), bm, bn, bk = mnk, sizes.block_m, sizes.block_n, sizes.block_k
+    rows, cols, kk = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn), t * bk + jnp.arange(bk)
+    x = load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
+             _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))
+    w = load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
+             _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))
+    return x, w
+
+
 def _k_range(split: jax.Array, per_split: int, k_tiles: int) -> tuple[jax.Array, jax.Array]:
     lo = split * per_split
     return lo, jnp.minimum(lo + per_split, k_tiles)
@@ -150,11 +162,7 @@ def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
     col_ok = cols < n if n % bn else None
 
     def step(t, acc):
-        kk = t * bk + jnp.arange(bk)
-        x = _load_fp8(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
-                      _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
-        w = _load_fp8(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
-                      _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
+        x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load_fp8)
         part = plgpu.dot(x, w, trans_b=True)  # FP8 x FP8 -> f32 [BM, BN]
         if grouped:
             part = part * _load(sw_ref.at[pl.ds(j * bn, bn), t], col_ok)[None, :]
@@ -201,11 +209,7 @@ def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
         x_ref, w_ref, s_ref, o_ref = refs
 
         def step(t, acc):
-            kk = t * bk + jnp.arange(bk)
-            x = _load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
-                      _tile_mask(rows, m, kk, k, m % bm != 0, k % bk != 0))  # [BM, BK]
-            w = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
-                      _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))  # [BN, BK]
+            x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load)
             return acc + plgpu.dot(x, w.astype(jnp.bfloat16), trans_b=True)
 
         lo, hi = _k_range(split, per_split, _cdiv(k, bk))
