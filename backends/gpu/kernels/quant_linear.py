@@ -108,6 +108,8 @@ SCHEMES = ("int4", "int8", "fp8w", "w8a8")
 def prior_sizes(scheme: str, m: int) -> GemmSizes:
     """The untuned choice (2026-12-03): weight-only at one row as a GEMV with more, lighter
     programs; otherwise 16-to-64-row tiles (SMALL) up to SMALL_M rows and LARGE above."""
+    if scheme == "int4" and m == 1:  # a step is one group (64 bytes a row at G = 128)
+        return GemmSizes(1, 128, 64, gemv=True)
     if scheme != "w8a8" and m == 1:
         return GemmSizes(1, 64, 256, gemv=True, target_programs=528)
     if m <= SMALL_M or scheme != "w8a8":
