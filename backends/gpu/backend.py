@@ -19,10 +19,10 @@ W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, 
 kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours).
 
 Quantized weights (engine.model.quant): fp8 runs W8A8 (activations quantized per token)
-except at decode-sized steps (above), int8 and int4 weight-only through the fused dequantize-GEMM for decode-sized steps and
-XLA's dot on the weight dequantized to bf16 above (kernels/quant_linear.py). An fp8 KV cache
-(--kv-cache-dtype fp8) is written clipped and read upcast by every attention kernel here
-(decode_impl "jax" excepted).
+except at decode-sized steps (above), int8 and int4 weight-only through the fused
+dequantize-GEMM for decode-sized steps and XLA's dot on the weight dequantized to bf16 above
+(kernels/quant_linear.py). An fp8 KV cache (--kv-cache-dtype fp8) is written clipped and
+read upcast by every attention kernel here (decode_impl "jax" excepted).
 """
 
 from __future__ import annotations

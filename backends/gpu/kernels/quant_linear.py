@@ -14,9 +14,10 @@ Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K
           weight-only instead (`woq_pallas`, as int8: bf16 activations, the e4m3 tile
           converted to bf16 in registers, exact; no activation quantization kernel).
     int8  int8 [N, K], scales f32 [N]: weight-only. Up to WOQ_MAX_M rows (decode steps):
-          `woq_pallas` reads the int8 tile, converts it to bf16 in registers (exact) and
-          multiplies the f32 accumulator by the channel scale at the end. Above (prompt
-          chunks): dequantize to bf16, then XLA's dot (compute-bound there).
+          `woq_pallas` reads the int8 tile, converts it in registers (exact; by the
+          exponent trick of _weight_values, no int->float convert) and multiplies the f32
+          accumulator by the channel scale at the end. Above (prompt chunks): dequantize
+          to bf16, then XLA's dot (compute-bound there).
     int4  uint8 [N, K/2] (codes 2j low nibble, 2j+1 high), scales and zeros f32 [N, K/G]:
           weight-only, group-wise. `woq_pallas` walks K one group at a time: the low and
           high nibbles meet x's even and odd columns (x viewed as [M, K/2, 2] pairs), and per group
@@ -232,11 +233,21 @@ def _int4_codes(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lo, hi
 
 
-def _weight_bf16(w: jax.Array, fp8: bool) -> jax.Array:
-    """An int8 tile, or e4m3 bits as uint8, as bf16 (exact either way)."""
-    if fp8:
-        w = lax.bitcast_convert_type(w, jnp.float8_e4m3fn)
-    return w.astype(jnp.bfloat16)
+MAGIC_2_23 = 0x4B000000
+"""f32 bits of 2^23: its 23 mantissa bits count units, so OR-ing u < 2^23 into them gives
+exactly 2^23 + u."""
+
+
+def _weight_values(w: jax.Array, fmt: str, gemv: bool) -> jax.Array:
+    """An int8 tile, or e4m3 bits as uint8, as bf16 for the tensor cores or f32 for GEMV
+    (exact either way). int8 without an int->float convert: its byte offset by 128
+    (b ^ 0x80 = b + 128 in [0, 255]) OR-ed into the mantissa of 2^23 is 2^23 + 128 + b."""
+    if fmt == "fp8":
+        return lax.bitcast_convert_type(w, jnp.float8_e4m3fn).astype(
+            jnp.float32 if gemv else jnp.bfloat16)
+    u = lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint32)
+    v = lax.bitcast_convert_type((u ^ 0x80) | MAGIC_2_23, jnp.float32) - float(2**23 + 128)
+    return v if gemv else v.astype(jnp.bfloat16)
 
 
 def _tile_dot(x: jax.Array, w: jax.Array, gemv: bool) -> jax.Array:
@@ -301,7 +312,7 @@ def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
                           _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))
             else:
                 x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load)
-            return acc + _tile_dot(x, _weight_bf16(w, fmt == "fp8"), gemv)
+            return acc + _tile_dot(x, _weight_values(w, fmt, gemv), gemv)
 
         lo, hi = _k_range(split, per_split, _cdiv(k, bk))
         acc = lax.fori_loop(lo, hi, step, acc0)

@@ -93,6 +93,7 @@ GEMV = ql.GemmSizes(1, 32, 256, gemv=True)
     ("int4", 3, 256, 70, 32, GEMV),    # GEMV over 3 rows (a program each), N off the tile
     ("int4", 17, 256, 100, 64, None),  # tensor-core tiles: a 32-row tile, 4 groups of 64
     ("int8", 70, 200, 70, 0, None),    # M, K and N off the 64 x 64 x 128 tiles; two M tiles
+    ("int8", 1, 200, 70, 0, None),     # GEMV, K off its 256-wide step
     ("fp8", 1, 200, 70, 0, None),      # fp8 weight-only: GEMV, K off its 256-wide step
     ("fp8", 5, 256, 130, 0, ql.GemmSizes(16, 64, 128, splits=2)),  # tiles, two K splits
 ])
@@ -109,14 +110,20 @@ def test_weight_only_kernel_matches_reference(fmt, m, k, n, group, sizes):
     assert rel_err(got, reference_linear(x, w)) < REL_TOL
 
 
-def test_int4_codes_are_exact_by_the_exponent_trick():
-    """Every byte: the bf16 the kernel makes of its low and high nibble is 128 + the code."""
+def test_codes_are_exact_by_the_exponent_tricks():
+    """Every byte: the bf16 the kernel makes of its low and high nibble is 128 + the code;
+    every int8 becomes itself, in f32 (GEMV) and bf16 (tensor cores)."""
     b = jnp.arange(256, dtype=jnp.uint8).reshape(16, 16)
     lo, hi = ql._int4_codes(b)
     assert lo.dtype == hi.dtype == jnp.bfloat16
     v = np.arange(256).reshape(16, 16)
     np.testing.assert_array_equal(np.asarray(lo, np.float32), 128 + (v & 15))
     np.testing.assert_array_equal(np.asarray(hi, np.float32), 128 + (v >> 4))
+    i8 = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    for gemv, dtype in ((True, jnp.float32), (False, jnp.bfloat16)):
+        got = ql._weight_values(i8, "int8", gemv)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(i8, np.float32))
 
 
 @pytest.mark.parametrize("t,kernel", [(16, "woq_fp8"), (17, "w8a8")])
