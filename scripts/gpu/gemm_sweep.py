@@ -10,7 +10,7 @@ Order (the sweep stops at its time budget and says what it skipped), for M = 1, 
 in turn: every shape in bf16 (XLA's dot on [K, N], the model's) and fp8 W8A8 through XLA's
 FP8 dot; at M = 1 also each scheme's path as the backend takes it (quant_linear with the
 current tuning); then the kernels' candidates (quant_linear.prior_sizes first) for int4,
-fp8 weight-only, int8 and W8A8 (ours) on every shape; weight GB/s for each. At the end
+fp8 weight-only, W8A8 (ours) and int8 on every shape; weight GB/s for each. At the end
 the winners as quant_tuning.TUNED lines (only where a candidate beat the prior by 3%)
      and which fp8 path is faster per M (quant_tuning.FP8_WEIGHT_ONLY_MAX_M).
 
@@ -105,16 +105,17 @@ def candidates(scheme: str, m: int) -> list[GS]:
     prior = ql.prior_sizes(scheme, m)
     bm = max(16, 1 << (m - 1).bit_length())
     out = [prior]
-    if scheme != "w8a8" and m == 1:
-        out += [GS(1, 64, 256, gemv=True, target_programs=528),
-                GS(1, 32, 256, gemv=True, target_programs=1056),
-                GS(1, 128, 128, gemv=True, num_warps=8, num_stages=4),
-                GS(1, 64, 512, gemv=True, splits=1)]
-    elif scheme != "w8a8" and m == 8:
+    if scheme != "w8a8" and m == 1:  # splits=1: no partial sums to add after the kernel
+        return out + [GS(1, 64, 256, gemv=True, target_programs=528),
+                      GS(1, 32, 256, gemv=True, target_programs=1056),
+                      GS(1, 128, 128, gemv=True, num_warps=8, num_stages=4),
+                      GS(1, 32, 256, gemv=True, splits=1),
+                      GS(1, 16, 512, gemv=True, splits=1),
+                      GS(16, 64, 128), GS(16, 128, 128, num_stages=4)]
+    if scheme != "w8a8" and m == 8:
         out += [GS(1, 64, 256, gemv=True, target_programs=528)]
-    out += [GS(bm, 64, 128), GS(bm, 32, 256, target_programs=528),
-            GS(bm, 128, 128, num_stages=4)]
-    return out
+    return out + [GS(bm, 64, 128), GS(bm, 32, 256, target_programs=528),
+                  GS(bm, 128, 128, num_stages=4)]
 
 
 def _norm(scheme: str, s: GS) -> GS:
@@ -188,7 +189,7 @@ def run(out: Path, budget_s: float = 200.0) -> None:
             for scheme in ("int4", "fp8w", "int8") if m == 1 else ():
                 if not (scheme == "int4" and name == "lm_head"):
                     sw.time(scheme, name, m, "model")
-        for scheme in ("int4", "fp8w", "int8", "w8a8"):
+        for scheme in ("int4", "fp8w", "w8a8", "int8"):
             for name, (k, n) in SHAPES.items():
                 if scheme == "int4" and name == "lm_head":
                     continue

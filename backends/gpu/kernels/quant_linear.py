@@ -128,6 +128,8 @@ def sizes_for(scheme: str, m: int, k: int, n: int) -> GemmSizes:
     if entry is None:
         return prior_sizes(scheme, m)
     bm, bn, bk, splits, warps, stages, gemv = entry
+    if gemv and scheme == "w8a8":
+        raise ValueError(f"quant_tuning.TUNED[{(scheme, b, k, n)}]: W8A8 has no GEMV mode")
     bm = 1 if gemv else max(16, min(bm, _pow2(m)))
     return GemmSizes(bm, bn, bk, warps, stages, splits=splits, gemv=bool(gemv))
 
@@ -362,6 +364,8 @@ def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, o
     [M, N] out_dtype; FP8 tensor cores, float32 accumulation."""
     (m, k), n = xq.shape, wq.shape[0]
     sizes = sizes or sizes_for("w8a8", m, k, n)
+    if sizes.gemv:
+        raise ValueError("w8a8_pallas has no GEMV mode (its dot is FP8 tensor cores)")
     grouped = sw.ndim == 2
     if grouped:
         g = k // sw.shape[1]

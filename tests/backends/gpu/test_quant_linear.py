@@ -86,7 +86,7 @@ def test_w8a8_xla_matches_reference():
     assert rel_err(got, w8a8_reference(x, w)) < REL_TOL
 
 
-GEMV = ql.GemmSizes(1, 32, 256, gemv=True)
+GEMV = ql.GemmSizes(1, 32, 256, gemv=True, splits=2)
 
 
 @pytest.mark.parametrize("fmt,m,k,n,group,sizes", [
