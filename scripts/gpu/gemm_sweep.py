@@ -107,6 +107,7 @@ def candidates(scheme: str, m: int) -> list[GS]:
     out = [prior]
     if scheme != "w8a8" and m == 1:  # splits=1: no partial sums to add after the kernel
         return out + [GS(1, 64, 256, gemv=True, target_programs=528),
+                      GS(1, 128, 64, gemv=True),
                       GS(1, 32, 256, gemv=True, target_programs=1056),
                       GS(1, 128, 128, gemv=True, num_warps=8, num_stages=4),
                       GS(1, 32, 256, gemv=True, splits=1),

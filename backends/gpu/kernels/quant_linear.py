@@ -109,10 +109,11 @@ SCHEMES = ("int4", "int8", "fp8w", "w8a8")
 def prior_sizes(scheme: str, m: int) -> GemmSizes:
     """The untuned choice (2026-12-03): weight-only at one row as a GEMV with more, lighter
     programs; otherwise 16-to-64-row tiles (SMALL) up to SMALL_M rows and LARGE above."""
+    # GEMV tiles of 8K-16K weights a step over 8 warps: 32-64 converted values a thread.
     if scheme == "int4" and m == 1:  # a step is one group (64 bytes a row at G = 128)
-        return GemmSizes(1, 128, 64, gemv=True)
+        return GemmSizes(1, 128, 64, num_warps=8, gemv=True)
     if scheme != "w8a8" and m == 1:
-        return GemmSizes(1, 64, 256, gemv=True, target_programs=528)
+        return GemmSizes(1, 64, 256, num_warps=8, gemv=True, target_programs=528)
     if m <= SMALL_M or scheme != "w8a8":
         return dataclasses.replace(SMALL, block_m=max(16, _pow2(min(m, SMALL_M))))
     return LARGE
