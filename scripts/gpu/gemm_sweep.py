@@ -214,6 +214,7 @@ def run(out: Path, budget_s: float = 200.0) -> None:
         if p is not None and t < 0.97 * p:
             paste.append(f"    {key!r}: {entry(sz)!r},  # {t * 1e6:.1f} us (prior "
                          f"{p * 1e6:.1f})")
+    woq_wins = []
     for m in MS:  # fp8: weight-only vs W8A8 (ours or XLA's), summed over the shapes
         woq, w8 = 0.0, 0.0
         shapes = [k[2:] for k in best if k[0] == "fp8w" and k[1] == m
@@ -224,9 +225,18 @@ def run(out: Path, budget_s: float = 200.0) -> None:
             woq += best[("fp8w", m, *kn)][0]
             w8 += min([best[("w8a8", m, *kn)][0], *xla])
         if shapes:
+            woq_wins.append((m, woq < w8))
             paste.append(f"# fp8 M={m}: weight-only {woq * 1e6:.1f} us, W8A8 {w8 * 1e6:.1f} "
-                         f"us over {len(shapes)} shapes (FP8_WEIGHT_ONLY_MAX_M is "
-                         f"{quant_tuning.FP8_WEIGHT_ONLY_MAX_M})")
+                         f"us over {len(shapes)} shapes")
+    if woq_wins:  # the largest M up to which weight-only won at every measured M
+        upto = 0
+        for m, won in woq_wins:
+            if not won:
+                break
+            upto = m
+        paste.append(f"FP8_WEIGHT_ONLY_MAX_M = {upto}  # (now "
+                     f"{quant_tuning.FP8_WEIGHT_ONLY_MAX_M}; measured M: "
+                     f"{', '.join(str(m) for m, _ in woq_wins)})")
     if sw.skipped:
         paste.append(f"# skipped at the {budget_s:.0f} s budget: {len(sw.skipped)} timings, "
                      f"from {sw.skipped[0]}")
