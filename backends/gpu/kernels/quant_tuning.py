@@ -11,8 +11,10 @@ per row; no tensor-core tile padded from 1 row to 16). int4's block_k is always 
 (one group per step) whatever the entry says.
 
 A shape or row count without an entry takes the prior of quant_linear.prior_sizes. The
-sweep prints its winners as lines to paste into TUNED below (it is empty until the H200
-sweep of issue 18 is pasted in).
+sweep (`scripts/gpu/quant.sh gemm`, its quant_tuning_paste.txt) prints its winners as
+lines to paste into TUNED below, which is empty until the H200 sweep of issue 18 is pasted
+in, and a FP8_WEIGHT_ONLY_MAX_M line to replace the one below. The keys name no device:
+ROCm's Triton backend shares this table.
 """
 
 from __future__ import annotations
