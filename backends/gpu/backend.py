@@ -13,15 +13,16 @@ interpreter on the CPU, for tests on a host without a GPU; CLI --interpret),
 decode_kernel (false: plain JAX for decodes), prefill_kernel (false: plain JAX for steps
 with prompt tokens), mixed_decode (false: the ragged kernel takes the decodes of a step with
 prompt tokens too), decode_impl ("gqa", the default: ours, kernels/gqa_decode.py; "jax":
-JAX's paged_attention, kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights, W8A8:
-"auto", the default: ours up to 64 rows, XLA's (cuBLASLt FP8) above; "pallas": ours,
-kernels/quant_linear.py; "xla": XLA's).
+JAX's paged_attention, kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
+"auto", the default: weight-only up to 16 rows (quant_tuning.FP8_WEIGHT_ONLY_MAX_M), then
+W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, ours,
+kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours).
 
-Quantized weights (engine.model.quant): fp8 runs W8A8 (activations quantized per token),
-int8 and int4 weight-only through the fused dequantize-GEMM for decode-sized steps and
-XLA's dot on the weight dequantized to bf16 above (kernels/quant_linear.py). An fp8 KV cache
-(--kv-cache-dtype fp8) is written clipped and read upcast by every attention kernel here
-(decode_impl "jax" excepted).
+Quantized weights (engine.model.quant): fp8 runs W8A8 (activations quantized per token)
+except at decode-sized steps (above), int8 and int4 weight-only through the fused
+dequantize-GEMM for decode-sized steps and XLA's dot on the weight dequantized to bf16 above
+(kernels/quant_linear.py). An fp8 KV cache (--kv-cache-dtype fp8) is written clipped and
+read upcast by every attention kernel here (decode_impl "jax" excepted).
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@
 # call, run e.g. `tests gemm`, then `latency`, then `logits offline` as separate calls.
 # Usage: scripts/gpu/quant.sh [STAGE...]   (default: tests gemm latency logits)
 #   tests    the quantized-linear and fp8-KV kernel tests compiled by Triton on the GPU
-#   gemm     K=4096 GEMMs, N 28672 / 4096, M 1 / 32 / 256 / 8192: bf16 vs fp8 W8A8 (XLA's
-#            FP8 dot, our Pallas kernel at a few tile sizes), int8 and int4 weight-only
+#   gemm     the 8B GEMM shapes (wqkv, wo, gate/up, down, lm head) at M 1 / 8 / 32 / 64:
+#            bf16, fp8 (weight-only, W8A8 ours and XLA's), int8, int4, many GEMMs per timed
+#            program; weight GB/s and a sweep of the kernels' tiles/splits/warps/stages within
+#            GEMM_BUDGET_S seconds (default 200); $OUT/quant_tuning_paste.txt holds the
+#            winners as lines for backends/gpu/kernels/quant_tuning.py's TUNED
 #   latency  Llama-3.1-8B shape, dummy weights: decode step at batch $BATCHES, ctx
 #            $INPUT_LEN, for $SCHEMES (bf16 fp8 int8 int4; fp8kv: fp8 + fp8 KV) one after
 #            another; a table of each step against bf16's
@@ -37,7 +40,8 @@ for stage in "${@:-tests gemm latency logits}"; do for stage in $stage; do
     python3 -m pytest -q -p no:cacheprovider tests/backends/gpu 2>&1 | tee "$OUT/tests.txt" \
       | tail -5 ;;
   gemm)
-    python3 scripts/gpu/quant_bench.py "$OUT" gemm 2>&1 | quiet | tee "$OUT/gemm.txt" ;;
+    python3 scripts/gpu/quant_bench.py "$OUT" gemm --budget ${GEMM_BUDGET_S:-200} 2>&1 | quiet \
+      | tee "$OUT/gemm.txt" | grep -E "^==|^ |^#|model|xla" ;;
   latency)
     for s in $SCHEMES; do
       echo "-- $s"

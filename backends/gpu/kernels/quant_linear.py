@@ -10,14 +10,27 @@ Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K
           f8 operands, both contracted on their minor axis K, the operand layout XLA's
           GemmRewriter turns into cuBLASLt's FP8 matmul without a transpose). Grouped
           scales [N, K/G] (block-scaled checkpoints) take ours, one scale per K step.
+          Up to quant_tuning.FP8_WEIGHT_ONLY_MAX_M rows ('auto'), fp8 weights run
+          weight-only instead (`woq_pallas`, as int8: bf16 activations, the e4m3 tile
+          converted to bf16 in registers, exact; no activation quantization kernel).
     int8  int8 [N, K], scales f32 [N]: weight-only. Up to WOQ_MAX_M rows (decode steps):
-          `woq_pallas` reads the int8 tile, converts it to bf16 in registers (exact) and
-          multiplies the f32 accumulator by the channel scale at the end. Above (prompt
-          chunks): dequantize to bf16, then XLA's dot (compute-bound there).
+          `woq_pallas` reads the int8 tile, converts it in registers (exact; by the
+          exponent trick of _weight_values, no int->float convert) and multiplies the f32
+          accumulator by the channel scale at the end. Above (prompt chunks): dequantize
+          to bf16, then XLA's dot (compute-bound there).
     int4  uint8 [N, K/2] (codes 2j low nibble, 2j+1 high), scales and zeros f32 [N, K/G]:
           weight-only, group-wise. `woq_pallas` walks K one group at a time: the low and
-          high nibbles meet x's even and odd columns (split in XLA: [M, K/2] each), and
-          per group acc += s * (x . q - z * sum(x)), exact for any zero point.
+          high nibbles meet x's even and odd columns (x viewed as [M, K/2, 2] pairs), and per group
+          acc += s * (x . q - z * sum(x)), exact for any zero point. Codes become bf16
+          without an int->float convert: OR-ing the nibble into the mantissa of 128.0
+          (0x4300) gives exactly 128 + q, and the 128 is folded into the zero term:
+          x . (128 + q) - (z + 128) * sum(x).
+
+Two ways to run a tile's dot: Triton's dot on tensor cores (tiles of at least 16 rows, x's
+rows padded), or `gemv` (one program per row of x: the weight tile times the row, summed
+along K on the CUDA cores; no padded MMA and no staging of the converted tile in shared
+memory, what a batch-1 decode GEMM wants). Tile sizes, split and mode come from
+quant_tuning.TUNED (measured per shape) or prior_sizes.
 
 References (the tests compare each kernel with them): quant.reference_linear for the
 weight-only formats, quant.w8a8_reference for fp8.
@@ -42,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from backends.gpu.kernels import quant_tuning
 from engine.model.quant import QuantizedWeight, dequantize_rows, fp8_rows
 
 
@@ -58,6 +72,10 @@ class GemmSizes:
     target_programs: int = 264
     """K is split until M blocks x N blocks x splits reaches this (two per H200 SM)."""
     max_splits: int = 16
+    splits: int = 0
+    """K splits; 0: from target_programs (num_splits)."""
+    gemv: bool = False
+    """block_m 1 and the dot as multiply-and-sum on the CUDA cores (weight-only kernels)."""
 
 
 # Tuning as data. First figures (2026-12-03) are the usual Triton choices for Hopper,
@@ -84,16 +102,44 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def sizes_for(m: int, fp8: bool) -> GemmSizes:
-    """The tuning for a GEMM of m rows."""
-    if m <= SMALL_M or not fp8:
+SCHEMES = ("int4", "int8", "fp8w", "w8a8")
+"""quant_tuning's scheme names: weight-only int4, int8 and fp8 (`woq_pallas`), fp8 W8A8."""
+
+
+def prior_sizes(scheme: str, m: int) -> GemmSizes:
+    """The untuned choice (2026-12-03): weight-only at one row as a GEMV with more, lighter
+    programs; otherwise 16-to-64-row tiles (SMALL) up to SMALL_M rows and LARGE above."""
+    # GEMV tiles of 8K-16K weights a step over 8 warps: 32-64 converted values a thread.
+    if scheme == "int4" and m == 1:  # a step is one group (64 bytes a row at G = 128)
+        return GemmSizes(1, 128, 64, num_warps=8, gemv=True)
+    if scheme != "w8a8" and m == 1:
+        return GemmSizes(1, 64, 256, num_warps=8, gemv=True, target_programs=528)
+    if m <= SMALL_M or scheme != "w8a8":
         return dataclasses.replace(SMALL, block_m=max(16, _pow2(min(m, SMALL_M))))
     return LARGE
+
+
+def sizes_for(scheme: str, m: int, k: int, n: int) -> GemmSizes:
+    """The tuning for a GEMM of m rows, K = k, N = n: quant_tuning.TUNED's entry for the
+    row bucket and shape, else the prior."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown GEMM scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    b = quant_tuning.bucket(m)
+    entry = quant_tuning.TUNED.get((scheme, b, k, n)) if b else None
+    if entry is None:
+        return prior_sizes(scheme, m)
+    bm, bn, bk, splits, warps, stages, gemv = entry
+    if gemv and scheme == "w8a8":
+        raise ValueError(f"quant_tuning.TUNED[{(scheme, b, k, n)}]: W8A8 has no GEMV mode")
+    bm = 1 if gemv else max(16, min(bm, _pow2(m)))
+    return GemmSizes(bm, bn, bk, warps, stages, splits=splits, gemv=bool(gemv))
 
 
 def num_splits(programs: int, k_tiles: int, sizes: GemmSizes) -> int:
     """The fewest power-of-two K splits (each at least one tile) that bring `programs`
     output tiles up to sizes.target_programs."""
+    if sizes.splits:
+        return max(1, min(sizes.splits, k_tiles))
     s = 1
     while (programs * s < sizes.target_programs and s * 2 <= sizes.max_splits
            and s * 2 <= k_tiles):
@@ -176,47 +222,113 @@ def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
     _store(o_ref, i, j, bm, bn, m, n, acc)
 
 
+MAGIC_128 = 0x4300
+"""bf16 bits of 128.0: its 7 mantissa bits count units, so OR-ing a code q < 16 into them
+gives exactly 128 + q."""
+
+
+def _int4_codes(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 [BN, B] -> (low, high nibbles) as bf16 [BN, B] holding 128 + code: integer
+    AND/shift/OR and a bitcast, no int->float conversion."""
+    u = q.astype(jnp.uint16)
+    lo = lax.bitcast_convert_type((u & 0xF) | MAGIC_128, jnp.bfloat16)
+    hi = lax.bitcast_convert_type((u >> 4) | MAGIC_128, jnp.bfloat16)
+    return lo, hi
+
+
+MAGIC_2_23 = 0x4B000000
+"""f32 bits of 2^23: its 23 mantissa bits count units, so OR-ing u < 2^23 into them gives
+exactly 2^23 + u."""
+
+
+def _weight_values(w: jax.Array, fmt: str, gemv: bool) -> jax.Array:
+    """An int8 tile, or e4m3 bits as uint8, as bf16 for the tensor cores or f32 for GEMV
+    (exact either way). int8 without an int->float convert: its byte offset by 128
+    (b ^ 0x80 = b + 128 in [0, 255]) OR-ed into the mantissa of 2^23 is 2^23 + 128 + b."""
+    if fmt == "fp8":
+        return lax.bitcast_convert_type(w, jnp.float8_e4m3fn).astype(
+            jnp.float32 if gemv else jnp.bfloat16)
+    u = lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint32)
+    v = lax.bitcast_convert_type((u ^ 0x80) | MAGIC_2_23, jnp.float32) - float(2**23 + 128)
+    return v if gemv else v.astype(jnp.bfloat16)
+
+
+def _tile_dot(x: jax.Array, w: jax.Array, gemv: bool) -> jax.Array:
+    """x [BM, BK] (gemv: one row [BK]) . w [BN, BK] over K -> [BM, BN] (gemv: [BN]), f32."""
+    if gemv:
+        return jnp.sum(w.astype(jnp.float32) * x.astype(jnp.float32)[None, :], axis=1)
+    return plgpu.dot(x, w, trans_b=True)
+
+
 def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
-                int4: bool):
-    # int8: x_ref [M, K] bf16, w_ref [N, K] int8, s_ref [N], o_ref [M, N].
-    # int4: xe_ref, xo_ref [M, K/2] bf16 (x's even and odd columns), w_ref [N, K/2] uint8,
-    #       s_ref, z_ref [N, K/G], o_ref [M, N]; one step = one group (block_k = G/2 bytes).
-    bm, bn, bk = sizes.block_m, sizes.block_n, sizes.block_k
+                fmt: str):
+    # int8/fp8: x_ref [M, K] bf16, w_ref [N, K] int8 (fp8: e4m3 bits as uint8), s_ref [N].
+    # int4: x_ref [M, K/2, 2] bf16 (column pairs), w_ref [N, K/2] uint8, s_ref, z_ref
+    #       [N, K/G]; one step = one group (block_k = G/2 bytes).
+    # o_ref [M, N] (this split's). gemv: block_m 1, program_id(0) is x's row.
+    bm, bn, bk, gemv = sizes.block_m, sizes.block_n, sizes.block_k, sizes.gemv
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
-    row_m = _tile_mask(rows, m, jnp.arange(bk), bk, m % bm != 0, False)
+    col_ok = cols < n if n % bn else None
     col_m = _tile_mask(cols, n, jnp.arange(bk), bk, n % bn != 0, False)
-    if int4:
-        xe_ref, xo_ref, w_ref, s_ref, z_ref, o_ref = refs
+    # acc: [BN] (gemv) or [BM, BN]; per-row [BM] values broadcast along N by `by_row`.
+    acc0 = jnp.zeros((bn,) if gemv else (bm, bn), jnp.float32)
+
+    def by_row(v):
+        return v if gemv else v[:, None]
+
+    def by_col(v):
+        return v if gemv else v[None, :]
+
+    if fmt == "int4":
+        x_ref, w_ref, s_ref, z_ref, o_ref = refs
         groups = s_ref.shape[1]
+        row_m = _tile_mask(rows, m, jnp.arange(bk), bk, m % bm != 0, False)
+
+        def x_half(g, parity):  # x's columns 2j + parity of group g: [BM, G/2] or [G/2]
+            pairs, parity = pl.ds(g * bk, bk), jnp.int32(parity)  # an array: the interpreter's
+            if gemv:
+                return plgpu.load(x_ref.at[i, pairs, parity])
+            return _load(x_ref.at[pl.ds(i * bm, bm), pairs, parity], row_m)
 
         def step(g, acc):
-            xe = _load(xe_ref.at[pl.ds(i * bm, bm), pl.ds(g * bk, bk)], row_m)  # [BM, G/2]
-            xo = _load(xo_ref.at[pl.ds(i * bm, bm), pl.ds(g * bk, bk)], row_m)
+            xe, xo = x_half(g, 0), x_half(g, 1)
             q = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(g * bk, bk)], col_m)  # [BN, G/2]
-            lo = (q & 0xF).astype(jnp.bfloat16)  # codes 2j: x's even columns
-            hi = (q >> 4).astype(jnp.bfloat16)  # codes 2j + 1: odd columns
-            dot = plgpu.dot(xe, lo, trans_b=True) + plgpu.dot(xo, hi, trans_b=True)
-            xsum = (xe.astype(jnp.float32).sum(axis=1)
-                    + xo.astype(jnp.float32).sum(axis=1))  # [BM]
-            s = _load(s_ref.at[pl.ds(j * bn, bn), g], cols < n if n % bn else None)  # [BN]
-            z = _load(z_ref.at[pl.ds(j * bn, bn), g], cols < n if n % bn else None)
-            return acc + s[None, :] * (dot - xsum[:, None] * z[None, :])
+            lo, hi = _int4_codes(q)  # 128 + codes 2j (x's even columns), 2j + 1 (odd)
+            dot = _tile_dot(xe, lo, gemv) + _tile_dot(xo, hi, gemv)
+            xsum = (xe.astype(jnp.float32).sum(axis=-1)
+                    + xo.astype(jnp.float32).sum(axis=-1))  # [BM] or a scalar
+            s = _load(s_ref.at[pl.ds(j * bn, bn), g], col_ok)  # [BN]
+            z = _load(z_ref.at[pl.ds(j * bn, bn), g], col_ok)
+            return acc + by_col(s) * (dot - by_row(xsum) * by_col(z + 128.0))
 
         lo, hi = _k_range(split, per_split, groups)
-        acc = lax.fori_loop(lo, hi, step, jnp.zeros((bm, bn), jnp.float32))
+        acc = lax.fori_loop(lo, hi, step, acc0)
     else:
         x_ref, w_ref, s_ref, o_ref = refs
 
         def step(t, acc):
-            x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load)
-            return acc + plgpu.dot(x, w.astype(jnp.bfloat16), trans_b=True)
+            if gemv:
+                kk = t * bk + jnp.arange(bk)
+                x = _load(x_ref.at[i, pl.ds(t * bk, bk)], kk < k if k % bk else None)
+                w = _load(w_ref.at[pl.ds(j * bn, bn), pl.ds(t * bk, bk)],
+                          _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))
+            else:
+                x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load)
+            return acc + _tile_dot(x, _weight_values(w, fmt, gemv), gemv)
 
         lo, hi = _k_range(split, per_split, _cdiv(k, bk))
-        acc = lax.fori_loop(lo, hi, step, jnp.zeros((bm, bn), jnp.float32))
-        s = _load(s_ref.at[pl.ds(j * bn, bn)], cols < n if n % bn else None)
-        acc = acc * s[None, :]
-    _store(o_ref, i, j, bm, bn, m, n, acc)
+        acc = lax.fori_loop(lo, hi, step, acc0)
+        acc = acc * by_col(_load(s_ref.at[pl.ds(j * bn, bn)], col_ok))
+    if gemv:
+        ref = o_ref.at[i, pl.ds(j * bn, bn)]
+        out = acc.astype(o_ref.dtype)
+        if col_ok is None:
+            plgpu.store(ref, out)
+        else:
+            plgpu.store(ref, out, mask=col_ok)
+    else:
+        _store(o_ref, i, j, bm, bn, m, n, acc)
 
 
 def _launch(kernel, args: tuple, shape: tuple[int, int], k_tiles: int, out_dtype,
@@ -252,7 +364,9 @@ def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, o
     (or per group along K, [N, K/G], G a power of two >= 16) -> (xq * sx) @ (wq * sw).T
     [M, N] out_dtype; FP8 tensor cores, float32 accumulation."""
     (m, k), n = xq.shape, wq.shape[0]
-    sizes = sizes or sizes_for(m, fp8=True)
+    sizes = sizes or sizes_for("w8a8", m, k, n)
+    if sizes.gemv:
+        raise ValueError("w8a8_pallas has no GEMV mode (its dot is FP8 tensor cores)")
     grouped = sw.ndim == 2
     if grouped:
         g = k // sw.shape[1]
@@ -278,26 +392,32 @@ def w8a8_xla(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *,
     return (acc * sx[:, None] * sw[None, :]).astype(out_dtype)
 
 
+WOQ_FORMATS = {"int8": "int8", "int4": "int4", "fp8": "fp8w"}
+"""Weight formats woq_pallas takes -> their quant_tuning scheme."""
+
+
 @functools.partial(jax.jit, static_argnames=("sizes", "interpret"))
 def woq_pallas(x: jax.Array, w: QuantizedWeight, *, sizes: GemmSizes | None = None,
                interpret: bool = False) -> jax.Array:
-    """x [M, K] @ an int8 or int4 weight [N, K] -> [M, N] in x's dtype: the fused
-    dequantize-GEMM. x is rounded to bf16 for the dot (the GPU's matmul input; the weight
-    codes and int4's q are exact in bf16), accumulation in float32."""
+    """x [M, K] @ an int8, int4 or per-channel fp8 weight [N, K] -> [M, N] in x's dtype:
+    the fused dequantize-GEMM. x is rounded to bf16 for the dot (the GPU's matmul input; the
+    weight values, int4's 128 + q and e4m3 are exact in bf16), accumulation in float32."""
     m, k = x.shape
     n = w.n
-    sizes = sizes or sizes_for(m, fp8=False)
+    if w.fmt not in WOQ_FORMATS or (w.fmt == "int4" and not int4_kernel_fits(w.group_size)) \
+            or (w.fmt == "fp8" and w.grouped):
+        raise ValueError(f"woq_pallas takes int8, per-channel fp8, or int4 with a group of "
+                         f"32..256, got {w.fmt} (group {w.group_size})")
+    sizes = sizes or sizes_for(WOQ_FORMATS[w.fmt], m, k, n)
     xb = x.astype(jnp.bfloat16)
-    if w.fmt == "int8":
-        return _launch(_woq_kernel, (xb, w.data, w.scales), (m, n), _cdiv(k, sizes.block_k),
-                       x.dtype, sizes, interpret, "woq_int8", m=m, n=n, k=k, int4=False)
-    if w.fmt != "int4" or not int4_kernel_fits(w.group_size):
-        raise ValueError(f"woq_pallas takes int8, or int4 with a group of 32..256, got "
-                         f"{w.fmt} (group {w.group_size})")
+    if w.fmt != "int4":
+        data = w.data if w.fmt == "int8" else lax.bitcast_convert_type(w.data, jnp.uint8)
+        return _launch(_woq_kernel, (xb, data, w.scales), (m, n), _cdiv(k, sizes.block_k),
+                       x.dtype, sizes, interpret, f"woq_{w.fmt}", m=m, n=n, k=k, fmt=w.fmt)
     sizes = dataclasses.replace(sizes, block_k=w.group_size // 2)
-    xe, xo = xb[:, 0::2], xb[:, 1::2]  # [M, K/2] each
-    return _launch(_woq_kernel, (xe, xo, w.data, w.scales, w.zeros), (m, n), k // w.group_size,
-                   x.dtype, sizes, interpret, "woq_int4", m=m, n=n, k=k, int4=True)
+    pairs = xb.reshape(m, k // 2, 2)  # [M, K/2, 2]: a view; the kernel loads [..., 0] / [..., 1]
+    return _launch(_woq_kernel, (pairs, w.data, w.scales, w.zeros), (m, n), k // w.group_size,
+                   x.dtype, sizes, interpret, "woq_int4", m=m, n=n, k=k, fmt="int4")
 
 
 def fp8_groups_fit(group: int) -> bool:
@@ -320,20 +440,28 @@ def dequantized_dot(x: jax.Array, w: QuantizedWeight, dtype=jnp.bfloat16) -> jax
     return y.astype(x.dtype)
 
 
-FP8_GEMMS = ("auto", "xla", "pallas")
+FP8_GEMMS = ("auto", "xla", "pallas", "weight_only")
 
 
 def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
                  interpret: bool = False, sharded: bool = False) -> jax.Array:
     """x [T, *in_shape] @ w -> [T, *out_shape] in x's dtype: the GPU path for each format.
-    fp8_gemm: 'xla', 'pallas', or 'auto' (ours up to SMALL_M rows, XLA's above; grouped fp8
-    scales, from block-scaled checkpoints, take ours). int8 and int4 take the fused kernel
-    up to WOQ_MAX_M rows. `sharded` (the weight is split over a mesh): plain XLA only,
-    which XLA's SPMD partitioner splits (a pallas_call it cannot)."""
+    fp8_gemm: 'xla', 'pallas' (W8A8 through XLA's dot or ours), 'weight_only' (bf16
+    activations, woq_pallas; per-channel scales), or 'auto' (weight-only up to
+    quant_tuning.FP8_WEIGHT_ONLY_MAX_M rows, then ours up to SMALL_M, XLA's above; grouped
+    fp8 scales, from block-scaled checkpoints, take our W8A8 kernel). int8, int4 (and fp8
+    weight-only) take the fused kernel up to WOQ_MAX_M rows. `sharded` (the weight is split
+    over a mesh): plain XLA only, which XLA's SPMD partitioner splits (a pallas_call it
+    cannot)."""
     t = x.shape[0]
     x2 = x.reshape(t, w.k)  # [M, K]
     kernels = not sharded
-    if w.fmt == "fp8" and (not w.grouped or (kernels and fp8_groups_fit(w.group_size))):
+    fp8_woq = kernels and w.fmt == "fp8" and not w.grouped and (
+        (fp8_gemm == "weight_only" and t <= WOQ_MAX_M)
+        or (fp8_gemm == "auto" and t <= quant_tuning.FP8_WEIGHT_ONLY_MAX_M))
+    if fp8_woq:
+        y = woq_pallas(x2, w, interpret=interpret)
+    elif w.fmt == "fp8" and (not w.grouped or (kernels and fp8_groups_fit(w.group_size))):
         xq, sx = fp8_rows(x2)
         use_pallas = kernels and (w.grouped or fp8_gemm == "pallas"
                                   or (fp8_gemm == "auto" and t <= SMALL_M))

@@ -48,19 +48,23 @@ def weight(fmt: str, n: int, k: int, groups: int = 0) -> QuantizedWeight:
                            (k,), (n,), S((n, groups), jnp.float32))
 
 
-# (format, M, K, N, groups): decode rows (M=1, masked rows), a ragged shape off every tile,
-# block-scaled fp8 (128-wide groups), int4 in groups of 128.
-CASES = [("fp8", 1, 4096, 1024, 0), ("fp8", 70, 200, 130, 0), ("fp8", 8, 512, 256, 4),
-         ("int8", 1, 4096, 1024, 0), ("int4", 3, 1024, 512, 8)]
+# (format, M, K, N, groups, fp8_gemm, kernel name prefix): decode rows (M=1: the weight-only
+# kernels' GEMV mode; masked rows), a ragged shape off every tile, block-scaled fp8 (128-wide
+# groups), int4 in groups of 128 at 1 and 3 rows, fp8 weight-only on tensor cores (M=8).
+CASES = [("fp8", 1, 4096, 1024, 0, "pallas", "w8a8"), ("fp8", 70, 200, 130, 0, "pallas", "w8a8"),
+         ("fp8", 8, 512, 256, 4, "auto", "w8a8"), ("fp8", 1, 4096, 1024, 0, "auto", "woq_fp8"),
+         ("fp8", 8, 4096, 1000, 0, "auto", "woq_fp8"), ("int8", 1, 4096, 1024, 0, "auto", "woq"),
+         ("int4", 1, 1024, 500, 8, "auto", "woq"), ("int4", 3, 1024, 512, 8, "auto", "woq")]
 
 
-@pytest.mark.parametrize("fmt,m,k,n,groups", CASES)
-def test_quantized_linear_compiles_for_sm90(fmt, m, k, n, groups, tmp_path):
+@pytest.mark.parametrize("fmt,m,k,n,groups,fp8_gemm,prefix", CASES)
+def test_quantized_linear_compiles_for_sm90(fmt, m, k, n, groups, fp8_gemm, prefix, tmp_path):
     x, w = S((m, k), jnp.bfloat16), weight(fmt, n, k, groups)
-    lowered = jax.jit(lambda x, w: ql.quant_linear(x, w, fp8_gemm="pallas")).trace(
+    lowered = jax.jit(lambda x, w: ql.quant_linear(x, w, fp8_gemm=fp8_gemm)).trace(
         x, w).lower(lowering_platforms=("cuda",))
     out = cubins(lowered, tmp_path)
-    prefix = "w8a8" if fmt == "fp8" else f"woq_{fmt}"
+    if prefix == "woq":
+        prefix = f"woq_{fmt}"
     assert out and all(name.startswith(prefix) for name in out), out
     assert all(size > 1000 for size in out.values()), out
 
