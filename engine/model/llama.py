@@ -5,8 +5,8 @@ Backend-neutral JAX: attention goes through the `attend` callable the runner pas
 (the backend's kernel for a mixed ragged batch over the paged KV cache).
 
 Einsum letters: t = token, e = hidden (E), h = head, k = kv head, g = query heads per kv
-head, c = a KV head's fused q/k/v columns (G + 2), d = head dim (D), f = MLP width (F),
-v = vocab, x = expert (X).
+head, c = a KV head's fused q/k/v columns (G + 2) or, in the MLP, gate and up (2),
+d = head dim (D), f = MLP width (F), v = vocab, x = expert (X).
 """
 
 from __future__ import annotations
@@ -107,8 +107,12 @@ def attention_block(
 def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig, linear: Linear = reference_linear
               ) -> jax.Array:
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = project(h, lp["w_gate"], "te,ef->tf", linear)
-    up = project(h, lp["w_up"], "te,ef->tf", linear)
+    if "w_gate_up" in lp:  # one GEMM (engine.model.weights.fuse_gate_up); c = gate, up
+        gu = project(h, lp["w_gate_up"], "te,efc->tfc", linear)  # gu: [T, F, 2]
+        gate, up = gu[..., 0], gu[..., 1]
+    else:
+        gate = project(h, lp["w_gate"], "te,ef->tf", linear)  # gate, up: [T, F]
+        up = project(h, lp["w_up"], "te,ef->tf", linear)
     return x + project(jax.nn.silu(gate) * up, lp["w_down"], "tf,fe->te", linear)
 
 

@@ -1,6 +1,6 @@
 """--quantization gguf keeps a file's Q4_K and Q6_K tensors as blocks: the kept weights are
-exactly the float weights the loader dequantizes (q/k rows unpermuted, q/k/v fused), and the
-model's logits through the CPU kernel equal the float model's."""
+exactly the float weights the loader dequantizes (q/k rows unpermuted, q/k/v and gate/up
+fused), and the model's logits through the CPU kernel equal the float model's."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from backends.cpu.kernels import linear as kernels
 from engine.loader.load import load_checkpoint
 from engine.loader.quantize import quantize_params
 from engine.model.quant import QuantizedWeight, dequantize, reference_linear
-from engine.model.weights import fuse_qkv, params_from_hf
+from engine.model.weights import fuse_gate_up, fuse_qkv, params_from_hf
 from tests.backends.cpu.test_linear_kernel import random_k_blocks
 from tests.models.test_loader import tiny_hf_model, write_gguf
 from tests.models.test_quantized_model import logits
@@ -66,11 +66,11 @@ def test_k_quants_kept(tmp_path, monkeypatch):
 
     def params() -> dict:
         p = params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=True)
-        fuse_qkv(p)
+        fuse_gate_up(fuse_qkv(p))
         return p
 
     floats, kept = params(), quantize_params(params(), cfg, "gguf", path)
-    for name in ("wqkv", "wo", "w_gate", "w_up", "w_down"):
+    for name in ("wqkv", "wo", "w_gate_up", "w_down"):
         w = kept["layers"][name]
         want = "q6_k" if name.startswith("w_") else "q4_k"  # MLP or attention
         assert isinstance(w, QuantizedWeight) and w.fmt == want, name
