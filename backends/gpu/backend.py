@@ -19,7 +19,9 @@ W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, 
 kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours),
 kv_write ("pallas", the default: K and V of a layer written by one kernel,
 kernels/kv_write.py, on one device with power-of-two heads and head dim; "xla": XLA's two
-scatters).
+scatters), add_norm ("pallas", the default: each residual add and the RMSNorm after it in
+one kernel, kernels/add_norm.py, for steps of up to 64 tokens on one device; "xla": the
+model's plain JAX, two kernels).
 
 Quantized weights (engine.model.quant): fp8 runs W8A8 (activations quantized per token)
 except at decode-sized steps (above), int8 and int4 weight-only through the fused
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from backends.cpu.attention import ragged_paged_attention
-from backends.gpu.kernels import kv_write, quant_linear, ragged_prefill
+from backends.gpu.kernels import add_norm, kv_write, quant_linear, ragged_prefill
 from backends.gpu.kernels.paged_decode import (
     DECODE_SIZES,
     DecodeSizes,
@@ -78,6 +80,10 @@ class TritonBackend(Backend):
         if self.kv_write not in ("pallas", "xla"):
             raise ValueError(f"backend option kv_write={self.kv_write!r}: expected 'pallas' "
                              f"(one kernel writes K and V) or 'xla' (two scatters)")
+        self.add_norm = str(self.options.get("add_norm", "pallas"))
+        if self.add_norm not in ("pallas", "xla"):
+            raise ValueError(f"backend option add_norm={self.add_norm!r}: expected 'pallas' "
+                             f"(one kernel for a residual add and its norm) or 'xla'")
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
                                          scan_layers=False, spmd_attention=False, fp8_kv=True,
@@ -104,6 +110,12 @@ class TritonBackend(Backend):
         if self.kv_write == "pallas" and self.mesh is None and kv_write.supported(hkv, d):
             return kv_write.write_kv(k_cache, v_cache, k, v, slots, interpret=self.interpret)
         return kv_write.reference(k_cache, v_cache, k, v, slots)
+
+    def add_rms_norm(self, x: jax.Array, y: jax.Array, w: jax.Array, eps: float
+                     ) -> tuple[jax.Array, jax.Array]:
+        if self.add_norm == "pallas" and self.mesh is None and add_norm.supported(*x.shape):
+            return add_norm.add_rms_norm(x, y, w, eps, interpret=self.interpret)
+        return add_norm.reference(x, y, w, eps)
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
         return quant_linear.quant_linear(x, w, fp8_gemm=self.fp8_gemm, interpret=self.interpret,

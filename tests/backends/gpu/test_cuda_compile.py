@@ -93,3 +93,14 @@ def test_kv_write_compiles_for_sm90(dtype, tmp_path):
         lowering_platforms=("cuda",))
     out = cubins(lowered, tmp_path)
     assert list(out) == ["kv_write"] and out["kv_write"] > 1000, out
+
+
+@pytest.mark.parametrize("e", [4096, 8192])
+def test_add_rms_norm_compiles_for_sm90(e, tmp_path):
+    """A residual add and its RMSNorm in one kernel (kernels/add_norm.py), bf16 rows."""
+    backend = TritonBackend({"interpret": False})
+    x = S((1, e), jnp.bfloat16)
+    lowered = jax.jit(backend.add_rms_norm, static_argnums=3).trace(
+        x, x, S((e,), jnp.bfloat16), 1e-5).lower(lowering_platforms=("cuda",))
+    out = cubins(lowered, tmp_path)
+    assert list(out) == ["add_rms_norm"] and out["add_rms_norm"] > 1000, out
