@@ -125,6 +125,14 @@ def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:
         except BufferError:
             pass
     stacked = isinstance(params["layers"], dict)
+    if any("w_gate" in k and "w_up" in k and "w_gate_up" not in k for k in layers):
+        # gate and up kept as blocks of two formats (a mixed-type file): two kept weights,
+        # not one float fused weight; place_params (WeightRecipe.finish) places them after.
+        from engine.model.weights import unfuse_gate_up
+
+        unfuse_gate_up(params)
+        for k in layers:
+            k.pop("w_gate_up", None)
     for i, kept in enumerate(layers):
         lp = params["layers"] if stacked else params["layers"][i]
         for name in list(kept):
