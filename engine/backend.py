@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from engine.attention import AttentionMetadata, write_kv
 from engine.model.config import ModelConfig
+from engine.model.llama import add_rms_norm
 from engine.model.quant import QuantizedWeight, reference_linear
 
 
@@ -180,6 +181,12 @@ class Backend(abc.ABC):
         """x [T, *in_shape] @ a quantized weight -> [T, *out_shape] (engine.model.quant).
         Default: the plain-JAX reference (dequantize, then one float32 dot)."""
         return reference_linear(x, w)
+
+    def add_rms_norm(self, x: jax.Array, y: jax.Array, w: jax.Array, eps: float
+                     ) -> tuple[jax.Array, jax.Array]:
+        """A residual add and the norm after it: x, y [T, E], w [E] -> (rms_norm(x + y) * w,
+        x + y). Default: the model's plain JAX (engine.model.llama.add_rms_norm)."""
+        return add_rms_norm(x, y, w, eps)
 
     def compile_options(self) -> dict[str, Any]:
         return {}

@@ -122,8 +122,8 @@ def _restore_orbax(model: str, backend: Backend, dtype: jnp.dtype, scan: bool,
 def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan: bool,
                  mesh: Any = None, rules: dict[str, Any] | None = None,
                  place: Place | None = None) -> LoadedModel:
-    """The weights as the engine runs them: loaded, q/k/v fused (or kept apart), quantized
-    as configured, on their shards under a mesh; what `engine convert` saves.
+    """The weights as the engine runs them: loaded, q/k/v and gate/up fused (or kept apart),
+    quantized as configured, on their shards under a mesh; what `engine convert` saves.
     `quantization` is the weights' format afterwards (the checkpoint's, else the one made)."""
     loaded = load_model(config, backend, dtype, scan, place)
     cfg = loaded.cfg
@@ -139,7 +139,8 @@ def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan:
         quant = None
     # q/k/v fused (or kept apart), projections quantized: a recipe weight updates apply too.
     fuse = config.model.fuse_qkv and qkv_fusable(cfg, mesh, rules or {})
-    loaded.recipe = WeightRecipe(cfg, dtype, scan, fuse, quant, place)
+    loaded.recipe = WeightRecipe(cfg, dtype, scan, fuse, quant, place,
+                                 fuse_gate_up=config.model.fuse_gate_up)
     loaded.params = loaded.recipe.finish(loaded.params, loaded.path)
     if quant is not None:
         loaded.quantization = loaded.quantization or quant

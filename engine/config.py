@@ -32,6 +32,9 @@ class ModelOptions:
     """One weight for the q/k/v projections once loaded: one GEMM per layer, not three
     (engine.model.weights.fuse_qkv). Kept apart when tensor parallelism replicates the KV
     heads but splits the query heads."""
+    fuse_gate_up: bool = True
+    """One weight for the MLP's gate and up projections once loaded: one GEMM per layer, not
+    two (engine.model.weights.fuse_gate_up); MoE layers are left as they are."""
     load_format: str = "auto"
     """'auto' reads the checkpoint (an orbax folder is recognised); 'dummy' makes random
     weights from the config only; 'orbax' restores an `engine convert` folder onto the mesh."""
@@ -58,6 +61,8 @@ class ModelOptions:
                              f"{self.quantization!r}")
         if not isinstance(self.fuse_qkv, bool):
             raise ValueError(f"fuse_qkv must be true or false, got {self.fuse_qkv!r}")
+        if not isinstance(self.fuse_gate_up, bool):
+            raise ValueError(f"fuse_gate_up must be true or false, got {self.fuse_gate_up!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "sequence bucket")
     p.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one q/k/v weight (one GEMM a layer) once loaded (default: on)")
+    p.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
+                   help="one MLP gate+up weight (one GEMM a layer) once loaded (default: on)")
     p.add_argument("--quantization", default=None,
                    choices=["int8", "gguf", "f32", "fp8", "int4"],
                    help="int8: weight-only per-channel int8 made at load; gguf: keep a GGUF "
@@ -84,6 +86,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "max_running_requests", "chunked_prefill_size", "schedule_policy",
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv",
+                  "fuse_gate_up",
                   "quantization", "kv_cache_dtype", "seed", "warmup_threads",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
                   "num_processes", "process_id", "interpret", "npu_device",

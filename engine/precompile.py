@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.envs import cache_dir
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
-from engine.model.weights import fuse_qkv, random_params, tree_bytes
+from engine.model.weights import fuse_gate_up, fuse_qkv, random_params, tree_bytes
 from engine.options import add_engine_args, engine_options
 from engine.runner import make_step
 from engine.sampler import SamplingMode
@@ -122,7 +122,8 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
     sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     def made() -> Any:  # the weights as the engine loads them (engine.builder)
         params = random_params(cfg, dtype, scan=scan, seed=0)
-        return fuse_qkv(params) if config.model.fuse_qkv else params
+        params = fuse_qkv(params) if config.model.fuse_qkv else params
+        return fuse_gate_up(params) if config.model.fuse_gate_up else params
 
     params = jax.tree.map(sds, jax.eval_shape(made))
     param_bytes = tree_bytes(params)

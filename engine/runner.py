@@ -61,7 +61,7 @@ def model_forward(cfg: ModelConfig, backend: Backend) -> Callable:
     attend = functools.partial(backend.attention_fn(), scale=cfg.head_dim**-0.5)
     expert_axis = backend.mesh_rules.get("expert") if backend.mesh is not None else None
     return functools.partial(forward, cfg=cfg, attend=attend, write=backend.write_kv,
-                             linear=backend.linear,
+                             linear=backend.linear, add_norm=backend.add_rms_norm,
                              expert_axis=expert_axis if cfg.is_moe else None)
 
 

@@ -2,9 +2,9 @@
 step), in-process (`LLM.update_weights`) or from disk (`POST /update_weights_from_disk`).
 
 New weights go through what start-up applied to the loaded ones (a `WeightRecipe`: q/k/v
-fusion, the configured quantization), are checked against the serving params (tree, shapes,
-dtypes) and are placed on the serving params' shardings, so the compiled step programs are
-reused as they are. The swap itself happens between steps, with no request running, and
+and gate/up fusion, the configured quantization), are checked against the serving params
+(tree, shapes, dtypes) and are placed on the serving params' shardings, so the compiled step
+programs are reused as they are. The swap itself happens between steps, with no request running, and
 flushes the prefix cache (its K/V were computed by the old weights).
 """
 
@@ -23,9 +23,11 @@ from engine.model.config import ModelConfig
 from engine.model.weights import (
     Place,
     _layer_from_hf,
+    fuse_gate_up,
     fuse_qkv,
     place_params,
     random_params,
+    unfuse_gate_up,
     unfuse_qkv,
 )
 
@@ -47,6 +49,8 @@ class WeightRecipe:
     """engine.loader.quantize method applied after fusion, or None."""
     place: Place | None = None
     """(shape, logical axes) -> sharding under a mesh; None on one device."""
+    fuse_gate_up: bool = True
+    """w_gate/w_up fused into w_gate_up (engine.model.weights.fuse_gate_up)."""
 
     def finish(self, params: Params, path: Any = None) -> Params:
         """Fuse and quantize float weights as start-up did (in place; returned). `path`: the
@@ -55,6 +59,10 @@ class WeightRecipe:
             fuse_qkv(params, self.place)
         else:  # weights read back fused (orbax) where this engine keeps them apart
             unfuse_qkv(params, self.place)
+        if self.fuse_gate_up:
+            fuse_gate_up(params, self.place)
+        else:
+            unfuse_gate_up(params, self.place)
         if self.quantization is not None:  # QuantizedWeights, on their shards under a mesh
             from engine.loader.quantize import quantize_params
 

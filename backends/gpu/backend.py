@@ -16,7 +16,12 @@ prompt tokens too), decode_impl ("gqa", the default: ours, kernels/gqa_decode.py
 JAX's paged_attention, kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
 "auto", the default: weight-only up to 16 rows (quant_tuning.FP8_WEIGHT_ONLY_MAX_M), then
 W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, ours,
-kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours).
+kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours),
+kv_write ("pallas", the default: K and V of a layer written by one kernel,
+kernels/kv_write.py, on one device with power-of-two heads and head dim; "xla": XLA's two
+scatters), add_norm ("pallas", the default: each residual add and the RMSNorm after it in
+one kernel, kernels/add_norm.py, for steps of up to 64 tokens on one device; "xla": the
+model's plain JAX, two kernels).
 
 Quantized weights (engine.model.quant): fp8 runs W8A8 (activations quantized per token)
 except at decode-sized steps (above), int8 and int4 weight-only through the fused
@@ -33,14 +38,14 @@ import jax
 import jax.numpy as jnp
 
 from backends.cpu.attention import ragged_paged_attention
-from backends.gpu.kernels import quant_linear, ragged_prefill
+from backends.gpu.kernels import add_norm, kv_write, quant_linear, ragged_prefill
 from backends.gpu.kernels.paged_decode import (
     DECODE_SIZES,
     DecodeSizes,
     decode_attention,
     paged_decode_attention,
 )
-from engine.attention import AttentionMetadata, to_cache_dtype
+from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
 from engine.model.quant import QuantizedWeight
 
@@ -71,6 +76,14 @@ class TritonBackend(Backend):
         if self.fp8_gemm not in quant_linear.FP8_GEMMS:
             raise ValueError(f"backend option fp8_gemm={self.fp8_gemm!r}: expected one of "
                              f"{', '.join(quant_linear.FP8_GEMMS)}")
+        self.kv_write = str(self.options.get("kv_write", "pallas"))
+        if self.kv_write not in ("pallas", "xla"):
+            raise ValueError(f"backend option kv_write={self.kv_write!r}: expected 'pallas' "
+                             f"(one kernel writes K and V) or 'xla' (two scatters)")
+        self.add_norm = str(self.options.get("add_norm", "pallas"))
+        if self.add_norm not in ("pallas", "xla"):
+            raise ValueError(f"backend option add_norm={self.add_norm!r}: expected 'pallas' "
+                             f"(one kernel for a residual add and its norm) or 'xla'")
         platform = "cpu" if self.interpret else "gpu"
         self.capabilities = Capabilities(platform=platform, default_dtype="bfloat16",
                                          scan_layers=False, spmd_attention=False, fp8_kv=True,
@@ -92,13 +105,17 @@ class TritonBackend(Backend):
         if layer is not None:
             raise ValueError(f"the {self.name} backend runs unrolled layers "
                              f"(scan_layers: false)")
-        page = k_cache.shape[2]
-        idx = (slice(None), slots // page, slots % page)  # -> [Hkv, T, D]
-        k_cache = k_cache.at[idx].set(to_cache_dtype(k.swapaxes(0, 1), k_cache.dtype),
-                                      mode="drop")
-        v_cache = v_cache.at[idx].set(to_cache_dtype(v.swapaxes(0, 1), v_cache.dtype),
-                                      mode="drop")
-        return k_cache, v_cache
+        hkv, _, _, d = k_cache.shape
+        # The kernel is opaque to the SPMD partitioner: under a mesh XLA's scatters stay.
+        if self.kv_write == "pallas" and self.mesh is None and kv_write.supported(hkv, d):
+            return kv_write.write_kv(k_cache, v_cache, k, v, slots, interpret=self.interpret)
+        return kv_write.reference(k_cache, v_cache, k, v, slots)
+
+    def add_rms_norm(self, x: jax.Array, y: jax.Array, w: jax.Array, eps: float
+                     ) -> tuple[jax.Array, jax.Array]:
+        if self.add_norm == "pallas" and self.mesh is None and add_norm.supported(*x.shape):
+            return add_norm.add_rms_norm(x, y, w, eps, interpret=self.interpret)
+        return add_norm.reference(x, y, w, eps)
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
         return quant_linear.quant_linear(x, w, fp8_gemm=self.fp8_gemm, interpret=self.interpret,

@@ -45,7 +45,7 @@ from engine.loader.load import ORBAX_META
 from engine.model.axes import PARAM_AXES
 from engine.model.config import ModelConfig
 from engine.model.quant import QuantizedWeight
-from engine.model.weights import Place, fuse_qkv, random_params
+from engine.model.weights import Place, fuse_gate_up, fuse_qkv, random_params
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +202,21 @@ def read_config(path: str | Path) -> ModelConfig:
         raise ModelLoadError(path / META, f"unusable model_config ({e!r})") from None
 
 
-def _expected_shapes(cfg: ModelConfig, fused: bool) -> dict[str, tuple[int, ...]]:
-    """Every parameter's logical shape for `cfg`, as loaded (and fused) by the engine."""
+def _expected_shapes(cfg: ModelConfig, fused: bool, gate_up: bool = False
+                     ) -> dict[str, tuple[int, ...]]:
+    """Every parameter's logical shape for `cfg`, as loaded (and fused: q/k/v, gate/up) by
+    the engine; checkpoints written before gate/up fusion keep w_gate and w_up."""
     def make():
         p = random_params(cfg, jnp.float32, scan=False)
-        return fuse_qkv(p) if fused else p
+        p = fuse_qkv(p) if fused else p
+        return fuse_gate_up(p) if gate_up else p
     return {n: tuple(a.shape) for n, a in _entries(jax.eval_shape(make)).items()}
 
 
 def _check(path: Path, cfg: ModelConfig, described: dict[str, dict]) -> None:
     """One-line errors for a description that does not fit the model config."""
-    want = _expected_shapes(cfg, fused=any(n.endswith(".wqkv") for n in described))
+    want = _expected_shapes(cfg, fused=any(n.endswith(".wqkv") for n in described),
+                            gate_up=any(n.endswith(".w_gate_up") for n in described))
     for kind, names in (("missing", [n for n in want if n not in described]),
                         ("unexpected", [n for n in described if n not in want])):
         if names:

@@ -14,9 +14,10 @@
     f32   no quantization: float32 weights stored by output channel, so that decode-sized
           steps take the CPU kernel (faster than XLA's dot there; same values).
 
-Projections: wqkv (or wq/wk/wv), wo, w_gate, w_up, w_down, and the head (lm_head, or embed
-when tied). Norms, biases and MoE experts stay float. Runs after fuse_qkv. Weights that are
-QuantizedWeights already (a pre-quantized checkpoint: engine.loader.prequant) are kept.
+Projections: wqkv (or wq/wk/wv), wo, w_gate_up (or w_gate/w_up), w_down, and the head
+(lm_head, or embed when tied). Norms, biases and MoE experts stay float. Runs after fuse_qkv
+and fuse_gate_up. Weights that are QuantizedWeights already (a pre-quantized checkpoint:
+engine.loader.prequant) are kept.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from engine.model.quant import (
 
 METHODS = ("int8", "gguf", "f32", "fp8", "int4")
 PROJECTIONS = {"wqkv": 1, "wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1,
-               "w_down": 1}
+               "w_gate_up": 1, "w_down": 1}
 """Layer weight -> number of contracted (input) dims of its logical shape."""
 GGUF_KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 """GGUF tensor types kept as blocks -> the QuantizedWeight format."""
@@ -111,6 +112,11 @@ def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:
                 q, k, v = (x[1].reshape(hk, -1, d, x[1].shape[-1]) for x in qkv)  # [Hkv, G|1, D, B]
                 fused = np.concatenate([q, k, v], axis=1).reshape(-1, q.shape[-1])
                 kept["wqkv"] = from_gguf_rows(fused, qkv[0][0], (e,), (hk, hq // hk + 2, d))
+            gu = [got[n] for n in ("w_gate", "w_up")]
+            if all(x is not None for x in gu) and gu[0][0] == gu[1][0]:
+                # fuse_gate_up's order, by rows: per MLP channel its gate row, then its up row.
+                fused = np.stack([gu[0][1], gu[1][1]], axis=1).reshape(2 * f, -1)  # [2F, B]
+                kept["w_gate_up"] = from_gguf_rows(fused, gu[0][0], (e,), (f, 2))
             layers.append(kept)
         head = rows("output.weight" if "output.weight" in file.tensors else "token_embd.weight")
     finally:
@@ -119,6 +125,14 @@ def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:
         except BufferError:
             pass
     stacked = isinstance(params["layers"], dict)
+    if any("w_gate" in k and "w_up" in k and "w_gate_up" not in k for k in layers):
+        # gate and up kept as blocks of two formats (a mixed-type file): two kept weights,
+        # not one float fused weight; place_params (WeightRecipe.finish) places them after.
+        from engine.model.weights import unfuse_gate_up
+
+        unfuse_gate_up(params)
+        for k in layers:
+            k.pop("w_gate_up", None)
     for i, kept in enumerate(layers):
         lp = params["layers"] if stacked else params["layers"][i]
         for name in list(kept):

@@ -35,6 +35,8 @@ PARAM_AXES: dict[str, Axes] = {
     "w_gate": ("embed", "mlp"),
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
+    # gate/up fused (engine.model.weights.fuse_gate_up): per MLP channel, gate then up
+    "w_gate_up": ("embed", "mlp", None),
     # per layer, MoE (the router's expert axis stays whole: every device routes every token)
     "router": ("embed", None),
     "expert_gate": ("expert", "embed", "expert_mlp"),

@@ -5,8 +5,8 @@ Backend-neutral JAX: attention goes through the `attend` callable the runner pas
 (the backend's kernel for a mixed ragged batch over the paged KV cache).
 
 Einsum letters: t = token, e = hidden (E), h = head, k = kv head, g = query heads per kv
-head, c = a KV head's fused q/k/v columns (G + 2), d = head dim (D), f = MLP width (F),
-v = vocab, x = expert (X).
+head, c = a KV head's fused q/k/v columns (G + 2) or, in the MLP, gate and up (2),
+d = head dim (D), f = MLP width (F), v = vocab, x = expert (X).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ KVCache = Any  # list of (K, V) per layer, or a stacked (K [L,...], V [L,...]) u
 Attend = Callable[..., jax.Array]  # (q, k_cache, v_cache, md, *, layer) -> [T, Hq, D]
 WriteKV = Callable[..., tuple[jax.Array, jax.Array]]  # (k_cache, v_cache, k, v, slots, layer)
 Linear = Callable[[jax.Array, QuantizedWeight], jax.Array]  # x [T, *in] -> [T, *out]
+AddNorm = Callable[..., tuple[jax.Array, jax.Array]]  # (x, y, w, eps) -> (normed, x + y)
 
 
 def project(x: jax.Array, w: Any, eq: str, linear: Linear) -> jax.Array:
@@ -43,6 +44,15 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def add_rms_norm(x: jax.Array, y: jax.Array, w: jax.Array, eps: float
+                 ) -> tuple[jax.Array, jax.Array]:
+    """A residual add and the next norm: x, y [T, E], w [E] -> (rms_norm(x + y) * w, x + y),
+    the sum in x's dtype. A backend may run both in one kernel (Backend.add_rms_norm): XLA
+    makes two, because the sum has two consumers (the norm and the next residual add)."""
+    s = x + y
+    return rms_norm(s, w, eps), s
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -75,11 +85,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def attention_block(
-    lp: Params, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+    lp: Params, h: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None,
     write: WriteKV = write_kv, linear: Linear = reference_linear,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    """h: the normed residual [T, E] -> (the block's output [T, E], to be added to the
+    residual, and the written caches)."""
     if "wqkv" in lp:  # one GEMM (engine.model.weights.fuse_qkv); c = G query heads, K, V
         qkv = project(h, lp["wqkv"], "te,ekcd->tkcd", linear)
         if cfg.qkv_bias:
@@ -101,38 +112,45 @@ def attention_block(
     k = apply_rope(k, md.positions, inv_freq)
     k_cache, v_cache = write(k_cache, v_cache, k, v, md.slot_mapping, layer)
     o = attend(q, k_cache, v_cache, md, layer=layer)  # o: [T, Hq, D]
-    return x + project(o, lp["wo"], "thd,hde->te", linear), k_cache, v_cache
+    return project(o, lp["wo"], "thd,hde->te", linear), k_cache, v_cache
 
 
-def mlp_block(lp: Params, x: jax.Array, cfg: ModelConfig, linear: Linear = reference_linear
-              ) -> jax.Array:
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = project(h, lp["w_gate"], "te,ef->tf", linear)
-    up = project(h, lp["w_up"], "te,ef->tf", linear)
-    return x + project(jax.nn.silu(gate) * up, lp["w_down"], "tf,fe->te", linear)
+def mlp_block(lp: Params, h: jax.Array, linear: Linear = reference_linear) -> jax.Array:
+    """h: the normed residual [T, E] -> the MLP's output [T, E] (added to the residual by
+    the next norm)."""
+    if "w_gate_up" in lp:  # one GEMM (engine.model.weights.fuse_gate_up); c = gate, up
+        gu = project(h, lp["w_gate_up"], "te,efc->tfc", linear)  # gu: [T, F, 2]
+        gate, up = gu[..., 0], gu[..., 1]
+    else:
+        gate = project(h, lp["w_gate"], "te,ef->tf", linear)  # gate, up: [T, F]
+        up = project(h, lp["w_up"], "te,ef->tf", linear)
+    return project(jax.nn.silu(gate) * up, lp["w_down"], "tf,fe->te", linear)
 
 
-def moe_block(lp: Params, x: jax.Array, cfg: ModelConfig, expert_axis: str | None = None
-              ) -> jax.Array:
-    return x + moe_ffn(lp, rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps), cfg, expert_axis)
+Stream = tuple[jax.Array, jax.Array]
+"""(x, dx): the residual stream [T, E] and the last block's output [T, E] not yet added to
+it (zeros before the first layer). Each block's add is made by the next norm (`add_norm`),
+one kernel where the backend fuses the two."""
 
 
 def decoder_layer(
-    lp: Params, x: jax.Array, kv: tuple[jax.Array, jax.Array],
+    lp: Params, xs: Stream, kv: tuple[jax.Array, jax.Array],
     md: AttentionMetadata, cfg: ModelConfig, attend: Attend, layer: jax.Array | None = None,
     write: WriteKV = write_kv, expert_axis: str | None = None,
-    linear: Linear = reference_linear,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    linear: Linear = reference_linear, add_norm: AddNorm = add_rms_norm,
+) -> tuple[Stream, tuple[jax.Array, jax.Array]]:
     """`kv` is this layer's (K, V), or all layers' stacked caches with `layer` the index."""
-    x, k_cache, v_cache = attention_block(lp, x, kv[0], kv[1], md, cfg, attend, layer, write,
+    eps = cfg.rms_norm_eps
+    h, x = add_norm(xs[0], xs[1], lp["attn_norm"], eps)
+    o, k_cache, v_cache = attention_block(lp, h, kv[0], kv[1], md, cfg, attend, layer, write,
                                           linear)
-    if cfg.is_moe:
-        return moe_block(lp, x, cfg, expert_axis), (k_cache, v_cache)
-    return mlp_block(lp, x, cfg, linear), (k_cache, v_cache)
+    h, x = add_norm(x, o, lp["mlp_norm"], eps)
+    dx = moe_ffn(lp, h, cfg, expert_axis) if cfg.is_moe else mlp_block(lp, h, linear)
+    return (x, dx), (k_cache, v_cache)
 
 
 _traced_layer = jax.jit(decoder_layer, static_argnames=("cfg", "attend", "write", "expert_axis",
-                                                       "linear"))
+                                                       "linear", "add_norm"))
 """decoder_layer as one jitted call, for the unrolled loop: every layer of a step shares one
 trace and one lowering (a function the step's module calls per layer) instead of tracing and
 lowering the layer's ops once per layer; XLA inlines the calls before optimizing, so the
@@ -144,6 +162,7 @@ def forward(
     params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
     logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend, write: WriteKV = write_kv,
     expert_axis: str | None = None, linear: Linear = reference_linear,
+    add_norm: AddNorm = add_rms_norm,
 ) -> tuple[jax.Array, KVCache]:
     """tokens [T] -> (logits f32 [S, V] at rows `logits_idx` [S], updated KV cache).
 
@@ -152,27 +171,31 @@ def forward(
     stacked on a leading layer axis (lax.scan); the KV cache has the matching form.
     `expert_axis` names the mesh axis the MoE expert weights are split over, for the
     shard_map expert-parallel path (engine.model.moe); None leaves partitioning to XLA.
-    `linear` runs the projections whose weights are quantized (engine.model.quant).
+    `linear` runs the projections whose weights are quantized (engine.model.quant);
+    `add_norm` each residual add with the norm after it (add_rms_norm, or a backend's kernel).
     """
     x = embed_rows(params["embed"], tokens, params["norm"].dtype)  # x: [T, E]
+    xs = (x, jnp.zeros_like(x))  # Stream: nothing to add before the first layer
     if isinstance(params["layers"], dict):
         def body(carry, lp_and_l):
-            x, kv_all = carry
+            xs, kv_all = carry
             lp, li = lp_and_l
-            x, kv_all = decoder_layer(lp, x, kv_all, md, cfg, attend, li, write, expert_axis,
-                                      linear)
-            return (x, kv_all), None
+            xs, kv_all = decoder_layer(lp, xs, kv_all, md, cfg, attend, li, write, expert_axis,
+                                       linear, add_norm)
+            return (xs, kv_all), None
 
         layer_ids = jnp.arange(cfg.num_layers)
-        (x, kv), _ = jax.lax.scan(body, (x, tuple(kv)), (params["layers"], layer_ids))
+        (xs, kv), _ = jax.lax.scan(body, (xs, tuple(kv)), (params["layers"], layer_ids))
     else:
         new_kv = []
         for lp, layer_kv in zip(params["layers"], kv, strict=True):
-            x, layer_kv = _traced_layer(lp, x, layer_kv, md, cfg=cfg, attend=attend,
-                                        write=write, expert_axis=expert_axis, linear=linear)
+            xs, layer_kv = _traced_layer(lp, xs, layer_kv, md, cfg=cfg, attend=attend,
+                                         write=write, expert_axis=expert_axis, linear=linear,
+                                         add_norm=add_norm)
             new_kv.append(layer_kv)
         kv = new_kv
-    x = rms_norm(x[logits_idx], params["norm"], cfg.rms_norm_eps)  # x: [S, E]
+    x = xs[0][logits_idx] + xs[1][logits_idx]  # the last MLP's add, on the rows read
+    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)  # x: [S, E]
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     if isinstance(head, QuantizedWeight):  # stored [V, E] by output channel either way
         return linear(x.astype(jnp.float32), head), kv

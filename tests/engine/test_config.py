@@ -15,6 +15,7 @@ def test_yaml_values_are_checked_and_explicit_options_win(tmp_path: Path):
     config = EngineConfig.build(f, max_running_requests=4)
     assert config.model.fuse_qkv is False and config.scheduler.max_running_requests == 4
     assert EngineConfig.build().model.fuse_qkv is True
+    assert EngineConfig.build(fuse_gate_up=False).model.fuse_gate_up is False
     f.write_text("model: {fuse_qkv: maybe}\n")
     with pytest.raises(ValueError, match="fuse_qkv must be true or false"):
         EngineConfig.build(f)

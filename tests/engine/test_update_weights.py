@@ -70,6 +70,7 @@ def test_hf_named_device_arrays_give_a_fresh_engines_tokens_without_recompiling(
     llm.update_weights(serving_b)
     wqkv = llm.engine.runner.params["layers"][0]["wqkv"]
     assert wqkv.data is serving_b["layers"][0]["wqkv"].data
+    assert "w_gate_up" in serving_b["layers"][0] and "w_up" not in serving_b["layers"][0]
     assert tokens(llm, compiles) == models["b_tokens"]
     assert compiles == [0, 0, 0]  # the step programs compiled for a's weights served all
 

@@ -124,8 +124,9 @@ def test_quantized_round_trip(tiny_hf, tmp_path, quantization):
 
 def test_fp8_and_int4_weights_round_trip(tiny_hf, tmp_path):
     """The formats made at load by engine.model.quant.pack: fp8 (float8 data, per-channel
-    scales) and int4 (packed codes, group scales and zero points)."""
-    want = engine_weights(str(tiny_hf))
+    scales) and int4 (packed codes, group scales and zero points); gate and up kept apart
+    to hold one of each (two formats stay two weights when restored)."""
+    want = engine_weights(str(tiny_hf), fuse_gate_up=False)
     for lp in want.params["layers"]:
         lp["w_gate"], lp["w_up"] = pack(lp["w_gate"], 1, "fp8"), pack(lp["w_up"], 1, "int4", 32)
     assert want.params["layers"][0]["w_up"].zeros is not None
@@ -210,9 +211,9 @@ def test_missing_and_broken_folders_are_clear_errors(tiny_orbax, tmp_path):
     with pytest.raises(ModelLoadError, match="missing parameters layers.2"):
         restore(broken)
     meta["model_config"]["num_layers"] = 2
-    meta["params"]["layers.0.w_up"]["shape"] = [64, 64]
+    meta["params"]["layers.0.w_down"]["shape"] = [64, 64]
     (broken / orbax.META).write_text(json.dumps(meta))
-    with pytest.raises(ModelLoadError, match=r"layers.0.w_up has shape \(64, 64\).*\(64, 128\)"):
+    with pytest.raises(ModelLoadError, match=r"layers.0.w_down has shape \(64, 64\).*\(128, 64\)"):
         restore(broken)
     shutil.rmtree(broken / "params")
     with pytest.raises(ModelLoadError, match="no params/ folder"):

@@ -1,6 +1,6 @@
 """--quantization gguf keeps a file's Q4_K and Q6_K tensors as blocks: the kept weights are
-exactly the float weights the loader dequantizes (q/k rows unpermuted, q/k/v fused), and the
-model's logits through the CPU kernel equal the float model's."""
+exactly the float weights the loader dequantizes (q/k rows unpermuted, q/k/v and gate/up
+fused), and the model's logits through the CPU kernel equal the float model's."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import warnings
 import gguf
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType as QT
 
 from backends.cpu.kernels import linear as kernels
 from engine.loader.load import load_checkpoint
 from engine.loader.quantize import quantize_params
 from engine.model.quant import QuantizedWeight, dequantize, reference_linear
-from engine.model.weights import fuse_qkv, params_from_hf
+from engine.model.weights import fuse_gate_up, fuse_qkv, params_from_hf, unfuse_gate_up
 from tests.backends.cpu.test_linear_kernel import random_k_blocks
 from tests.models.test_loader import tiny_hf_model, write_gguf
 from tests.models.test_quantized_model import logits
@@ -25,8 +26,10 @@ FORMATS = {QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}
 """K-quant types (gguf-py cannot quantize them: random blocks stand in)."""
 
 
-def test_k_quants_kept(tmp_path, monkeypatch):
-    """Attention weights and the embedding Q4_K, the MLP and the head Q6_K."""
+@pytest.mark.parametrize("gate", [QT.Q6_K, QT.Q4_K], ids=["gate_q6_k", "gate_q4_k"])
+def test_k_quants_kept(tmp_path, monkeypatch, gate):
+    """Attention weights and the embedding Q4_K, the MLP and the head Q6_K; or the MLP's gate
+    Q4_K (gate and up in two formats: kept as two weights, not one float fused weight)."""
     # Every dim a multiple of 256 (the K-quants' block): E = F = Hq * D = 256.
     model = tiny_hf_model("llama")
     for key, value in dict(hidden_size=256, intermediate_size=256, head_dim=64).items():
@@ -58,6 +61,7 @@ def test_k_quants_kept(tmp_path, monkeypatch):
             types[f"blk.{i}.{part}.weight"] = QT.Q4_K
         for part in ("ffn_gate", "ffn_up", "ffn_down"):
             types[f"blk.{i}.{part}.weight"] = QT.Q6_K
+        types[f"blk.{i}.ffn_gate.weight"] = gate
     path = write_gguf(tmp_path / "k.gguf", model.config, ref, QT.F32, types=types)
     with warnings.catch_warnings():  # no tokenizer metadata written
         warnings.simplefilter("ignore")
@@ -66,13 +70,17 @@ def test_k_quants_kept(tmp_path, monkeypatch):
 
     def params() -> dict:
         p = params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=True)
-        fuse_qkv(p)
+        fuse_gate_up(fuse_qkv(p))
         return p
 
     floats, kept = params(), quantize_params(params(), cfg, "gguf", path)
-    for name in ("wqkv", "wo", "w_gate", "w_up", "w_down"):
+    mlp = ["w_gate_up"] if gate == QT.Q6_K else ["w_gate", "w_up"]
+    if gate != QT.Q6_K:
+        unfuse_gate_up(floats)
+    assert set(mlp) <= set(kept["layers"]) and set(mlp) <= set(floats["layers"])
+    for name in ("wqkv", "wo", *mlp, "w_down"):
         w = kept["layers"][name]
-        want = "q6_k" if name.startswith("w_") else "q4_k"  # MLP or attention
+        want = "q4_k" if name == "w_gate" or not name.startswith("w_") else "q6_k"
         assert isinstance(w, QuantizedWeight) and w.fmt == want, name
         np.testing.assert_array_equal(np.asarray(dequantize(w)),
                                       np.asarray(floats["layers"][name]), err_msg=name)

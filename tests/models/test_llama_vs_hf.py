@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.model.weights import fuse_qkv, params_from_hf
+from engine.model.weights import fuse_gate_up, fuse_qkv, params_from_hf
 from tests.models.hf_reference import (
     TINY_CONFIGS,
     hf_logits,
@@ -19,13 +19,14 @@ IDS = [3, 17, 99, 254, 8, 8, 42, 1, 0, 77, 130, 5, 61, 200, 19, 23, 7, 88, 150, 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "split_qkv"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
 def test_logits_match_hf(name, scan, fused):
     model = make_hf_model(name)
     cfg, params = load_ours(model, scan=scan)
-    if fused:  # one q/k/v weight, as the engine loads it
-        params = fuse_qkv(params)
-        assert "wqkv" in (params["layers"] if scan else params["layers"][0])
+    if fused:  # one q/k/v and one gate/up weight, as the engine loads them
+        params = fuse_gate_up(fuse_qkv(params))
+        lp = params["layers"] if scan else params["layers"][0]
+        assert "wqkv" in lp and "w_gate_up" in lp and "w_gate" not in lp
     ref = hf_logits(model, IDS)
     ours = our_logits(cfg, params, IDS)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-3)

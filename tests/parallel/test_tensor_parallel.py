@@ -63,6 +63,8 @@ def test_weights_and_kv_are_sharded_by_logical_axes(tiny_runs):
     # fused q/k/v [E, Hkv, G + 2, D]: each device holds whole KV heads with their queries
     assert two["wqkv"] == [None, "tp", None, None] and two["wq"] is None
     assert two["w_down"] == ["tp", None]  # row-parallel MLP output
+    # fused gate/up [E, F, 2]: each device holds the gate and up columns of its F channels
+    assert two["w_gate_up"] == four["w_gate_up"] == [None, "tp", None]
     assert two["kv_devices"] == 2
     assert two["kv"] == [None, None, "tp", None]  # [pages, page, Hkv, D]: heads split
     # 2 KV heads on 4 devices: K/V projections and the cache are replicated, the query
@@ -126,7 +128,8 @@ def test_int8_at_load_sharded_with_its_scales(tmp_path):
     assert q4["wq"] == ["int8", ["tp", None], ["tp"]]
     assert q4["wk"] == ["int8", [None, None], [None]]
     assert q4["wo"] == ["int8", [None, "tp"], [None]]  # K split, per-row scales whole
-    assert q4["w_gate"][1] == ["tp", None] and q4["w_down"][1] == [None, "tp"]
+    assert q4["w_gate_up"] == ["int8", ["tp", None], ["tp"]]  # whole channels' rows
+    assert q4["w_down"][1] == [None, "tp"]
 
 
 def test_prequantized_awq_checkpoint_sharded(tmp_path):
@@ -140,6 +143,7 @@ def test_prequantized_awq_checkpoint_sharded(tmp_path):
     q2 = runs[2]["quantized"]
     assert q2["wo"] == ["int4", [None, "tp"], [None, "tp"]]  # [N, K/2], scales [N, K/G]
     assert q2["wqkv"] == ["int4", ["tp", None], ["tp", None]]
+    assert q2["w_gate_up"] == ["int4", ["tp", None], ["tp", None]]  # whole channels' rows
 
 
 def test_prequantized_fp8_experts_expert_parallel(tmp_path):

@@ -69,6 +69,8 @@ def main(model: str, load_format: str, sizes: list[int]) -> None:
             "wk": spec(layer["wk"]) if tp > 1 and "wk" in layer else None,
             "wqkv": spec(layer["wqkv"]) if tp > 1 and "wqkv" in layer else None,
             "w_down": spec(layer["w_down"]) if tp > 1 and "w_down" in layer else None,
+            "w_gate_up": spec(layer["w_gate_up"]) if tp > 1 and "w_gate_up" in layer
+            else None,
             "expert_gate": spec(layer["expert_gate"]) if tp > 1 and "expert_gate" in layer
             else None,
             "kv": spec(k_cache) if tp > 1 else None,

@@ -1,5 +1,6 @@
 """The whole engine on the CUDA backend (its decode kernel interpreted on a host without a GPU)
-gives the CPU backend's greedy tokens on a tiny model."""
+gives the CPU backend's greedy tokens on a tiny model (E, KV heads and head dim powers of two:
+the K/V write and add+RMSNorm kernels run too, with gate/up and q/k/v fused)."""
 
 import jax
 import pytest

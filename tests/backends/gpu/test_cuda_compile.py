@@ -82,3 +82,25 @@ def test_attention_on_an_fp8_cache_compiles_for_sm90(decode_only, tmp_path):
     assert any(name.startswith("gqa_decode") for name in out), out
     if not decode_only:
         assert any(not name.startswith("gqa_decode") for name in out), out
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_kv_write_compiles_for_sm90(dtype, tmp_path):
+    """One kernel writes a layer's K and V (kernels/kv_write.py), bf16 and fp8 caches."""
+    backend = TritonBackend({"interpret": False})
+    cache, kv = S((8, 256, 16, 128), dtype), S((1, 8, 128), jnp.bfloat16)
+    lowered = jax.jit(backend.write_kv).trace(cache, cache, kv, kv, S((1,), jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    out = cubins(lowered, tmp_path)
+    assert list(out) == ["kv_write"] and out["kv_write"] > 1000, out
+
+
+@pytest.mark.parametrize("e", [4096, 8192])
+def test_add_rms_norm_compiles_for_sm90(e, tmp_path):
+    """A residual add and its RMSNorm in one kernel (kernels/add_norm.py), bf16 rows."""
+    backend = TritonBackend({"interpret": False})
+    x = S((1, e), jnp.bfloat16)
+    lowered = jax.jit(backend.add_rms_norm, static_argnums=3).trace(
+        x, x, S((e,), jnp.bfloat16), 1e-5).lower(lowering_platforms=("cuda",))
+    out = cubins(lowered, tmp_path)
+    assert list(out) == ["add_rms_norm"] and out["add_rms_norm"] > 1000, out

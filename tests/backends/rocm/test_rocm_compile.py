@@ -5,6 +5,8 @@ and gfx950 (MI355X), within the target's LDS. A kernel that stops compiling fail
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import pytest
 import triton  # noqa: F401  (the test extra pins it; its AMD backend compiles here)
 
@@ -16,6 +18,7 @@ from backends.rocm.triton_check import (
     compile_call,
     preset_steps,
     step_shapes,
+    triton_calls,
 )
 
 PRESETS = {"rocm-mi300x": "gfx942", "rocm-mi355x": "gfx950"}
@@ -70,3 +73,21 @@ def test_a_kernel_that_cannot_compile_fails(tmp_path):
     assert broken.ttir != call.ttir
     with pytest.raises(Exception, match="Parse MLIR"):
         compile_call(broken, "gfx942", tmp_path)
+
+
+@pytest.mark.parametrize("arch", list(PRESETS.values()))
+def test_kv_write_and_add_norm_kernels_compile(arch, tmp_path):
+    """The GPU backends' one-kernel K/V write and fused add+RMSNorm, shared with CUDA."""
+    backend = RocmBackend({"interpret": False, "target": arch})
+    S = jax.ShapeDtypeStruct
+    cache, kv, x = S((8, 256, 16, 128), jnp.bfloat16), S((1, 8, 128), jnp.bfloat16), \
+        S((1, 4096), jnp.bfloat16)
+
+    def step(kc, vc, k, v, slots, x, w):
+        return backend.write_kv(kc, vc, k, v, slots), backend.add_rms_norm(x, x, w, 1e-5)
+
+    lowered = jax.jit(step).trace(cache, cache, kv, kv, S((1,), jnp.int32), x,
+                                  S((4096,), jnp.bfloat16)).lower(lowering_platforms=("rocm",))
+    out = [compile_call(c, arch, tmp_path) for c in triton_calls(lowered)]
+    assert sorted(c.name for c in out) == ["add_rms_norm", "kv_write"]
+    assert all(c.hsaco_bytes > 0 for c in out)
