@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from engine import probe_memo
 from engine.backend import Backend, get_backend
 from engine.compile import abstract_batch, enable_persistent_cache, step_buckets, warmup_grid
 from engine.config import EngineConfig
@@ -32,6 +33,7 @@ from engine.sampler import SamplingMode
 from engine.spec import Proposer
 from engine.spec.draft import DraftModelProposer
 from engine.spec.ngram import NgramProposer
+from engine.startup import StartupPhases
 from engine.weights_update import (
     Params,
     WeightRecipe,
@@ -204,18 +206,34 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
                         num_logprobs=20)
     batch = abstract_batch(buckets.tokens[-1], buckets.seqs[-1], buckets.pages[-1], False,
                            page, cfg.vocab_size, mode, None, buckets.seqs[-1])
+    shape_text = (f"largest step: {buckets.tokens[-1]} tokens, {buckets.seqs[-1]} seqs, "
+                  f"{buckets.pages[-1]} pages/seq")
     t0 = time.perf_counter()
+    key = probe_memo.probe_key(
+        backend=backend.name, options=sorted(backend.options.items()),
+        devices=[d.device_kind for d in backend.model_devices()], cfg=cfg, page=page,
+        buckets=(buckets.tokens[-1], buckets.seqs[-1], buckets.pages[-1]), kv=kv, mode=mode,
+        params=probe_memo.tree_signature(params))
+    peak = probe_memo.recall(key)
+    if peak is not None:
+        log.info("activation peak %.2f GiB (%s; remembered from an earlier start of the same "
+                 "program, read in %.1fs)", peak / 2**30, shape_text, time.perf_counter() - t0)
+        return peak
     step = make_step(cfg, backend, buckets.seqs[-1])
     with mesh_context(backend):
         mem = step.trace(params, kv, *batch, mode).lower().compile().memory_analysis()
-    peak = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    log.info("activation peak %.2f GiB (largest step: %d tokens, %d seqs, %d pages/seq; "
-             "measured in %.1fs)", peak / 2**30, buckets.tokens[-1], buckets.seqs[-1],
-             buckets.pages[-1], time.perf_counter() - t0)
-    return int(peak)
+    peak = int(mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    probe_memo.remember(key, peak)
+    log.info("activation peak %.2f GiB (%s; measured in %.1fs)", peak / 2**30, shape_text,
+             time.perf_counter() - t0)
+    return peak
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
+    """The engine and its model; engine.startup holds the seconds of each start-up phase
+    (each logged as it ends; the device's queue drained at each mark, so that work
+    dispatched in one phase is not counted in the next)."""
+    phases = StartupPhases.for_build()
     backend = get_backend(config.backend.name, dict(config.backend.options))
     init_distributed(config.parallel, backend.capabilities.platform)
     enable_persistent_cache(cache_dir() / "xla")
@@ -233,12 +251,14 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
-    loaded.params = commit(loaded.params)
+    loaded.params = jax.block_until_ready(commit(loaded.params))
+    phases.mark("weights")
     cfg = loaded.cfg
     kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, kv_dtype, scan, place)
+    phases.mark("probe")
     num_pages = kv_pages(config, cfg, backend, kv_dtype.itemsize,
                          kv_shards(cfg.num_kv_heads, mesh, rules), peak)
     page = config.cache.page_size
@@ -262,6 +282,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                         kv_dtype=kv_dtype, eos_token_ids=eos, kv_place=place,
                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket,
                                              caps.min_token_bucket))
+    jax.block_until_ready(runner.kv)
+    phases.mark("KV pool")
     if s.warmup_decode_len:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
@@ -269,6 +291,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
                     threads=s.warmup_threads)
             runner.warmed_up = True
+    phases.mark("warm-up")
     sp = config.speculative
     proposer = None
     if sp.speculative_algorithm is not None:
@@ -280,6 +303,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                     num_draft_tokens=sp.speculative_num_draft_tokens,
                     spec_max_batch=sp.speculative_max_batch)
     engine.weight_recipe = loaded.recipe
+    phases.mark("engine")
+    engine.startup = phases
     return engine, loaded
 
 
