@@ -51,7 +51,8 @@ start() {  # NAME: engine serve until /health is 200; prints the seconds
     "$OUT/$name.log"); $(grep -oE 'activation peak .*' "$OUT/$name.log" | head -1)" \
     | tee -a "$OUT/summary.txt"
   # the server's own clock, phase by phase (engine/startup.py): imports, weights, probe, ...
-  echo "$name $(grep -oE 'start-up: [0-9.]+s to ready .*' "$OUT/$name.log" | tail -1)" \
+  echo "$name $(grep -oE 'start-up: [0-9.]+s to ready .*' "$OUT/$name.log" | tail -1);" \
+    "$(grep -oE 'tokenizer loaded in [0-9.]+s' "$OUT/$name.log" | head -1)" \
     | tee -a "$OUT/summary.txt"
 }
 stop() { kill -TERM $pid; wait $pid; pid=; }
