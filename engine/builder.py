@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from engine import probe_memo
+from engine import probe_memo, program_store
 from engine.backend import Backend, get_backend
 from engine.compile import abstract_batch, enable_persistent_cache, step_buckets, warmup_grid
 from engine.config import EngineConfig
@@ -293,7 +293,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
-                    threads=s.warmup_threads)
+                    threads=s.warmup_threads, store=s.warmup_executables)
             runner.warmed_up = True
     phases.mark("warm-up")
     sp = config.speculative
@@ -363,12 +363,15 @@ PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": 
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
             modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
-            threads: int = 0) -> int:
+            threads: int = 0, store: bool = False) -> int:
     """Compile (or load from the persistent cache) the programs of warmup_grid, with
     progress in the log. Each is traced and lowered here, one after another (Python holds
     the GIL), and compiled on one of `threads` threads (0: one per CPU core), while the next
     is lowered: XLA compiles without the GIL. The executables land where the jitted step
-    finds them (ModelRunner.lower_idle); nothing runs on the device. Returns the programs."""
+    finds them (ModelRunner.lower_idle); nothing runs on the device. With `store`
+    (warmup_executables), a program stored serialized by an earlier start is loaded instead
+    (nothing traced; ModelRunner.call_step runs it), and each one compiled is stored.
+    Returns the programs."""
     grid = [(mode, *g) for mode in modes
             for g in warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)]
     workers = max(1, min(len(grid), threads or os.cpu_count() or 1))
@@ -381,23 +384,39 @@ def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
             n = done[0]
         if fut.exception() is None:
             log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages, %s "
-                     "(lowered in %.1fs; %.1fs since the start)", n, len(grid),
+                     "(lowered or loaded in %.1fs; %.1fs since the start)", n, len(grid),
                      "decode" if dec else "prompt", t, s, p,
                      "greedy" if mode.all_greedy else "sampling", lowered_s,
                      time.perf_counter() - t0)
 
+    def compile_and_store(lowered: jax.stages.Lowered, key: str | None) -> None:
+        executable = lowered.compile()
+        if key is not None:
+            program_store.save(key, executable)
+
     log.info("warm-up: %d programs, compiled on %d threads", len(grid), workers)
+    loaded = 0
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
         futures = []
         for job in grid:
             t1 = time.perf_counter()
-            lowered = runner.lower_idle(*job[1:], job[0])
-            fut = pool.submit(lowered.compile)
+            key = program_store.step_key(runner, *job[1:], job[0]) if store else None
+            program = program_store.load(key) if key is not None else None
+            if program is not None:
+                runner.loaded_programs[(*job[1:], job[0])] = program
+                loaded += 1
+                fut = concurrent.futures.Future()
+                fut.set_result(None)
+            else:
+                lowered = runner.lower_idle(*job[1:], job[0])
+                fut = pool.submit(compile_and_store, lowered, key)
             fut.add_done_callback(functools.partial(compiled, job, time.perf_counter() - t1))
             futures.append(fut)
         for fut in futures:
             fut.result()  # a failed compilation raises here
-    log.info("warm-up: %d programs in %.1fs", len(grid), time.perf_counter() - t0)
+    log.info("warm-up: %d programs in %.1fs (%d loaded stored, %d compiled or read from the "
+             "compilation cache)", len(grid), time.perf_counter() - t0, loaded,
+             len(grid) - loaded)
     return len(grid)
 
 
