@@ -377,43 +377,56 @@ def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
     workers = max(1, min(len(grid), threads or os.cpu_count() or 1))
     t0, done, lock = time.perf_counter(), [0], threading.Lock()
 
-    def compiled(job: tuple, lowered_s: float, fut: concurrent.futures.Future) -> None:
+    def compiled(job: tuple, lowered_s: float | None, fut: concurrent.futures.Future) -> None:
+        """Progress; lowered_s None: a stored program's load (False: it failed)."""
         mode, t, s, p, dec = job
+        if fut.exception() is not None or fut.result() is False:
+            return
         with lock:
             done[0] += 1
             n = done[0]
-        if fut.exception() is None:
-            log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages, %s "
-                     "(lowered or loaded in %.1fs; %.1fs since the start)", n, len(grid),
-                     "decode" if dec else "prompt", t, s, p,
-                     "greedy" if mode.all_greedy else "sampling", lowered_s,
-                     time.perf_counter() - t0)
+        how = "loaded stored" if lowered_s is None else f"lowered in {lowered_s:.1f}s"
+        log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages, %s (%s; %.1fs "
+                 "since the start)", n, len(grid), "decode" if dec else "prompt", t, s, p,
+                 "greedy" if mode.all_greedy else "sampling", how, time.perf_counter() - t0)
 
     def compile_and_store(lowered: jax.stages.Lowered, key: str | None) -> None:
         executable = lowered.compile()
         if key is not None:
             program_store.save(key, executable)
 
+    def load(job: tuple, key: str) -> bool:  # on a thread, as compilations are
+        program = program_store.load(key)
+        if program is not None:
+            runner.loaded_programs[(*job[1:], job[0])] = program
+        return program is not None
+
+    keys = {job: program_store.step_key(runner, *job[1:], job[0]) for job in grid} if store \
+        else {}
     log.info("warm-up: %d programs, compiled on %d threads", len(grid), workers)
-    loaded = 0
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
         futures = []
-        for job in grid:
+
+        def lower_and_compile(job: tuple) -> None:
             t1 = time.perf_counter()
-            key = program_store.step_key(runner, *job[1:], job[0]) if store else None
-            program = program_store.load(key) if key is not None else None
-            if program is not None:
-                runner.loaded_programs[(*job[1:], job[0])] = program
-                loaded += 1
-                fut = concurrent.futures.Future()
-                fut.set_result(None)
-            else:
-                lowered = runner.lower_idle(*job[1:], job[0])
-                fut = pool.submit(compile_and_store, lowered, key)
+            lowered = runner.lower_idle(*job[1:], job[0])
+            fut = pool.submit(compile_and_store, lowered, keys.get(job))
             fut.add_done_callback(functools.partial(compiled, job, time.perf_counter() - t1))
             futures.append(fut)
+
+        loads = {job: pool.submit(load, job, key) for job, key in keys.items()
+                 if program_store.stored(key)}
+        for fut_job, fut in loads.items():
+            fut.add_done_callback(functools.partial(compiled, fut_job, None))
+        for job in grid:
+            if job not in loads:
+                lower_and_compile(job)
+        for job, fut in loads.items():
+            if not fut.result():  # not loadable: compiled instead
+                lower_and_compile(job)
         for fut in futures:
             fut.result()  # a failed compilation raises here
+    loaded = len(runner.loaded_programs)
     log.info("warm-up: %d programs in %.1fs (%d loaded stored, %d compiled or read from the "
              "compilation cache)", len(grid), time.perf_counter() - t0, loaded,
              len(grid) - loaded)

@@ -45,6 +45,11 @@ def _path(key: str) -> Path:
     return cache_dir() / "programs" / f"{key}.pkl"
 
 
+def stored(key: str) -> bool:
+    """Whether a program is stored under `key` (loadable or not)."""
+    return _path(key).exists()
+
+
 def load(key: str) -> Any:
     """The stored program (a jax.stages.Compiled on this process's devices), or None."""
     path = _path(key)

@@ -66,9 +66,12 @@ def test_a_second_start_loads_every_program_and_serves_the_same(
     with caplog.at_level(logging.WARNING, logger="engine.runner"):
         assert serve(second) == expected
     assert "does not fit its arguments" in caplog.text
-    # A file that cannot be loaded is not used (warm-up then compiles that program).
+    # A file that cannot be loaded: warm-up compiles that program (and stores it again).
     stored[0].write_bytes(b"not a program")
     with caplog.at_level(logging.WARNING, logger="engine.program_store"):
         assert program_store.load(stored[0].stem) is None
+        third = start(tmp_path)
     assert "not loaded" in caplog.text
-    assert program_store.load(stored[1].stem) is not None
+    assert len(third.engine.runner.loaded_programs) == 3
+    assert program_store.load(stored[0].stem) is not None
+    assert serve(third) == expected and third.engine.runner.serving_compiles == 0
