@@ -232,7 +232,7 @@ class ModelRunner:
         if prog is not None:
             try:
                 return prog(params, kv, tokens, md, logits_idx, st, prev_tokens, src)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:  # raised before it runs: nothing donated
                 log.warning("stored step program %s does not fit its arguments (%s): the "
                             "jitted step instead", key[:4], e)
                 del self.loaded_programs[key]
