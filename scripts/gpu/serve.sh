@@ -47,7 +47,7 @@ start() {  # NAME: engine serve until /health is 200; prints the seconds
     sleep 0.5
   done
   local s; s=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
-  echo "$name start to ready: $s s; $(grep -oE 'warm-up: [0-9]+ programs in [0-9.]+s' \
+  echo "$name start to ready: $s s; $(grep -oE 'warm-up: [0-9]+ programs in [0-9.]+s( \([^)]*\))?' \
     "$OUT/$name.log"); $(grep -oE 'activation peak .*' "$OUT/$name.log" | head -1)" \
     | tee -a "$OUT/summary.txt"
   # the server's own clock, phase by phase (engine/startup.py): imports, weights, probe, ...
