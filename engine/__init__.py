@@ -1,5 +1,6 @@
 """A JAX/XLA LLM inference and serving engine with pluggable hardware backends."""
 
+import engine.startup  # noqa: F401, I001  first: its import is the start-up clock's zero
 from engine.envs import default_gpu_memory_fraction
 from engine.sampling_params import SamplingParams
 

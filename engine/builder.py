@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from engine import probe_memo, program_store
 from engine.backend import Backend, get_backend
 from engine.compile import abstract_batch, enable_persistent_cache, step_buckets, warmup_grid
 from engine.config import EngineConfig
@@ -32,6 +33,7 @@ from engine.sampler import SamplingMode
 from engine.spec import Proposer
 from engine.spec.draft import DraftModelProposer
 from engine.spec.ngram import NgramProposer
+from engine.startup import StartupPhases
 from engine.weights_update import (
     Params,
     WeightRecipe,
@@ -61,9 +63,13 @@ class LoadedModel:
 def load_tokenizer(path: Path | str | None):
     if path is None:
         return None
+    t0 = time.perf_counter()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # Part of start-up's weights phase (transformers' import included): said apart.
+    log.info("tokenizer loaded in %.1fs", time.perf_counter() - t0)
+    return tokenizer
 
 
 def dummy_model(model: str | None, dtype: jnp.dtype, scan: bool, seed: int,
@@ -205,18 +211,34 @@ def activation_peak(config: EngineConfig, cfg: ModelConfig, params: Any, backend
                         num_logprobs=20)
     batch = abstract_batch(buckets.tokens[-1], buckets.seqs[-1], buckets.pages[-1], False,
                            page, cfg.vocab_size, mode, None, buckets.seqs[-1])
+    shape_text = (f"largest step: {buckets.tokens[-1]} tokens, {buckets.seqs[-1]} seqs, "
+                  f"{buckets.pages[-1]} pages/seq")
     t0 = time.perf_counter()
+    key = probe_memo.probe_key(
+        backend=backend.name, options=sorted(backend.options.items()),
+        devices=[d.device_kind for d in backend.model_devices()], cfg=cfg, page=page,
+        buckets=(buckets.tokens[-1], buckets.seqs[-1], buckets.pages[-1]), kv=kv, mode=mode,
+        params=probe_memo.tree_signature(params))
+    peak = probe_memo.recall(key)
+    if peak is not None:
+        log.info("activation peak %.2f GiB (%s; remembered from an earlier start of the same "
+                 "program, read in %.1fs)", peak / 2**30, shape_text, time.perf_counter() - t0)
+        return peak
     step = make_step(cfg, backend, buckets.seqs[-1])
     with mesh_context(backend):
         mem = step.trace(params, kv, *batch, mode).lower().compile().memory_analysis()
-    peak = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    log.info("activation peak %.2f GiB (largest step: %d tokens, %d seqs, %d pages/seq; "
-             "measured in %.1fs)", peak / 2**30, buckets.tokens[-1], buckets.seqs[-1],
-             buckets.pages[-1], time.perf_counter() - t0)
-    return int(peak)
+    peak = int(mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    probe_memo.remember(key, peak)
+    log.info("activation peak %.2f GiB (%s; measured in %.1fs)", peak / 2**30, shape_text,
+             time.perf_counter() - t0)
+    return peak
 
 
 def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
+    """The engine and its model; engine.startup holds the seconds of each start-up phase
+    (each logged as it ends; the device's queue drained at each mark, so that work
+    dispatched in one phase is not counted in the next)."""
+    phases = StartupPhases.for_build()
     backend = get_backend(config.backend.name, dict(config.backend.options))
     init_distributed(config.parallel, backend.capabilities.platform)
     enable_persistent_cache(cache_dir() / "xla")
@@ -234,12 +256,14 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
-    loaded.params = commit(loaded.params)
+    loaded.params = jax.block_until_ready(commit(loaded.params))
+    phases.mark("weights")
     cfg = loaded.cfg
     kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, kv_dtype, scan, place)
+    phases.mark("probe")
     num_pages = kv_pages(config, cfg, backend, kv_dtype.itemsize,
                          kv_shards(cfg.num_kv_heads, mesh, rules), peak)
     page = config.cache.page_size
@@ -263,13 +287,16 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                         kv_dtype=kv_dtype, eos_token_ids=eos, kv_place=place,
                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket,
                                              caps.min_token_bucket))
+    jax.block_until_ready(runner.kv)
+    phases.mark("KV pool")
     if s.warmup_decode_len:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
-                    threads=s.warmup_threads)
+                    threads=s.warmup_threads, store=s.warmup_executables)
             runner.warmed_up = True
+    phases.mark("warm-up")
     sp = config.speculative
     proposer = None
     if sp.speculative_algorithm is not None:
@@ -281,6 +308,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                     num_draft_tokens=sp.speculative_num_draft_tokens,
                     spec_max_batch=sp.speculative_max_batch)
     engine.weight_recipe = loaded.recipe
+    phases.mark("engine")
+    engine.startup = phases
     return engine, loaded
 
 
@@ -335,41 +364,73 @@ PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": 
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
             modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
-            threads: int = 0) -> int:
+            threads: int = 0, store: bool = False) -> int:
     """Compile (or load from the persistent cache) the programs of warmup_grid, with
     progress in the log. Each is traced and lowered here, one after another (Python holds
     the GIL), and compiled on one of `threads` threads (0: one per CPU core), while the next
     is lowered: XLA compiles without the GIL. The executables land where the jitted step
-    finds them (ModelRunner.lower_idle); nothing runs on the device. Returns the programs."""
+    finds them (ModelRunner.lower_idle); nothing runs on the device. With `store`
+    (warmup_executables), a program stored serialized by an earlier start is loaded instead
+    (nothing traced; ModelRunner.call_step runs it), and each one compiled is stored.
+    Returns the programs."""
     grid = [(mode, *g) for mode in modes
             for g in warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)]
     workers = max(1, min(len(grid), threads or os.cpu_count() or 1))
     t0, done, lock = time.perf_counter(), [0], threading.Lock()
 
-    def compiled(job: tuple, lowered_s: float, fut: concurrent.futures.Future) -> None:
+    def compiled(job: tuple, lowered_s: float | None, fut: concurrent.futures.Future) -> None:
+        """Progress; lowered_s None: a stored program's load (False: it failed)."""
         mode, t, s, p, dec = job
+        if fut.exception() is not None or fut.result() is False:
+            return
         with lock:
             done[0] += 1
             n = done[0]
-        if fut.exception() is None:
-            log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages, %s "
-                     "(lowered in %.1fs; %.1fs since the start)", n, len(grid),
-                     "decode" if dec else "prompt", t, s, p,
-                     "greedy" if mode.all_greedy else "sampling", lowered_s,
-                     time.perf_counter() - t0)
+        how = "loaded stored" if lowered_s is None else f"lowered in {lowered_s:.1f}s"
+        log.info("warm-up %d/%d: %s step, %d tokens, %d sequences x %d pages, %s (%s; %.1fs "
+                 "since the start)", n, len(grid), "decode" if dec else "prompt", t, s, p,
+                 "greedy" if mode.all_greedy else "sampling", how, time.perf_counter() - t0)
 
+    def compile_and_store(lowered: jax.stages.Lowered, key: str | None) -> None:
+        executable = lowered.compile()
+        if key is not None:
+            program_store.save(key, executable)
+
+    def load(job: tuple, key: str) -> bool:  # on a thread, as compilations are
+        program = program_store.load(key)
+        if program is not None:
+            runner.loaded_programs[(*job[1:], job[0])] = program
+        return program is not None
+
+    keys = {job: program_store.step_key(runner, *job[1:], job[0]) for job in grid} if store \
+        else {}
     log.info("warm-up: %d programs, compiled on %d threads", len(grid), workers)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
         futures = []
-        for job in grid:
+
+        def lower_and_compile(job: tuple) -> None:
             t1 = time.perf_counter()
             lowered = runner.lower_idle(*job[1:], job[0])
-            fut = pool.submit(lowered.compile)
+            fut = pool.submit(compile_and_store, lowered, keys.get(job))
             fut.add_done_callback(functools.partial(compiled, job, time.perf_counter() - t1))
             futures.append(fut)
+
+        loads = {job: pool.submit(load, job, key) for job, key in keys.items()
+                 if program_store.stored(key)}
+        for fut_job, fut in loads.items():
+            fut.add_done_callback(functools.partial(compiled, fut_job, None))
+        for job in grid:
+            if job not in loads:
+                lower_and_compile(job)
+        for job, fut in loads.items():
+            if not fut.result():  # not loadable: compiled instead
+                lower_and_compile(job)
         for fut in futures:
             fut.result()  # a failed compilation raises here
-    log.info("warm-up: %d programs in %.1fs", len(grid), time.perf_counter() - t0)
+    loaded = len(runner.loaded_programs)
+    log.info("warm-up: %d programs in %.1fs (%d loaded stored, %d compiled or read from the "
+             "compilation cache)", len(grid), time.perf_counter() - t0, loaded,
+             len(grid) - loaded)
     return len(grid)
 
 

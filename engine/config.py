@@ -141,6 +141,10 @@ class SchedulingOptions:
     warmup_threads: int = 0
     """Threads that compile warm-up programs at once (each is traced and lowered in turn,
     then compiled on a thread while the next is lowered); 0: one per CPU core."""
+    warmup_executables: bool = False
+    """Warm-up stores each step program it compiles serialized ($ENGINE_CACHE_DIR/programs,
+    under a digest of its sources, versions, devices and argument types), and a later start
+    loads it from there without tracing or lowering the model (engine.program_store)."""
 
     page_buckets: str = "pow2"
     """Page-table widths of the step programs: 'pow2', powers of two up to the longest
@@ -169,6 +173,9 @@ class SchedulingOptions:
         if self.warmup_threads < 0:
             raise ValueError(f"warmup_threads must be >= 0 (0: one per CPU core), got "
                              f"{self.warmup_threads}")
+        if not isinstance(self.warmup_executables, bool):
+            raise ValueError(f"warmup_executables must be true or false, got "
+                             f"{self.warmup_executables!r}")
         if not isinstance(self.warmup_prompt_steps, bool):
             raise ValueError(f"warmup_prompt_steps must be true or false, got "
                              f"{self.warmup_prompt_steps!r}")

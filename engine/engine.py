@@ -67,6 +67,8 @@ class Engine:
         self._inflight: tuple[Launched, dict[str, int]] | None = None
         self.weight_recipe: Any = None
         """engine.weights_update.WeightRecipe: what start-up did to the loaded weights."""
+        self.startup: Any = None
+        """engine.startup.StartupPhases: seconds of each start-up phase (the builder's)."""
         self.weight_version = "0"
         """Which weights produce samples: "0" as loaded, then the count of updates or the
         version string an update named (engine.weights_update.swap)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ from engine.builder import build_engine
 from engine.config import CONFIG_DIR, EngineConfig
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
@@ -38,6 +41,7 @@ class LLM:
         self.config = EngineConfig.build(config, model=model, backend=backend if backend != "auto"
                                          else None, dtype=dtype, **options)
         self.engine, self.model = build_engine(self.config)
+        log.info(self.engine.startup.summary("engine built"))
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.cfg
 

@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --warmup-decode-len: also compile the large prefill-chunk steps")
     p.add_argument("--warmup-threads", type=int, default=None,
                    help="warm-up programs compiled at once (default 0: one per CPU core)")
+    p.add_argument("--warmup-executables", action=argparse.BooleanOptionalAction,
+                   default=None, help="keep warm-up's programs serialized; a later start "
+                   "loads them without tracing (on in the CUDA presets)")
     p.add_argument("--page-buckets", default=None, choices=["pow2", "max"],
                    help="page-table widths of the step programs (max: one, fewer programs)")
     p.add_argument("--wide-tokens", type=int, default=None,
@@ -87,7 +90,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "disable_radix_cache", "overlap_schedule", "warmup_decode_len",
                   "warmup_prompt_steps", "page_buckets", "wide_tokens", "fuse_qkv",
                   "fuse_gate_up",
-                  "quantization", "kv_cache_dtype", "seed", "warmup_threads",
+                  "quantization", "kv_cache_dtype", "seed", "warmup_threads", "warmup_executables",
                   "tensor_parallel_size", "expert_parallel", "coordinator_address",
                   "num_processes", "process_id", "interpret", "npu_device",
                   "speculative_algorithm", "speculative_num_draft_tokens",

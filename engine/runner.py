@@ -191,6 +191,9 @@ class ModelRunner:
         """Set once start-up warm-up has run: a step that still compiles is then a warning."""
         self.serving_compiles = 0
         """Step programs compiled or loaded from the persistent cache outside warm-up."""
+        self.loaded_programs: dict[tuple, jax.stages.Compiled] = {}
+        """(tokens, seqs, pages, decode_only, mode) -> a step program warm-up loaded
+        serialized (engine.program_store), called instead of the jitted step."""
         self._compiles = CompileCounter()
 
     def allocate_kv(self) -> Any:
@@ -199,7 +202,7 @@ class ModelRunner:
         return self.backend.allocate_kv(cfg, num_pages, page_size, dtype, scan=scan,
                                         place=place)
 
-    def _idle_args(self, t: int, s: int, p: int, decode_only: bool,
+    def idle_args(self, t: int, s: int, p: int, decode_only: bool,
                    mode: SamplingMode) -> tuple:
         """The step's arguments for one bucket shape on idle rows: every K/V write goes to
         the dropped padding slot. The arrays are of the kinds `launch` passes (numpy
@@ -214,8 +217,26 @@ class ModelRunner:
         """Run the step of one bucket shape on idle rows and wait for it (it compiles or
         loads that program). Nothing is written to the KV cache."""
         with mesh_context(self.backend):
-            out, self.kv, _ = self._step(*self._idle_args(t, s, p, decode_only, mode))
+            out, self.kv, _ = self.call_step(*self.idle_args(t, s, p, decode_only, mode))
         jax.block_until_ready(out)
+
+    def call_step(self, params: Params, kv: Any, tokens: Any, md: AttentionMetadata,
+                  logits_idx: Any, st: Any, prev_tokens: Any, src: Any,
+                  mode: SamplingMode) -> tuple:
+        """The step: the program warm-up loaded for this shape, else the jitted step. A
+        loaded program checks its arguments' types before it runs (nothing is donated
+        then): one that does not match is dropped for the jitted step, with a warning."""
+        key = (tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1], md.decode_only,
+               mode)
+        prog = self.loaded_programs.get(key)
+        if prog is not None:
+            try:
+                return prog(params, kv, tokens, md, logits_idx, st, prev_tokens, src)
+            except (TypeError, ValueError) as e:  # raised before it runs: nothing donated
+                log.warning("stored step program %s does not fit its arguments (%s): the "
+                            "jitted step instead", key[:4], e)
+                del self.loaded_programs[key]
+        return self._step(params, kv, tokens, md, logits_idx, st, prev_tokens, src, mode)
 
     def lower_idle(self, t: int, s: int, p: int, decode_only: bool,
                    mode: SamplingMode) -> jax.stages.Lowered:
@@ -225,7 +246,7 @@ class ModelRunner:
         step finds it when `launch` first meets that shape: nothing is traced or compiled
         then (tests/engine/test_warmup.py counts it)."""
         with mesh_context(self.backend):
-            return self._step.trace(*self._idle_args(t, s, p, decode_only, mode)).lower()
+            return self._step.trace(*self.idle_args(t, s, p, decode_only, mode)).lower()
 
     def _row_params(self, req: Request, ahead: int = 0) -> SamplingParams:
         """Below min_tokens, EOS and stop tokens are banned (a -100 logit bias), as vLLM does.
@@ -338,8 +359,9 @@ class ModelRunner:
         elif masks is None:
             prev_tokens = self._no_prev if prev is None else prev.next_tokens
             with mesh_context(self.backend):
-                out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md,
-                                                       logits_idx, st, prev_tokens, src, mode)
+                out, self.kv, next_tokens = self.call_step(self.params, self.kv, tokens, md,
+                                                           logits_idx, st, prev_tokens, src,
+                                                           mode)
         else:
             with mesh_context(self.backend):
                 out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
@@ -438,8 +460,9 @@ class ModelRunner:
             if kind == "step":
                 tokens, md, logits_idx, st, mode, src, use_prev = args
                 prev_tokens = prev.next_tokens if use_prev and prev else self._no_prev
-                out, self.kv, next_tokens = self._step(self.params, self.kv, tokens, md,
-                                                       logits_idx, st, prev_tokens, src, mode)
+                out, self.kv, next_tokens = self.call_step(self.params, self.kv, tokens, md,
+                                                           logits_idx, st, prev_tokens, src,
+                                                           mode)
                 return Launched(ScheduledBatch([]), out, next_tokens, {}, ())
             if self._split is None:
                 self._split = make_split_step(self.cfg, self.backend)

@@ -111,6 +111,10 @@ class ServerState:
         o = self.options
         log.info("ready: %s on http://%s:%d (max context %d tokens)", o.served_model_name,
                  o.host, o.port, serving.max_model_len)
+        phases = aeng.engine.startup
+        if phases is not None:  # (an Engine made without the builder has none)
+            phases.mark("server")
+            log.info(phases.summary("ready"))
 
     def _died(self, exc: BaseException) -> None:
         self._fail(f"the engine died ({type(exc).__name__}: {exc})", DEATH_LINGER_S)

@@ -13,7 +13,9 @@
 #      tokenizes again: its prompts' lengths differ a little (its --tokenize-prompt would send
 #      ids, but its 0.5.2 version fails to serialize them: numpy int64)
 #   4. compilations after ready (/metrics engine:step_compilations_total and the log's
-#      "while serving" warnings), and a summary table: summary.txt
+#      "while serving" warnings), and a summary: each start's phases (imports, weights,
+#      activation probe, KV pool, warm-up, engine, server; the log's "start-up:" line) and
+#      a table of both clients' figures: summary.txt
 # Needs .bench/ (scripts/gpu/bench_serving_setup.sh on a host with the package index; carry
 # it): bench_serving.py and the 8B shape's folder with a 49k-token tokenizer. GPU time:
 # about 6 minutes (two starts, three 400-prompt runs).
@@ -45,8 +47,12 @@ start() {  # NAME: engine serve until /health is 200; prints the seconds
     sleep 0.5
   done
   local s; s=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
-  echo "$name start to ready: $s s; $(grep -oE 'warm-up: [0-9]+ programs in [0-9.]+s' \
+  echo "$name start to ready: $s s; $(grep -oE 'warm-up: [0-9]+ programs in [0-9.]+s( \([^)]*\))?' \
     "$OUT/$name.log"); $(grep -oE 'activation peak .*' "$OUT/$name.log" | head -1)" \
+    | tee -a "$OUT/summary.txt"
+  # the server's own clock, phase by phase (engine/startup.py): imports, weights, probe, ...
+  echo "$name $(grep -oE 'start-up: [0-9.]+s to ready .*' "$OUT/$name.log" | tail -1);" \
+    "$(grep -oE 'tokenizer loaded in [0-9.]+s' "$OUT/$name.log" | head -1)" \
     | tee -a "$OUT/summary.txt"
 }
 stop() { kill -TERM $pid; wait $pid; pid=; }

@@ -46,8 +46,9 @@ def test_explicit_pool_size_wins():
     assert kv_pages(config, CFG, FixedMemory(10**12), 2, activation_bytes=10**15) == 63
 
 
-def test_activation_peak_is_read_from_the_compiled_step():
+def test_activation_peak_is_read_from_the_compiled_step(tmp_path, monkeypatch):
     """More tokens per step need more scratch: the probe compiles the largest bucket."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))  # nothing remembered yet
     params = random_params(CFG, jnp.float32, scan=False)
     peaks = [activation_peak(EngineConfig.build(chunked_prefill_size=n, max_running_requests=4),
                              CFG, params, CpuBackend(), jnp.dtype(jnp.float32), False, None)

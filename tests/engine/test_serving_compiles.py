@@ -74,14 +74,14 @@ def test_a_full_warmup_leaves_nothing_to_compile(tmp_path: Path) -> None:
 
 
 def test_the_cuda_preset_grid_is_small() -> None:
-    """The full grid of the CUDA preset (8k-token steps, 256 running, 8192-token contexts in
+    """The full grid of the CUDA preset (8k-token steps, 512 running, 8192-token contexts in
     pages of 16): one page width and every prompt step wide, so one program per token bucket
     with prompt tokens and one per decode-only sequence bucket, all of them warmed up."""
     s = EngineConfig.build("cuda").scheduler
     buckets = step_buckets(s, 8192 // 16, min_seqs=16)
     grid = reachable(buckets)
     assert len([g for g in grid if not g[3]]) == 10  # token buckets 16 .. 8192
-    assert len([g for g in grid if g[3]]) == 5  # sequence buckets 16 .. 256
+    assert len([g for g in grid if g[3]]) == 6  # sequence buckets 16 .. 512
     assert warmup_grid(buckets, 16, s.warmup_decode_len, s.warmup_prompt_steps) == grid
     pow2 = EngineConfig.build("cuda", page_buckets="pow2", wide_tokens=2048).scheduler
     assert len(reachable(step_buckets(pow2, 512, 16))) > 200
