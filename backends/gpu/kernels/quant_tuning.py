@@ -22,14 +22,46 @@ from __future__ import annotations
 M_BUCKETS = (1, 8, 32, 64)
 """The row counts the sweep measures; TUNED's m is one of them."""
 
-FP8_WEIGHT_ONLY_MAX_M = 16
+FP8_WEIGHT_ONLY_MAX_M = 1
 """fp8 weights with fp8_gemm 'auto': up to this many rows the weight-only kernel (bf16
 activations, no per-token quantization kernel before each GEMM; decode at small batch is
-bound by the weight bytes, so FP8 tensor cores buy nothing there), W8A8 above. A prior
-(2026-12-03): the sweep prints both paths side by side at M = 1, 8, 32, 64."""
+bound by the weight bytes, so FP8 tensor cores buy nothing there), W8A8 above. H200,
+2026-12-03, each path's best tiles over the five 8B shapes: M=1 weight-only 222.4 us vs
+W8A8 220.8 us (a tie), M=8 256.7 vs 217.7 us (W8A8 faster)."""
 
 TUNED: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int, int]] = {
     # (scheme, m, k, n): (block_m, block_n, block_k, splits, num_warps, num_stages, gemv)
+    # H200, 2026-12-03, `GEMM_BUDGET_S=120 scripts/gpu/quant.sh gemm` (M=1 and part of M=8
+    # swept before the budget ran out); the fused gate+up weight (N=28672) takes N=14336's
+    # winner, which the sweep measured before gate and up were fused.
+    ('fp8w', 1, 4096, 4096): (16, 128, 128, 0, 4, 4, 0),  # 14.3 us (prior 20.0)
+    ('fp8w', 1, 4096, 6144): (1, 128, 128, 0, 8, 4, 1),  # 18.7 us (prior 20.9)
+    ('fp8w', 1, 4096, 14336): (16, 64, 128, 0, 4, 3, 0),  # 28.2 us (prior 36.2)
+    ('fp8w', 1, 14336, 4096): (16, 64, 128, 0, 4, 3, 0),  # 25.6 us (prior 26.5)
+    ('fp8w', 8, 14336, 4096): (16, 32, 256, 0, 4, 3, 0),  # 26.7 us (prior 31.7)
+    ('int4', 1, 4096, 4096): (1, 128, 64, 0, 4, 3, 1),  # 12.4 us (prior 15.8)
+    ('int4', 1, 4096, 6144): (1, 128, 128, 0, 8, 4, 1),  # 14.5 us (prior 15.2)
+    ('int4', 1, 4096, 14336): (1, 64, 256, 0, 4, 3, 1),  # 31.0 us (prior 32.7)
+    ('int4', 1, 14336, 4096): (16, 128, 128, 0, 4, 4, 0),  # 30.4 us (prior 33.3)
+    ('int4', 8, 4096, 14336): (16, 128, 128, 0, 4, 4, 0),  # 35.7 us (prior 37.5)
+    ('int8', 1, 4096, 4096): (1, 128, 128, 0, 8, 4, 1),  # 10.7 us (prior 20.1)
+    ('int8', 1, 4096, 6144): (1, 128, 64, 0, 4, 3, 1),  # 15.9 us (prior 21.2)
+    ('int8', 1, 4096, 14336): (1, 16, 512, 1, 4, 3, 1),  # 25.4 us (prior 26.2)
+    ('int8', 1, 4096, 128256): (16, 128, 128, 0, 4, 4, 0),  # 147.6 us (prior 194.2)
+    ('int8', 1, 14336, 4096): (16, 128, 128, 0, 4, 4, 0),  # 24.0 us (prior 27.5)
+    ('int8', 8, 4096, 6144): (16, 128, 128, 0, 4, 4, 0),  # 13.7 us (prior 18.0)
+    ('int8', 8, 4096, 128256): (16, 128, 128, 0, 4, 4, 0),  # 146.1 us (prior 155.4)
+    ('w8a8', 1, 4096, 6144): (16, 128, 128, 0, 4, 4, 0),  # 14.7 us (prior 20.1)
+    ('w8a8', 1, 4096, 14336): (16, 128, 128, 0, 4, 4, 0),  # 29.4 us (prior 43.2)
+    ('w8a8', 1, 14336, 4096): (16, 128, 128, 0, 4, 4, 0),  # 29.9 us (prior 49.1)
+    ('w8a8', 8, 4096, 4096): (16, 32, 256, 0, 4, 3, 0),  # 20.8 us (prior 22.1)
+    ('w8a8', 8, 4096, 14336): (16, 32, 256, 0, 4, 3, 0),  # 24.2 us (prior 31.2)
+    ('fp8w', 1, 4096, 28672): (16, 64, 128, 0, 4, 3, 0),  # gate+up fused: N=14336's
+    ('int4', 1, 4096, 28672): (1, 64, 256, 0, 4, 3, 1),  # gate+up fused: N=14336's
+    ('int4', 8, 4096, 28672): (16, 128, 128, 0, 4, 4, 0),  # gate+up fused: N=14336's
+    ('int8', 1, 4096, 28672): (1, 16, 512, 1, 4, 3, 1),  # gate+up fused: N=14336's
+    ('w8a8', 1, 4096, 28672): (16, 128, 128, 0, 4, 4, 0),  # gate+up fused: N=14336's
+    ('w8a8', 8, 4096, 28672): (16, 32, 256, 0, 4, 3, 0),  # gate+up fused: N=14336's
 }
 
 
