@@ -4,7 +4,9 @@ Pallas (Triton) attention kernels of backends/gpu/kernels with a target's tuning
 Decode-only steps take our Pallas decode kernel (kernels/gqa_decode.py); steps with prompt
 chunks take the ragged paged-attention kernel (kernels/ragged_prefill.py) for their chunks
 and, when both kernels are on, the decode kernel for their decodes (sequences with one
-query token), on which the ragged kernel would spend a whole query block each.
+query token), on which the ragged kernel would spend a whole query block each; in small
+steps (a speculative verification: a decode and its drafts) sequences of a few query tokens
+take the decode kernel too, a kernel row per token.
 Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
 ragged attention, which is correct for any mixed batch but slow for long prompts.
 
@@ -48,6 +50,12 @@ from backends.gpu.kernels.paged_decode import (
 from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
 from engine.model.quant import QuantizedWeight
+
+SHORT_QUERY = 8
+"""Query tokens of a sequence (a decode and its speculative drafts) up to which a mixed step
+of at most PER_TOKEN_MAX_TOKENS tokens runs it through the decode kernel, a row per token."""
+PER_TOKEN_MAX_TOKENS = 256
+"""The largest token bucket taking that path: the per-token page table is [T, P]."""
 
 
 class TritonBackend(Backend):
@@ -141,9 +149,29 @@ class TritonBackend(Backend):
     def mixed_attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                         md: AttentionMetadata, *, scale: float) -> jax.Array:
         """A step with prompt tokens: its decodes through the decode kernel (the others'
-        lengths set to 0, so it does no work for them), the rest through the ragged one."""
+        lengths set to 0, so it does no work for them), the rest through the ragged one.
+        In a step of at most PER_TOKEN_MAX_TOKENS tokens (a static bound: the step's token
+        bucket), sequences of up to SHORT_QUERY query tokens (speculative verification: a
+        decode and its drafts) take the decode kernel too, one kernel row per token: the
+        token at position p attends to the sequence's first p + 1 K/V entries (the causal
+        mask), so the ragged kernel spends no query block of mostly padding on them."""
         qs = jnp.asarray(md.query_start)
-        one = qs[1:] - qs[:-1] == 1  # [S]: sequences with one query token
+        n_q = qs[1:] - qs[:-1]  # [S]: query tokens of each sequence
+        t = q.shape[0]
+        if t <= PER_TOKEN_MAX_TOKENS:
+            short = (n_q >= 1) & (n_q <= SHORT_QUERY)  # [S]
+            seq = jnp.asarray(md.token_seq)  # [T]
+            take = short[seq] & (jnp.arange(t) < md.num_tokens)  # [T]
+            table = jnp.asarray(md.page_table)[seq]  # [T, P]: each token's sequence's pages
+            o_short = decode_attention(q, k_cache, v_cache, table,
+                                       jnp.where(take, jnp.asarray(md.positions) + 1, 0),
+                                       scale=scale, interpret=self.interpret,
+                                       impl=self.decode_impl, sizes=self.decode_sizes)
+            o = ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
+                                                      interpret=self.interpret, skip=short,
+                                                      sizes=self.prefill_sizes)
+            return jnp.where(take[:, None, None], o_short, o)
+        one = n_q == 1  # [S]: sequences with one query token
         last = jnp.clip(qs[1:] - 1, 0, q.shape[0] - 1)  # [S]: that token
         o_one = decode_attention(q[last], k_cache, v_cache, md.page_table,
                                  jnp.where(one, md.seq_lens, 0), scale=scale,

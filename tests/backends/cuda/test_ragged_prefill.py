@@ -11,6 +11,7 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention as oracle
 from backends.cuda.backend import CudaBackend
+from backends.gpu import backend as gpu_backend
 from backends.gpu.kernels.ragged_prefill import (
     BLOCK_SIZES,
     BlockSizes,
@@ -125,6 +126,23 @@ def test_backend_mixed_step_matches_oracle(options, d):
     tol = 2e-3 if ON_GPU else 2e-5  # float32 dots run in TF32 on the GPU
     np.testing.assert_allclose(got[:n], case.expected[:n], atol=tol, rtol=tol)
     assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("per_token_max", [256, 0])  # 0: every bucket the decode-only split
+def test_backend_verify_step_matches_oracle(per_token_max, monkeypatch):
+    """Speculative verification in a mixed step: decodes with 4 drafts (5 query tokens, one
+    starting mid-page) beside a plain decode, a prompt chunk and padding sequences; the
+    short sequences take the decode kernel a token at a time (small token buckets)."""
+    monkeypatch.setattr(gpu_backend, "PER_TOKEN_MAX_TOKENS", per_token_max)
+    rng = np.random.default_rng(6)
+    case = make_case(rng, kv_lens=[40, 70, 9, 33, 5], q_lens=[5, 5, 1, 20, 5], page_size=8,
+                     hq=4, hkv=2, d=32, pad_seqs=2)
+    be = CudaBackend({"interpret": not ON_GPU})
+    kh, vh = head_major(case.k_cache), head_major(case.v_cache)
+    got = np.asarray(be.attention(case.q, kh, vh, case.md, scale=32**-0.5))
+    n = case.num_tokens
+    tol = 2e-3 if ON_GPU else 2e-5
+    np.testing.assert_allclose(got[:n], case.expected[:n], atol=tol, rtol=tol)
 
 
 def test_backend_rejects_an_unknown_decode_kernel():
