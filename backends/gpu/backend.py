@@ -14,8 +14,10 @@ Options (YAML `backend:` section): interpret (true: run the Pallas kernels in th
 interpreter on the CPU, for tests on a host without a GPU; CLI --interpret),
 decode_kernel (false: plain JAX for decodes), prefill_kernel (false: plain JAX for steps
 with prompt tokens), mixed_decode (false: the ragged kernel takes the decodes of a step with
-prompt tokens too), decode_impl ("gqa", the default: ours, kernels/gqa_decode.py; "jax":
-JAX's paged_attention, kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
+prompt tokens too), verify_decode (false: sequences of a few query tokens, such as a
+speculative verification's, take the ragged kernel in small steps too), decode_impl ("gqa",
+the default: ours, kernels/gqa_decode.py; "jax": JAX's paged_attention,
+kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
 "auto", the default: weight-only up to 16 rows (quant_tuning.FP8_WEIGHT_ONLY_MAX_M), then
 W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, ours,
 kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours),
@@ -76,6 +78,7 @@ class TritonBackend(Backend):
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel
+        self.verify_decode = bool(self.options.get("verify_decode", True)) and self.mixed_decode
         self.decode_impl = str(self.options.get("decode_impl", "gqa"))
         if self.decode_impl not in ("jax", "gqa"):
             raise ValueError(f"backend option decode_impl={self.decode_impl!r}: expected "
@@ -158,7 +161,7 @@ class TritonBackend(Backend):
         qs = jnp.asarray(md.query_start)
         n_q = qs[1:] - qs[:-1]  # [S]: query tokens of each sequence
         t = q.shape[0]
-        if t <= PER_TOKEN_MAX_TOKENS:
+        if self.verify_decode and t <= PER_TOKEN_MAX_TOKENS:
             short = (n_q >= 1) & (n_q <= SHORT_QUERY)  # [S]
             seq = jnp.asarray(md.token_seq)  # [T]
             take = short[seq] & (jnp.arange(t) < md.num_tokens)  # [T]

@@ -11,7 +11,6 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention as oracle
 from backends.cuda.backend import CudaBackend
-from backends.gpu import backend as gpu_backend
 from backends.gpu.kernels.ragged_prefill import (
     BLOCK_SIZES,
     BlockSizes,
@@ -128,16 +127,15 @@ def test_backend_mixed_step_matches_oracle(options, d):
     assert np.isfinite(got).all()
 
 
-@pytest.mark.parametrize("per_token_max", [256, 0])  # 0: every bucket the decode-only split
-def test_backend_verify_step_matches_oracle(per_token_max, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"verify_decode": False}])  # off: the old split
+def test_backend_verify_step_matches_oracle(options):
     """Speculative verification in a mixed step: decodes with 4 drafts (5 query tokens, one
     starting mid-page) beside a plain decode, a prompt chunk and padding sequences; the
     short sequences take the decode kernel a token at a time (small token buckets)."""
-    monkeypatch.setattr(gpu_backend, "PER_TOKEN_MAX_TOKENS", per_token_max)
     rng = np.random.default_rng(6)
     case = make_case(rng, kv_lens=[40, 70, 9, 33, 5], q_lens=[5, 5, 1, 20, 5], page_size=8,
                      hq=4, hkv=2, d=32, pad_seqs=2)
-    be = CudaBackend({"interpret": not ON_GPU})
+    be = CudaBackend({"interpret": not ON_GPU, **options})
     kh, vh = head_major(case.k_cache), head_major(case.v_cache)
     got = np.asarray(be.attention(case.q, kh, vh, case.md, scale=32**-0.5))
     n = case.num_tokens
