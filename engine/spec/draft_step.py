@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.attention import AttentionMetadata
+from engine.compile import idle_batch
 from engine.core.request import ScheduledBatch
 from engine.parallel.sharding import to_host
 from engine.runner import ModelRunner, mesh_context, model_forward, replicated
+from engine.sampler import SamplingMode
 
 
 def _decode_metadata(page_table: jax.Array, lens: jax.Array, live: jax.Array,
@@ -89,3 +91,16 @@ class DraftProgram:
         with mesh_context(r.backend):
             drafts, r.kv = self._program(r.params, r.kv, tokens, md, logits_idx, k=k)
         return np.asarray(to_host(drafts))[:len(batch.seqs)]
+
+    def lower_idle(self, t: int, s: int, p: int, decode_only: bool,
+                   k: int) -> jax.stages.Lowered:
+        """The program of one bucket shape (first forward: t tokens, s sequences, p pages)
+        traced and lowered on idle rows, for warm-up: compiling the result stores the
+        executable where the first call of that shape finds it (as ModelRunner.lower_idle).
+        Idle rows have length 0, so a run of it would write no K/V."""
+        r = self.runner
+        tokens, md, logits_idx, *_ = idle_batch(t, s, p, decode_only, r.page_size,
+                                                r.cfg.vocab_size, SamplingMode(),
+                                                drop_slot=r.num_pages * r.page_size)
+        with mesh_context(r.backend):
+            return self._program.trace(r.params, r.kv, tokens, md, logits_idx, k=k).lower()

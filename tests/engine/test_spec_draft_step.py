@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from engine.core.request import Request
+from engine.compile import CompileCounter
+from engine.core.request import Request, ScheduledBatch
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.spec.draft import DraftModelProposer
@@ -51,3 +52,25 @@ def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
     for p in (fused, steps):
         p.propose([], k)  # no request left: every page comes back
         assert p.pool.num_free == p.pool.num_pages
+
+
+def test_lowered_idle_program_is_the_one_a_proposal_runs(tmp_path: Path) -> None:
+    """Warm-up's hook: the program lowered on idle rows and compiled is the one the first
+    proposal of that shape finds (nothing compiles then), and it wrote no K/V."""
+    llm = tiny(tmp_path, speculative_algorithm="draft",
+               speculative_draft_model=str(tmp_path / "config.json"))
+    p = llm.engine.proposer
+    r = p.runner
+    req = Request("a", list(range(1, 12)), SamplingParams(temperature=0), seed=0)
+    s = p._seq(req, 3)
+    batch = ScheduledBatch([p._row(s, len(s.tokens), sample=True)])
+    tokens, md, *_ = r.prepare(batch)
+    kv_before = [np.asarray(x) for x in jax.tree.leaves(r.kv)]
+    p._program.lower_idle(tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1],
+                          md.decode_only, 3).compile()
+    assert all((np.asarray(x) == y).all() for x, y in zip(jax.tree.leaves(r.kv), kv_before,
+                                                          strict=True))
+    counter = CompileCounter()
+    before = counter.compiles
+    drafts = p._program(batch, 3)
+    assert counter.compiles == before and drafts.shape == (1, 3)
