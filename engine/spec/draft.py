@@ -111,7 +111,9 @@ class DraftModelProposer:
             if a != b:
                 break
             same += 1
-        s.tokens, s.computed = list(tokens), same
+        # At most up to the last token, which a proposal's first forward takes as input: all
+        # tokens match when a step took no drafts and decoded the first draft's token itself.
+        s.tokens, s.computed = list(tokens), min(same, len(tokens) - 1)
         need = -(-(len(tokens) + k - 1) // self.page_size) - len(s.page_ids)
         if need > self.pool.num_free:  # no draft this step; its K/V is recomputed later
             self._release(r.request_id)
