@@ -405,7 +405,11 @@ class ModelRunner:
         list of num_draft + 1 samples for a seq with drafts (the token after each of its last
         num_draft + 1 tokens)."""
         t0 = time.perf_counter()
-        out = to_host(launched.out)  # also reads a replicated multi-process array
+        # The token ids alone when no row reports logprobs: one device-to-host copy, not
+        # the sampler's four (TokenSample.logprob is then 0.0, read by nobody).
+        lp = any(sq.request.params.logprobs is not None for sq in launched.batch.seqs)
+        # Also reads a replicated multi-process array.
+        out = to_host(launched.out if lp else launched.out.tokens)
         done = time.perf_counter()
         if self.step_log is not None:
             q = [len(sq.token_ids) for sq in launched.batch.seqs]
@@ -426,10 +430,11 @@ class ModelRunner:
                 results.append(None)
                 continue
             k = sq.request.params.logprobs or 0
+            rows = range(last - sq.num_draft, last + 1)
             row = [TokenSample(int(out.tokens[i]), float(out.logprobs[i]),
                                [(int(a), float(b)) for a, b in
                                 zip(out.top_ids[i, :k], out.top_logprobs[i, :k], strict=True)])
-                   for i in range(last - sq.num_draft, last + 1)]
+                   for i in rows] if lp else [TokenSample(int(out[i]), 0.0, []) for i in rows]
             results.append(row if sq.num_draft else row[0])
         return results
 

@@ -4,7 +4,9 @@ Pallas (Triton) attention kernels of backends/gpu/kernels with a target's tuning
 Decode-only steps take our Pallas decode kernel (kernels/gqa_decode.py); steps with prompt
 chunks take the ragged paged-attention kernel (kernels/ragged_prefill.py) for their chunks
 and, when both kernels are on, the decode kernel for their decodes (sequences with one
-query token), on which the ragged kernel would spend a whole query block each.
+query token), on which the ragged kernel would spend a whole query block each; in small
+steps (a speculative verification: a decode and its drafts) sequences of a few query tokens
+take the decode kernel too, a kernel row per token.
 Shapes Triton cannot tile (head dim or page size not a power of two) take the plain-JAX
 ragged attention, which is correct for any mixed batch but slow for long prompts.
 
@@ -12,8 +14,10 @@ Options (YAML `backend:` section): interpret (true: run the Pallas kernels in th
 interpreter on the CPU, for tests on a host without a GPU; CLI --interpret),
 decode_kernel (false: plain JAX for decodes), prefill_kernel (false: plain JAX for steps
 with prompt tokens), mixed_decode (false: the ragged kernel takes the decodes of a step with
-prompt tokens too), decode_impl ("gqa", the default: ours, kernels/gqa_decode.py; "jax":
-JAX's paged_attention, kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
+prompt tokens too), verify_decode (false: sequences of a few query tokens, such as a
+speculative verification's, take the ragged kernel in small steps too), decode_impl ("gqa",
+the default: ours, kernels/gqa_decode.py; "jax": JAX's paged_attention,
+kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
 "auto", the default: weight-only up to 16 rows (quant_tuning.FP8_WEIGHT_ONLY_MAX_M), then
 W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, ours,
 kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours),
@@ -49,6 +53,12 @@ from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo, device_memory
 from engine.model.quant import QuantizedWeight
 
+SHORT_QUERY = 8
+"""Query tokens of a sequence (a decode and its speculative drafts) up to which a mixed step
+of at most PER_TOKEN_MAX_TOKENS tokens runs it through the decode kernel, a row per token."""
+PER_TOKEN_MAX_TOKENS = 256
+"""The largest token bucket taking that path: the per-token page table is [T, P]."""
+
 
 class TritonBackend(Backend):
     """A subclass names itself and gives its kernels' tuning: `decode_sizes` and
@@ -68,6 +78,7 @@ class TritonBackend(Backend):
         self.decode_kernel = bool(self.options.get("decode_kernel", True))
         self.prefill_kernel = bool(self.options.get("prefill_kernel", True))
         self.mixed_decode = bool(self.options.get("mixed_decode", True)) and self.decode_kernel
+        self.verify_decode = bool(self.options.get("verify_decode", True)) and self.mixed_decode
         self.decode_impl = str(self.options.get("decode_impl", "gqa"))
         if self.decode_impl not in ("jax", "gqa"):
             raise ValueError(f"backend option decode_impl={self.decode_impl!r}: expected "
@@ -141,9 +152,29 @@ class TritonBackend(Backend):
     def mixed_attention(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                         md: AttentionMetadata, *, scale: float) -> jax.Array:
         """A step with prompt tokens: its decodes through the decode kernel (the others'
-        lengths set to 0, so it does no work for them), the rest through the ragged one."""
+        lengths set to 0, so it does no work for them), the rest through the ragged one.
+        In a step of at most PER_TOKEN_MAX_TOKENS tokens (a static bound: the step's token
+        bucket), sequences of up to SHORT_QUERY query tokens (speculative verification: a
+        decode and its drafts) take the decode kernel too, one kernel row per token: the
+        token at position p attends to the sequence's first p + 1 K/V entries (the causal
+        mask), so the ragged kernel spends no query block of mostly padding on them."""
         qs = jnp.asarray(md.query_start)
-        one = qs[1:] - qs[:-1] == 1  # [S]: sequences with one query token
+        n_q = qs[1:] - qs[:-1]  # [S]: query tokens of each sequence
+        t = q.shape[0]
+        if self.verify_decode and t <= PER_TOKEN_MAX_TOKENS:
+            short = (n_q >= 1) & (n_q <= SHORT_QUERY)  # [S]
+            seq = jnp.asarray(md.token_seq)  # [T]
+            take = short[seq] & (jnp.arange(t) < md.num_tokens)  # [T]
+            table = jnp.asarray(md.page_table)[seq]  # [T, P]: each token's sequence's pages
+            o_short = decode_attention(q, k_cache, v_cache, table,
+                                       jnp.where(take, jnp.asarray(md.positions) + 1, 0),
+                                       scale=scale, interpret=self.interpret,
+                                       impl=self.decode_impl, sizes=self.decode_sizes)
+            o = ragged_prefill.ragged_paged_attention(q, k_cache, v_cache, md, scale=scale,
+                                                      interpret=self.interpret, skip=short,
+                                                      sizes=self.prefill_sizes)
+            return jnp.where(take[:, None, None], o_short, o)
+        one = n_q == 1  # [S]: sequences with one query token
         last = jnp.clip(qs[1:] - 1, 0, q.shape[0] - 1)  # [S]: that token
         o_one = decode_attention(q[last], k_cache, v_cache, md.page_table,
                                  jnp.where(one, md.seq_lens, 0), scale=scale,

@@ -1,7 +1,9 @@
 """Draft-model proposer: a smaller model of the same tokenizer, with its own runner and its
-own paged KV pool, proposes k tokens greedily: rows that catch up with each request's tokens
-up to its last one (chunked within a step's token budget), then k one-token steps, all
-requests batched together.
+own paged KV pool, proposes k tokens greedily, all requests batched together: rows that catch
+up with each request's tokens (chunked within a step's token budget), then k one-token steps.
+By default the tail of the catch-up and the k steps are one jitted program with an on-device
+loop (engine.spec.draft_step): one dispatch and one fetch a proposal; the step-by-step path
+(k runner steps, each read back before the next) is its reference.
 
 Its K/V stays valid for the longest common prefix of what it computed and the request's
 tokens now: after a verification, the accepted drafts are kept and everything past the
@@ -17,6 +19,7 @@ import dataclasses
 from engine.core.page_pool import PagePool
 from engine.core.request import Request, ScheduledBatch, ScheduledSeq
 from engine.sampling_params import SamplingParams
+from engine.spec.draft_step import DraftProgram
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -33,10 +36,13 @@ class _Seq:
 
 
 class DraftModelProposer:
-    def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int) -> None:
+    def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int,
+                 fused: bool = True) -> None:
         """`runner`: an engine.runner.ModelRunner over the draft model with `num_pages`
-        pages of `page_size` tokens."""
+        pages of `page_size` tokens. `fused`: the k proposals as one program
+        (engine.spec.draft_step), else k steps of the runner, each waited for."""
         self.runner, self.vocab_size = runner, vocab_size
+        self._program = DraftProgram(runner, vocab_size) if fused else None
         self.pool = PagePool(num_pages, page_size)
         self.page_size = page_size
         self._seqs: dict[str, _Seq] = {}
@@ -49,9 +55,15 @@ class DraftModelProposer:
         for rid in [rid for rid, s in self._seqs.items() if rid not in live]:
             self._release(rid)  # finished, aborted, or not decoding now: recomputed later
         seqs = [self._seq(r, k) for r in requests]
-        active = [i for i, s in enumerate(seqs) if s is not None]
         budget = self.runner.buckets.tokens[-1]
-        while True:  # catch up to each request's last token, in chunks within a step's budget
+        # The requests whose last tokens fit one step's budget together (a step of more
+        # decodes than tokens is not one the runner has).
+        active = [i for i, s in enumerate(seqs) if s is not None][:budget]
+        # Catch up, in chunks within a step's budget, until what is left (each request's
+        # uncomputed tokens, its last one included) fits one step: the fused program's first
+        # forward takes that, the step-by-step path everything but the last token.
+        keep = 1 if self._program is not None else 0
+        while sum(len(seqs[i].tokens) - seqs[i].computed for i in active) > budget * keep:
             rows, left = [], budget
             for i in active:
                 s = seqs[i]
@@ -64,9 +76,19 @@ class DraftModelProposer:
                 break
             self.runner.execute(ScheduledBatch(rows))
         drafts: list[list[int]] = [[] for _ in requests]
+        if not active or k < 1:
+            return drafts
+        if self._program is not None:  # one dispatch: the rest of the catch-up, k drafts
+            rows = [self._row(seqs[i], len(seqs[i].tokens) - seqs[i].computed, sample=True)
+                    for i in active]
+            for i, row in zip(active, self._program(ScheduledBatch(rows), k).tolist(),
+                              strict=True):
+                s = seqs[i]
+                s.computed = len(s.tokens) + k - 1  # K/V of its tokens and drafts[:k - 1]
+                s.tokens += row
+                drafts[i] = row
+            return drafts
         for _ in range(k):  # one token a row: the last known one, then each draft
-            if not active:
-                break
             batch = ScheduledBatch([self._row(seqs[i], 1, sample=True) for i in active])
             for i, sample in zip(active, self.runner.execute(batch), strict=True):
                 s = seqs[i]
@@ -89,7 +111,9 @@ class DraftModelProposer:
             if a != b:
                 break
             same += 1
-        s.tokens, s.computed = list(tokens), same
+        # At most up to the last token, which a proposal's first forward takes as input: all
+        # tokens match when a step took no drafts and decoded the first draft's token itself.
+        s.tokens, s.computed = list(tokens), min(same, len(tokens) - 1)
         need = -(-(len(tokens) + k - 1) // self.page_size) - len(s.page_ids)
         if need > self.pool.num_free:  # no draft this step; its K/V is recomputed later
             self._release(r.request_id)

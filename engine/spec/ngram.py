@@ -6,7 +6,6 @@ max_n down to min_n."""
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from engine.core.request import Request
 
@@ -26,11 +25,23 @@ class NgramProposer:
         if k < 1 or len(tokens) < self.min_n + 1:
             return []
         ids = np.asarray(tokens, np.int64)  # [L]
-        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
-            # Windows starting at 0 .. L-n-1: every n-gram but the suffix itself.
-            windows = sliding_window_view(ids[:-1], n)  # [L - n, n]
-            hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        last = len(ids) - 1
+        # Every earlier occurrence of the last token (e <= L - 2) ends a candidate match; how
+        # far each one extends backwards (up to max_n) decides the n-grams it matches. One
+        # comparison over the tokens, then small ones over the hits: the whole-window search
+        # of every n size was most of a speculative step's host time on long sequences.
+        ends = np.flatnonzero(ids[:-1] == ids[-1])  # [H]
+        if ends.size == 0:
+            return []
+        run = np.ones(ends.size, np.int64)  # [H]: matched suffix length at each end
+        for j in range(1, min(self.max_n, last)):
+            before = ends - j
+            ok = (run == j) & (before >= 0)
+            ok[ok] &= ids[before[ok]] == ids[last - j]
+            run += ok
+        for n in range(min(self.max_n, last), self.min_n - 1, -1):
+            hits = ends[run >= n]
             if hits.size:
-                start = int(hits[-1]) + n  # the token after the latest match
+                start = int(hits[-1]) + 1  # the token after the latest match
                 return ids[start:start + k].tolist()
         return []

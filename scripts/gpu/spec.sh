@@ -10,6 +10,12 @@
 #           `on tok/s` against `off tok/s` is the overhead floor
 #   ngram   prompt lookup on the repetitive workload (random weights: acceptance is whatever
 #           the random model's loops give)
+#   same-ragged (not run by default: RUNS="same same-ragged") the same-weights run with the
+#           backend option verify_decode off: the verify step's decode-and-drafts rows take
+#           the ragged prefill kernel, as before 2026-12-03, instead of the decode kernel a
+#           row per token; the A/B of that attention path
+# The draft model's k proposals are one program a step (engine.spec.draft_step): `draft ms`
+# is that program's dispatch and fetch; the verify step fetches token ids only.
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -28,6 +34,12 @@ for run in ${RUNS:-same small ngram}; do
   same)  args=(--speculative-algorithm draft --speculative-draft-model $TARGET) ;;
   small) args=(--speculative-algorithm draft --speculative-draft-model ${SMALL_DRAFT:-llama-3.2-1b}) ;;
   ngram) args=(--speculative-algorithm ngram) ;;
+  same-ragged)
+    python3 -c "import sys, yaml; d = yaml.safe_load(open('configs/cuda.yaml'))
+d['backend']['verify_decode'] = False; yaml.safe_dump(d, open(sys.argv[1], 'w'))" \
+      "$OUT/cuda-ragged-verify.yaml"
+    args=(--config "$OUT/cuda-ragged-verify.yaml" --speculative-algorithm draft
+          --speculative-draft-model $TARGET) ;;
   esac
   echo "== $run $(date -u +%H:%M:%S)"
   timeout ${TIMEOUT:-170} python3 -m engine.cli bench spec "${BASE[@]}" "${args[@]}" \

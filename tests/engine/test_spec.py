@@ -95,7 +95,7 @@ def test_tiny_preemption_overlap_n_logprobs_and_abort_keep_outputs(tmp_path: Pat
 
 def test_tiny_draft_model_same_weights_and_a_smaller_one(tmp_path: Path) -> None:
     """A draft of the target's own weights proposes what the target then computes (greedy:
-    nearly every draft accepted); a smaller random draft is mostly rejected. Outputs equal
+    every draft accepted, in float32); a smaller random draft is mostly rejected. Outputs equal
     the plain engine's either way, prompts longer than a step's budget included."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 40, size=int(n)).tolist() for n in (20, 90, 7)]
@@ -114,7 +114,7 @@ def test_tiny_draft_model_same_weights_and_a_smaller_one(tmp_path: Path) -> None
         rates.append(llm.engine.scheduler.stats().spec_acceptance_rate)
         assert outputs(llm.generate(prompts, params)) == want
         assert llm.engine.scheduler.stats().kv_pages_used == 0
-    assert rates[0] > 0.8 and rates[1] < 0.3, rates
+    assert rates[0] == 1.0 and rates[1] < 0.3, rates  # float32: the same argmax
 
 
 def test_tiny_sampled_distribution_is_the_models(tmp_path: Path) -> None:

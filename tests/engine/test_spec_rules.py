@@ -51,3 +51,27 @@ def test_bad_speculative_options_are_clear_errors(options, match) -> None:
 
     with pytest.raises(ValueError, match=match):
         EngineConfig.build(**options)
+
+
+def _lookup_reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The rule spelled out: for n from max_n down, the latest earlier window equal to the
+    last n tokens; the k tokens after it."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_ngram_lookup_equals_the_rule_on_random_sequences() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        vocab, n_tok = int(rng.integers(2, 6)), int(rng.integers(1, 40))
+        tokens = rng.integers(0, vocab, size=n_tok).tolist()
+        lo = int(rng.integers(1, 4))
+        hi = int(rng.integers(lo, 6))
+        k = int(rng.integers(1, 6))
+        assert NgramProposer(lo, hi).lookup(tokens, k) == _lookup_reference(tokens, k, lo, hi)

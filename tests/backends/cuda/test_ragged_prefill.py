@@ -107,7 +107,7 @@ def test_block_table_covers_each_token_once():
 
 @pytest.mark.parametrize("options,d", [
     ({}, 32),  # chunks through the ragged kernel, decodes through the decode kernel
-    ({"decode_impl": "gqa"}, 32),  # decodes through our decode kernel
+    ({"verify_decode": False}, 32),  # decodes alone through the decode kernel
     ({"mixed_decode": False}, 32),  # everything through the ragged kernel
     ({"prefill_kernel": False}, 32),  # plain JAX
     ({}, 24),  # no power of two: plain JAX
@@ -125,6 +125,21 @@ def test_backend_mixed_step_matches_oracle(options, d):
     tol = 2e-3 if ON_GPU else 2e-5  # float32 dots run in TF32 on the GPU
     np.testing.assert_allclose(got[:n], case.expected[:n], atol=tol, rtol=tol)
     assert np.isfinite(got).all()
+
+
+def test_backend_verify_step_matches_oracle():
+    """Speculative verification in a mixed step: decodes with 4 drafts (5 query tokens, one
+    starting mid-page) beside a plain decode, a prompt chunk and padding sequences; the
+    short sequences take the decode kernel a token at a time (small token buckets)."""
+    rng = np.random.default_rng(6)
+    case = make_case(rng, kv_lens=[40, 70, 9, 33, 5], q_lens=[5, 5, 1, 20, 5], page_size=8,
+                     hq=4, hkv=2, d=32, pad_seqs=2)
+    be = CudaBackend({"interpret": not ON_GPU})
+    kh, vh = head_major(case.k_cache), head_major(case.v_cache)
+    got = np.asarray(be.attention(case.q, kh, vh, case.md, scale=32**-0.5))
+    n = case.num_tokens
+    tol = 2e-3 if ON_GPU else 2e-5
+    np.testing.assert_allclose(got[:n], case.expected[:n], atol=tol, rtol=tol)
 
 
 def test_backend_rejects_an_unknown_decode_kernel():
