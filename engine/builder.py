@@ -32,6 +32,14 @@ from engine.runner import ModelRunner, make_step, mesh_context
 from engine.sampler import SamplingMode
 from engine.spec import Proposer
 from engine.spec.draft import DraftModelProposer
+from engine.spec.eagle import EagleProposer
+from engine.spec.eagle_head import (
+    EagleConfig,
+    load_eagle_params,
+    random_eagle_params,
+    read_eagle_config,
+)
+from engine.spec.eagle_runner import EagleRunner
 from engine.spec.ngram import NgramProposer
 from engine.startup import StartupPhases
 from engine.weights_update import (
@@ -281,12 +289,20 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     eos = eos_ids(cfg, loaded)
     # A backend that runs no XLA programs (npu: torch) brings its own runner class.
     runner_cls = backend.runner_class() if caps.own_model_runner else ModelRunner
+    sp = config.speculative
+    eagle = None  # EAGLE-3: the target's step keeps the head's features (ModelRunner.hidden)
+    if sp.speculative_algorithm == "eagle":
+        if caps.own_model_runner or mesh is not None:
+            raise ValueError(f"speculative_algorithm eagle runs on one XLA device for now; "
+                             f"backend {backend.name!r} with this parallelism cannot")
+        eagle = read_eagle_config(sp.speculative_draft_model, cfg)
     runner = runner_cls(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                         max_num_tokens=s.chunked_prefill_size,
                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
                         kv_dtype=kv_dtype, eos_token_ids=eos, kv_place=place,
                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket,
-                                             caps.min_token_bucket))
+                                             caps.min_token_bucket),
+                        **({"capture": eagle.aux_layers} if eagle else {}))
     jax.block_until_ready(runner.kv)
     phases.mark("KV pool")
     if s.warmup_decode_len:
@@ -301,7 +317,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     proposer = None
     if sp.speculative_algorithm is not None:
         proposer = PROPOSERS[sp.speculative_algorithm](Target(
-            config, backend, dtype, scan, place, runner, cfg.vocab_size, max_len))
+            config, backend, dtype, scan, place, runner, cfg.vocab_size, max_len, eagle))
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule, proposer=proposer,
@@ -325,6 +341,8 @@ class Target:
     runner: ModelRunner
     vocab_size: int
     max_model_len: int
+    eagle: EagleConfig | None = None
+    """eagle: the head's config (read before the target's runner, which captures for it)."""
 
 
 def _ngram(t: Target) -> NgramProposer:
@@ -358,7 +376,25 @@ def _draft(t: Target) -> DraftModelProposer:
     return DraftModelProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
 
 
-PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": _draft}
+def _eagle(t: Target) -> EagleProposer:
+    """The EAGLE-3 head (random under --load-format dummy), in the weights' dtype, with a KV
+    pool of as many pages as the target's."""
+    sp, ec = t.config.speculative, t.eagle
+    if t.config.model.load_format == "dummy":
+        params = random_eagle_params(ec, t.dtype, seed=t.config.model.seed or 0)
+    else:
+        params = load_eagle_params(sp.speculative_draft_model, ec, t.dtype)
+    k = sp.speculative_num_draft_tokens
+    runner = EagleRunner(ec, params, t.runner, t.backend, num_pages=t.runner.num_pages,
+                         max_model_len=t.max_model_len + k)
+    log.info("EAGLE-3 head %s: width %d, draft vocabulary %d, target layers %s, %d KV pages",
+             sp.speculative_draft_model, ec.head.hidden_size, ec.draft_vocab_size,
+             list(ec.aux_layers), t.runner.num_pages)
+    return EagleProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+
+
+PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": _draft,
+                                                      "eagle": _eagle}
 """speculative_algorithm -> the proposer of draft tokens (engine.spec)."""
 
 
