@@ -18,7 +18,15 @@ import jax.numpy as jnp
 
 from engine import probe_memo, program_store
 from engine.backend import Backend, get_backend
-from engine.compile import abstract_batch, enable_persistent_cache, step_buckets, warmup_grid
+from engine.compile import (
+    Buckets,
+    abstract_batch,
+    enable_persistent_cache,
+    proposer_grid,
+    step_buckets,
+    verify_grid,
+    warmup_grid,
+)
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine import Engine
@@ -309,8 +317,11 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
+            extra = [] if sp.speculative_algorithm is None else verify_grid(
+                runner.buckets, page, s.warmup_decode_len, sp.speculative_max_batch,
+                sp.speculative_num_draft_tokens)
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
-                    threads=s.warmup_threads, store=s.warmup_executables)
+                    threads=s.warmup_threads, store=s.warmup_executables, extra=extra)
             runner.warmed_up = True
     phases.mark("warm-up")
     sp = config.speculative
@@ -323,6 +334,9 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                     overlap=s.overlap_schedule, proposer=proposer,
                     num_draft_tokens=sp.speculative_num_draft_tokens,
                     spec_max_batch=sp.speculative_max_batch)
+    if s.warmup_decode_len and jax.process_count() == 1 and proposer is not None:
+        _warm_up_proposer(proposer, s.warmup_decode_len, sp.speculative_max_batch,
+                          s.warmup_threads)
     engine.weight_recipe = loaded.recipe
     phases.mark("engine")
     engine.startup = phases
@@ -370,10 +384,19 @@ def _draft(t: Target) -> DraftModelProposer:
     runner = ModelRunner(cfg, loaded.params, t.backend, page_size=t.runner.page_size,
                          num_pages=t.runner.num_pages, max_num_tokens=t.runner.buckets.tokens[-1],
                          max_num_seqs=t.runner.buckets.seqs[-1],
-                         max_model_len=t.max_model_len + k, kv_dtype=t.dtype, kv_place=None)
+                         max_model_len=t.max_model_len + k, kv_dtype=t.dtype, kv_place=None,
+                         buckets=_draft_buckets(t))
     log.info("draft model %s: %d layers, %d KV pages", sp.speculative_draft_model,
              cfg.num_layers, t.runner.num_pages)
     return DraftModelProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+
+
+def _draft_buckets(t: Target) -> Buckets:
+    """A proposer runner's buckets: the target's settings (page buckets, wide steps) over
+    contexts k tokens longer."""
+    caps, k = t.backend.capabilities, t.config.speculative.speculative_num_draft_tokens
+    pages = -(-(t.max_model_len + k) // t.runner.page_size)
+    return step_buckets(t.config.scheduler, pages, caps.min_seq_bucket, caps.min_token_bucket)
 
 
 def _eagle(t: Target) -> EagleProposer:
@@ -386,11 +409,26 @@ def _eagle(t: Target) -> EagleProposer:
         params = load_eagle_params(sp.speculative_draft_model, ec, t.dtype)
     k = sp.speculative_num_draft_tokens
     runner = EagleRunner(ec, params, t.runner, t.backend, num_pages=t.runner.num_pages,
-                         max_model_len=t.max_model_len + k)
+                         max_model_len=t.max_model_len + k, buckets=_draft_buckets(t))
     log.info("EAGLE-3 head %s: width %d, draft vocabulary %d, target layers %s, %d KV pages",
              sp.speculative_draft_model, ec.head.hidden_size, ec.draft_vocab_size,
              list(ec.aux_layers), t.runner.num_pages)
     return EagleProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+
+
+def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads: int) -> None:
+    """A model proposer's programs (proposer_grid), compiled before serving like the
+    target's: drafting must compile nothing after ready either."""
+    if isinstance(proposer, DraftModelProposer):
+        r = proposer.runner
+        n = warm_up(r, max_len, modes=(SamplingMode(),), threads=threads,
+                    grid=proposer_grid(r.buckets, r.page_size, max_len, max_batch))
+    elif isinstance(proposer, EagleProposer):
+        r = proposer.runner
+        n = r.warm_up(proposer_grid(r.buckets, r.page_size, max_len, max_batch))
+    else:
+        return
+    log.info("speculation: %d draft programs warmed up", n)
 
 
 PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": _draft,
@@ -400,7 +438,9 @@ PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": 
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
             modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
-            threads: int = 0, store: bool = False) -> int:
+            threads: int = 0, store: bool = False,
+            grid: list[tuple[int, int, int, bool]] | None = None,
+            extra: list[tuple[int, int, int, bool]] = ()) -> int:
     """Compile (or load from the persistent cache) the programs of warmup_grid, with
     progress in the log. Each is traced and lowered here, one after another (Python holds
     the GIL), and compiled on one of `threads` threads (0: one per CPU core), while the next
@@ -408,9 +448,12 @@ def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
     finds them (ModelRunner.lower_idle); nothing runs on the device. With `store`
     (warmup_executables), a program stored serialized by an earlier start is loaded instead
     (nothing traced; ModelRunner.call_step runs it), and each one compiled is stored.
-    Returns the programs."""
-    grid = [(mode, *g) for mode in modes
-            for g in warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)]
+    `grid` replaces warmup_grid's shapes; `extra` adds to them (speculation's verify
+    steps). Returns the programs."""
+    if grid is None:
+        grid = warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)
+    shapes = list(dict.fromkeys([*grid, *extra]))
+    grid = [(mode, *g) for mode in modes for g in shapes]
     workers = max(1, min(len(grid), threads or os.cpu_count() or 1))
     t0, done, lock = time.perf_counter(), [0], threading.Lock()
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.backend import Backend
-from engine.compile import idle_batch, warmup_grid
+from engine.compile import Buckets, idle_batch
 from engine.core.request import ScheduledBatch
 from engine.runner import ModelRunner, mesh_context
 from engine.sampler import SamplingMode
@@ -44,14 +44,15 @@ class EagleRunner(ModelRunner):
     """A ModelRunner over the head (its KV pool, buckets and `prepare`); `draft` runs it."""
 
     def __init__(self, ec: EagleConfig, params: dict[str, Any], target: ModelRunner,
-                 backend: Backend, *, num_pages: int, max_model_len: int) -> None:
+                 backend: Backend, *, num_pages: int, max_model_len: int,
+                 buckets: Buckets | None = None) -> None:
         # "layers": () lets the base class see an unrolled 1-layer model (its KV layout);
         # its own step (a Llama forward) is never run.
         super().__init__(ec.head, {**params, "layers": ()}, backend,
                          page_size=target.page_size, num_pages=num_pages,
                          max_num_tokens=target.buckets.tokens[-1],
                          max_num_seqs=target.buckets.seqs[-1], max_model_len=max_model_len,
-                         kv_dtype=params["norm"].dtype)
+                         kv_dtype=params["norm"].dtype, buckets=buckets)
         self.ec, self.target = ec, target
         self._draft = make_draft_step(ec, backend)
         self._prev: jax.Array | None = None  # [S, E] the last draft step's outputs
@@ -92,10 +93,9 @@ class EagleRunner(ModelRunner):
             return None
         return np.asarray(ids)[:n].tolist()
 
-    def warm_up(self, max_len: int) -> int:
-        """Compile the draft step for every decode-only bucket shape (the sampling and
-        chained steps) and the wider catch-up ones, before serving; returns the programs."""
-        grid = warmup_grid(self.buckets, self.page_size, max_len, prompt_steps=True)
+    def warm_up(self, grid: list[tuple[int, int, int, bool]]) -> int:
+        """Compile the draft step for each (tokens, seqs, pages, decode-only) shape of `grid`
+        (engine.compile.proposer_grid) before serving; returns the programs."""
         for t, s, p, dec in grid:
             tokens, md, logits_idx, _, _, _ = idle_batch(
                 t, s, p, dec, self.page_size, self.cfg.vocab_size, SamplingMode(),
