@@ -95,6 +95,19 @@ def read_eagle_config(path: str | Path, target: ModelConfig) -> EagleConfig:
     return EagleConfig(head, vd, et, layers)
 
 
+def head_config_like(target: dict[str, Any], draft_vocab_size: int = 32000) -> dict[str, Any]:
+    """An EAGLE-3 config.json for a target's HF config (the published heads' choice: the
+    target's layer sizes and RoPE, a reduced draft vocabulary); for random heads
+    (--load-format dummy) of the right shapes."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+            "vocab_size")
+    return {**{k: target[k] for k in keys if k in target},
+            "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+            "num_hidden_layers": 1, "target_hidden_size": target["hidden_size"],
+            "draft_vocab_size": min(draft_vocab_size, target["vocab_size"])}
+
+
 def _check(name: str, got: tuple[int, ...], want: tuple[int, ...], where: Path) -> None:
     if got != want:
         raise ConfigError(f"{where}: tensor {name} has shape {got}, the config says {want}")
