@@ -187,14 +187,16 @@ def kv_cache_dtype(name: str, dtype: jnp.dtype) -> jnp.dtype:
 
 
 def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
-             shards: int = 1, activation_bytes: int = 0) -> int:
+             shards: int = 1, activation_bytes: int = 0, extra_per_page: int = 0) -> int:
     """KV pool size: explicit max_total_tokens, or a fraction of one device's free memory
     after the weights and the step's activation peak (each device holds 1/shards of every
-    page when KV heads are sharded)."""
+    page when KV heads are sharded). `extra_per_page`: bytes a page also costs elsewhere
+    (EAGLE-3: the target's feature pool and the head's own K/V)."""
     page = config.cache.page_size
     if config.cache.max_total_tokens is not None:
         return -(-config.cache.max_total_tokens // page)
-    per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize // shards
+    per_page = (2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize // shards
+                + extra_per_page)
     free = backend.memory_info().free_bytes - activation_bytes
     if free < per_page:
         raise ValueError(f"no memory left for a KV cache: {free / 2**30:.2f} GiB free after the "
@@ -280,8 +282,19 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, kv_dtype, scan, place)
     phases.mark("probe")
+    sp = config.speculative
+    eagle = None  # EAGLE-3: the target's step keeps the head's features (ModelRunner.hidden)
+    extra = 0
+    if sp.speculative_algorithm == "eagle":
+        if caps.own_model_runner or mesh is not None:
+            raise ValueError(f"speculative_algorithm eagle runs on one XLA device for now; "
+                             f"backend {backend.name!r} with this parallelism cannot")
+        eagle = read_eagle_config(sp.speculative_draft_model, cfg)
+        h = eagle.head  # per page: features [page, C * Et] and the head's K and V
+        extra = config.cache.page_size * dtype.itemsize * (
+            len(eagle.aux_layers) * eagle.target_hidden_size + 2 * h.num_kv_heads * h.head_dim)
     num_pages = kv_pages(config, cfg, backend, kv_dtype.itemsize,
-                         kv_shards(cfg.num_kv_heads, mesh, rules), peak)
+                         kv_shards(cfg.num_kv_heads, mesh, rules), peak, extra)
     page = config.cache.page_size
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
@@ -297,13 +310,6 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     eos = eos_ids(cfg, loaded)
     # A backend that runs no XLA programs (npu: torch) brings its own runner class.
     runner_cls = backend.runner_class() if caps.own_model_runner else ModelRunner
-    sp = config.speculative
-    eagle = None  # EAGLE-3: the target's step keeps the head's features (ModelRunner.hidden)
-    if sp.speculative_algorithm == "eagle":
-        if caps.own_model_runner or mesh is not None:
-            raise ValueError(f"speculative_algorithm eagle runs on one XLA device for now; "
-                             f"backend {backend.name!r} with this parallelism cannot")
-        eagle = read_eagle_config(sp.speculative_draft_model, cfg)
     runner = runner_cls(cfg, loaded.params, backend, page_size=page, num_pages=num_pages,
                         max_num_tokens=s.chunked_prefill_size,
                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
@@ -324,7 +330,6 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                     threads=s.warmup_threads, store=s.warmup_executables, extra=extra)
             runner.warmed_up = True
     phases.mark("warm-up")
-    sp = config.speculative
     proposer = None
     if sp.speculative_algorithm is not None:
         proposer = PROPOSERS[sp.speculative_algorithm](Target(
