@@ -79,9 +79,9 @@ class EagleProposer:
                 token = token if 0 <= token < self.vocab_size else 0
                 seqs[i].tokens.append(token)
                 drafts[i].append(token)
-            if j == 0:
+            if j == 0:  # rows [0, L - 1) now hold target features; chained rows do not
                 for i in active:
-                    seqs[i].computed += 1
+                    seqs[i].computed = requests[i].num_tokens - 1
         return drafts
 
     def _target_slots(self, r: Request, start: int, n: int) -> list[int]:

@@ -25,7 +25,7 @@ HEAD = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": V,
         "draft_vocab_size": 32, "target_hidden_size": E, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "max_position_embeddings": 256}
-OPTS = dict(backend="cpu", dtype="float32", max_total_tokens=2048, max_running_requests=16,
+OPTS = dict(backend="cpu", dtype="float32", max_total_tokens=2048, max_running_requests=8,
             chunked_prefill_size=32)
 
 
@@ -161,7 +161,7 @@ def test_head_equals_a_reference_and_outputs_equal_without_speculation(tmp_path:
     tensors = head_tensors(rng)
     head = write_head(tmp_path / "head", tensors)
     llm = LLM(str(target), speculative_algorithm="eagle3", speculative_draft_model=str(head),
-              speculative_max_batch=16, **OPTS)
+              speculative_max_batch=8, **OPTS)
     eng = llm.engine
     prompt = rng.integers(1, V, size=45).tolist()  # longer than a step: chunked catch-up
     eng.add_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -288,8 +288,8 @@ def test_dummy_head_and_bad_heads(tmp_path: Path) -> None:
 
 def test_speculative_programs_compile_before_ready(tmp_path: Path) -> None:
     """With a warm-up, the target's verify steps (1 + k rows a decode) and the proposer's
-    own programs (here an EAGLE-3 head's; a draft model's go the same way) are compiled
-    before the engine is ready: a varied speculative workload (1 to 3 running, prompts
+    own programs (an EAGLE-3 head's; a draft model's) are compiled before the engine is
+    ready: a varied speculative workload (1 to 3 running, prompts
     longer than a step, greedy and sampled) then compiles nothing (jax's compile events)."""
     from engine.compile import CompileCounter
 
@@ -304,7 +304,8 @@ def test_speculative_programs_compile_before_ready(tmp_path: Path) -> None:
                 warmup_prompt_steps=True, speculative_max_batch=2,
                 speculative_num_draft_tokens=3)
     rng = np.random.default_rng(4)
-    for spec in (dict(speculative_algorithm="eagle", speculative_draft_model=str(head)),):
+    for spec in (dict(speculative_algorithm="eagle", speculative_draft_model=str(head)),
+                 dict(speculative_algorithm="draft", speculative_draft_model=str(cfg))):
         llm = LLM(str(cfg), **opts, **spec)
         counter = CompileCounter()
         before = counter.compiles
