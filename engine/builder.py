@@ -341,7 +341,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                     spec_max_batch=sp.speculative_max_batch)
     if s.warmup_decode_len and jax.process_count() == 1 and proposer is not None:
         _warm_up_proposer(proposer, s.warmup_decode_len, sp.speculative_max_batch,
-                          s.warmup_threads)
+                          s.warmup_threads, sp.speculative_num_draft_tokens)
     engine.weight_recipe = loaded.recipe
     phases.mark("engine")
     engine.startup = phases
@@ -421,13 +421,20 @@ def _eagle(t: Target) -> EagleProposer:
     return EagleProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
 
 
-def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads: int) -> None:
+def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads: int,
+                      k: int) -> None:
     """A model proposer's programs (proposer_grid), compiled before serving like the
-    target's: drafting must compile nothing after ready either."""
+    target's: drafting must compile nothing after ready either. A draft model's: its
+    runner's steps (catch-up rows) and its fused k-proposal program (engine.spec.draft_step)
+    for every shape of the program's first forward."""
     if isinstance(proposer, DraftModelProposer):
         r = proposer.runner
-        n = warm_up(r, max_len, modes=(SamplingMode(),), threads=threads,
-                    grid=proposer_grid(r.buckets, r.page_size, max_len, max_batch))
+        grid = proposer_grid(r.buckets, r.page_size, max_len, max_batch)
+        n = warm_up(r, max_len, modes=(SamplingMode(),), threads=threads, grid=grid)
+        if proposer._program is not None:
+            for shape in grid:
+                proposer._program.lower_idle(*shape, k).compile()
+            n += len(grid)
     elif isinstance(proposer, EagleProposer):
         r = proposer.runner
         n = r.warm_up(proposer_grid(r.buckets, r.page_size, max_len, max_batch))
