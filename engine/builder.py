@@ -18,7 +18,15 @@ import jax.numpy as jnp
 
 from engine import probe_memo, program_store
 from engine.backend import Backend, get_backend
-from engine.compile import abstract_batch, enable_persistent_cache, step_buckets, warmup_grid
+from engine.compile import (
+    Buckets,
+    abstract_batch,
+    enable_persistent_cache,
+    proposer_grid,
+    step_buckets,
+    verify_grid,
+    warmup_grid,
+)
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine import Engine
@@ -32,6 +40,14 @@ from engine.runner import ModelRunner, make_step, mesh_context
 from engine.sampler import SamplingMode
 from engine.spec import Proposer
 from engine.spec.draft import DraftModelProposer
+from engine.spec.eagle import EagleProposer
+from engine.spec.eagle_head import (
+    EagleConfig,
+    load_eagle_params,
+    random_eagle_params,
+    read_eagle_config,
+)
+from engine.spec.eagle_runner import EagleRunner
 from engine.spec.ngram import NgramProposer
 from engine.startup import StartupPhases
 from engine.weights_update import (
@@ -171,14 +187,16 @@ def kv_cache_dtype(name: str, dtype: jnp.dtype) -> jnp.dtype:
 
 
 def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
-             shards: int = 1, activation_bytes: int = 0) -> int:
+             shards: int = 1, activation_bytes: int = 0, extra_per_page: int = 0) -> int:
     """KV pool size: explicit max_total_tokens, or a fraction of one device's free memory
     after the weights and the step's activation peak (each device holds 1/shards of every
-    page when KV heads are sharded)."""
+    page when KV heads are sharded). `extra_per_page`: bytes a page also costs elsewhere
+    (EAGLE-3: the target's feature pool and the head's own K/V)."""
     page = config.cache.page_size
     if config.cache.max_total_tokens is not None:
         return -(-config.cache.max_total_tokens // page)
-    per_page = 2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize // shards
+    per_page = (2 * cfg.num_layers * page * cfg.num_kv_heads * cfg.head_dim * itemsize // shards
+                + extra_per_page)
     free = backend.memory_info().free_bytes - activation_bytes
     if free < per_page:
         raise ValueError(f"no memory left for a KV cache: {free / 2**30:.2f} GiB free after the "
@@ -264,8 +282,19 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, kv_dtype, scan, place)
     phases.mark("probe")
+    sp = config.speculative
+    eagle = None  # EAGLE-3: the target's step keeps the head's features (ModelRunner.hidden)
+    extra = 0
+    if sp.speculative_algorithm == "eagle":
+        if caps.own_model_runner or mesh is not None:
+            raise ValueError(f"speculative_algorithm eagle runs on one XLA device for now; "
+                             f"backend {backend.name!r} with this parallelism cannot")
+        eagle = read_eagle_config(sp.speculative_draft_model, cfg)
+        h = eagle.head  # per page: features [page, C * Et] and the head's K and V
+        extra = config.cache.page_size * dtype.itemsize * (
+            len(eagle.aux_layers) * eagle.target_hidden_size + 2 * h.num_kv_heads * h.head_dim)
     num_pages = kv_pages(config, cfg, backend, kv_dtype.itemsize,
-                         kv_shards(cfg.num_kv_heads, mesh, rules), peak)
+                         kv_shards(cfg.num_kv_heads, mesh, rules), peak, extra)
     page = config.cache.page_size
     max_len = min(cfg.max_position_embeddings, num_pages * page,
                   config.model.max_model_len or cfg.max_position_embeddings)
@@ -286,27 +315,33 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                         max_num_seqs=s.max_running_requests, max_model_len=max_len,
                         kv_dtype=kv_dtype, eos_token_ids=eos, kv_place=place,
                         buckets=step_buckets(s, -(-max_len // page), caps.min_seq_bucket,
-                                             caps.min_token_bucket))
+                                             caps.min_token_bucket),
+                        **({"capture": eagle.aux_layers} if eagle else {}))
     jax.block_until_ready(runner.kv)
     phases.mark("KV pool")
     if s.warmup_decode_len:
         if jax.process_count() > 1:
             log.warning("warmup_decode_len is single-process only: skipped")
         else:
+            extra = [] if sp.speculative_algorithm is None else verify_grid(
+                runner.buckets, page, s.warmup_decode_len, sp.speculative_max_batch,
+                sp.speculative_num_draft_tokens)
             warm_up(runner, s.warmup_decode_len, prompt_steps=s.warmup_prompt_steps,
-                    threads=s.warmup_threads, store=s.warmup_executables)
+                    threads=s.warmup_threads, store=s.warmup_executables, extra=extra)
             runner.warmed_up = True
     phases.mark("warm-up")
-    sp = config.speculative
     proposer = None
     if sp.speculative_algorithm is not None:
         proposer = PROPOSERS[sp.speculative_algorithm](Target(
-            config, backend, dtype, scan, place, runner, cfg.vocab_size, max_len))
+            config, backend, dtype, scan, place, runner, cfg.vocab_size, max_len, eagle))
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_token_ids=eos,
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule, proposer=proposer,
                     num_draft_tokens=sp.speculative_num_draft_tokens,
                     spec_max_batch=sp.speculative_max_batch)
+    if s.warmup_decode_len and jax.process_count() == 1 and proposer is not None:
+        _warm_up_proposer(proposer, s.warmup_decode_len, sp.speculative_max_batch,
+                          s.warmup_threads, sp.speculative_num_draft_tokens)
     engine.weight_recipe = loaded.recipe
     phases.mark("engine")
     engine.startup = phases
@@ -325,6 +360,8 @@ class Target:
     runner: ModelRunner
     vocab_size: int
     max_model_len: int
+    eagle: EagleConfig | None = None
+    """eagle: the head's config (read before the target's runner, which captures for it)."""
 
 
 def _ngram(t: Target) -> NgramProposer:
@@ -352,19 +389,70 @@ def _draft(t: Target) -> DraftModelProposer:
     runner = ModelRunner(cfg, loaded.params, t.backend, page_size=t.runner.page_size,
                          num_pages=t.runner.num_pages, max_num_tokens=t.runner.buckets.tokens[-1],
                          max_num_seqs=t.runner.buckets.seqs[-1],
-                         max_model_len=t.max_model_len + k, kv_dtype=t.dtype, kv_place=None)
+                         max_model_len=t.max_model_len + k, kv_dtype=t.dtype, kv_place=None,
+                         buckets=_draft_buckets(t))
     log.info("draft model %s: %d layers, %d KV pages", sp.speculative_draft_model,
              cfg.num_layers, t.runner.num_pages)
     return DraftModelProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
 
 
-PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": _draft}
+def _draft_buckets(t: Target) -> Buckets:
+    """A proposer runner's buckets: the target's settings (page buckets, wide steps) over
+    contexts k tokens longer."""
+    caps, k = t.backend.capabilities, t.config.speculative.speculative_num_draft_tokens
+    pages = -(-(t.max_model_len + k) // t.runner.page_size)
+    return step_buckets(t.config.scheduler, pages, caps.min_seq_bucket, caps.min_token_bucket)
+
+
+def _eagle(t: Target) -> EagleProposer:
+    """The EAGLE-3 head (random under --load-format dummy), in the weights' dtype, with a KV
+    pool of as many pages as the target's."""
+    sp, ec = t.config.speculative, t.eagle
+    if t.config.model.load_format == "dummy":
+        params = random_eagle_params(ec, t.dtype, seed=t.config.model.seed or 0)
+    else:
+        params = load_eagle_params(sp.speculative_draft_model, ec, t.dtype)
+    k = sp.speculative_num_draft_tokens
+    runner = EagleRunner(ec, params, t.runner, t.backend, num_pages=t.runner.num_pages,
+                         max_model_len=t.max_model_len + k, buckets=_draft_buckets(t))
+    log.info("EAGLE-3 head %s: width %d, draft vocabulary %d, target layers %s, %d KV pages",
+             sp.speculative_draft_model, ec.head.hidden_size, ec.draft_vocab_size,
+             list(ec.aux_layers), t.runner.num_pages)
+    return EagleProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+
+
+def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads: int,
+                      k: int) -> None:
+    """A model proposer's programs (proposer_grid), compiled before serving like the
+    target's: drafting must compile nothing after ready either. A draft model's: its
+    runner's steps (catch-up rows) and its fused k-proposal program (engine.spec.draft_step)
+    for every shape of the program's first forward."""
+    if isinstance(proposer, DraftModelProposer):
+        r = proposer.runner
+        grid = proposer_grid(r.buckets, r.page_size, max_len, max_batch)
+        n = warm_up(r, max_len, modes=(SamplingMode(),), threads=threads, grid=grid)
+        if proposer._program is not None:
+            for shape in grid:
+                proposer._program.lower_idle(*shape, k).compile()
+            n += len(grid)
+    elif isinstance(proposer, EagleProposer):
+        r = proposer.runner
+        n = r.warm_up(proposer_grid(r.buckets, r.page_size, max_len, max_batch))
+    else:
+        return
+    log.info("speculation: %d draft programs warmed up", n)
+
+
+PROPOSERS: dict[str, Callable[[Target], Proposer]] = {"ngram": _ngram, "draft": _draft,
+                                                      "eagle": _eagle}
 """speculative_algorithm -> the proposer of draft tokens (engine.spec)."""
 
 
 def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
             modes: tuple[SamplingMode, ...] = (SamplingMode(), SamplingMode(all_greedy=False)),
-            threads: int = 0, store: bool = False) -> int:
+            threads: int = 0, store: bool = False,
+            grid: list[tuple[int, int, int, bool]] | None = None,
+            extra: list[tuple[int, int, int, bool]] = ()) -> int:
     """Compile (or load from the persistent cache) the programs of warmup_grid, with
     progress in the log. Each is traced and lowered here, one after another (Python holds
     the GIL), and compiled on one of `threads` threads (0: one per CPU core), while the next
@@ -372,9 +460,12 @@ def warm_up(runner: ModelRunner, max_len: int, prompt_steps: bool = False,
     finds them (ModelRunner.lower_idle); nothing runs on the device. With `store`
     (warmup_executables), a program stored serialized by an earlier start is loaded instead
     (nothing traced; ModelRunner.call_step runs it), and each one compiled is stored.
-    Returns the programs."""
-    grid = [(mode, *g) for mode in modes
-            for g in warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)]
+    `grid` replaces warmup_grid's shapes; `extra` adds to them (speculation's verify
+    steps). Returns the programs."""
+    if grid is None:
+        grid = warmup_grid(runner.buckets, runner.page_size, max_len, prompt_steps)
+    shapes = list(dict.fromkeys([*grid, *extra]))
+    grid = [(mode, *g) for mode in modes for g in shapes]
     workers = max(1, min(len(grid), threads or os.cpu_count() or 1))
     t0, done, lock = time.perf_counter(), [0], threading.Lock()
 

@@ -162,6 +162,30 @@ def warmup_grid(buckets: Buckets, page: int, max_len: int,
             if p <= top and (dec or (prompt_steps and t >= buckets.wide_tokens))]
 
 
+def verify_grid(buckets: Buckets, page: int, max_len: int, max_batch: int, k: int
+                ) -> list[tuple[int, int, int, bool]]:
+    """The target's speculative verify steps warm-up adds (speculation on): n <= max_batch
+    decodes with up to k drafts each are m rows of one token, n < m <= n (1 + k), so
+    neither a decode-only step nor one with prompt tokens (Buckets.shape_for: T and S
+    rounded from m alone)."""
+    top = round_up(min(-(-max_len // page), buckets.pages[-1]), buckets.pages)
+    rows = range(2, min(max_batch * (1 + k), buckets.seqs[-1]) + 1)
+    shapes = sorted({(round_up(m, buckets.tokens), round_up(m, buckets.seqs)) for m in rows})
+    return [(t, s, p, False) for t, s in shapes for p in buckets.pages if p <= top]
+
+
+def proposer_grid(buckets: Buckets, page: int, max_len: int, max_batch: int
+                  ) -> list[tuple[int, int, int, bool]]:
+    """A proposer's own steps (a draft model's or an EAGLE-3 head's runner, with its own
+    buckets): at most max_batch sequences (speculation stops above it), one-token rows and
+    catch-up rows of any length up to a step's budget (wide ones take the largest sequence
+    bucket, as every wide step with prompt tokens does)."""
+    top = round_up(min(-(-max_len // page), buckets.pages[-1]), buckets.pages)
+    most = round_up(min(max_batch, buckets.seqs[-1]), buckets.seqs)
+    return [(t, s, p, dec) for t, s, p, dec in reachable(buckets)
+            if p <= top and (s <= most or (not dec and t >= buckets.wide_tokens))]
+
+
 class CompileCounter:
     """Programs this process compiled or loaded from the persistent cache (jax.monitoring's
     events), counted from when the first counter was made. Either stalls a serving step: a

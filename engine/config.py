@@ -213,14 +213,16 @@ class ParallelOptions:
             object.__setattr__(self, "axis_rules", tuple(sorted(self.axis_rules.items())))
 
 
-SPECULATIVE_ALGORITHMS = ("ngram", "draft")
+SPECULATIVE_ALGORITHMS = ("ngram", "draft", "eagle")
+SPECULATIVE_ALIASES = {"eagle3": "eagle"}
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeOptions:
     speculative_algorithm: str | None = None
     """Speculative decoding: 'ngram' (prompt lookup: drafts copied from the request's own
-    prompt and output) or 'draft' (a smaller model of the same tokenizer); None: off."""
+    prompt and output), 'draft' (a smaller model of the same tokenizer) or 'eagle' (alias
+    'eagle3': an EAGLE-3 head over the target's features, engine.spec.eagle); None: off."""
     speculative_num_draft_tokens: int = 4
     """Draft tokens proposed per decode and step (k: a decode becomes a 1 + k token row)."""
     speculative_ngram_min: int = 1
@@ -228,14 +230,17 @@ class SpeculativeOptions:
     speculative_ngram_max: int = 4
     """ngram: the longest suffix looked up, tried first (like vLLM's prompt_lookup_max)."""
     speculative_draft_model: str | None = None
-    """draft: the draft model (HF directory, .gguf file or alias), same tokenizer."""
+    """draft: the draft model (HF directory, .gguf file or alias), same tokenizer. eagle:
+    the EAGLE-3 head's folder (config.json and safetensors; config.json alone under
+    --load-format dummy)."""
     speculative_max_batch: int = 4
     """Speculate only while at most this many requests run: above it the step is bound by
     compute more than by reading the weights, and verifying drafts costs more than it saves
     (the CPU default: docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
-        a = self.speculative_algorithm
+        a = SPECULATIVE_ALIASES.get(self.speculative_algorithm, self.speculative_algorithm)
+        object.__setattr__(self, "speculative_algorithm", a)
         if a is not None and a not in SPECULATIVE_ALGORITHMS:
             raise ValueError(f"speculative_algorithm must be one of "
                              f"{', '.join(SPECULATIVE_ALGORITHMS)}, got {a!r}")
@@ -245,9 +250,9 @@ class SpeculativeOptions:
         if not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
             raise ValueError(f"need 1 <= {self.speculative_ngram_min=} <= "
                              f"{self.speculative_ngram_max=}")
-        if (a == "draft") != (self.speculative_draft_model is not None):
+        if (a in ("draft", "eagle")) != (self.speculative_draft_model is not None):
             raise ValueError(f"speculative_draft_model={self.speculative_draft_model!r} goes "
-                             f"with speculative_algorithm draft (got {a!r})")
+                             f"with speculative_algorithm draft or eagle (got {a!r})")
         if self.speculative_max_batch < 1:
             raise ValueError(f"speculative_max_batch must be >= 1, got "
                              f"{self.speculative_max_batch}")

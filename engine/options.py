@@ -61,8 +61,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npu-device", default=None, choices=["npu", "cpu"],
                    help="--backend npu: run on the Ascend NPU (torch_npu) or on CPU torch with "
                         "the reference ops (default: npu)")
-    p.add_argument("--speculative-algorithm", default=None, choices=["ngram", "draft"],
-                   help="speculative decoding: ngram (prompt lookup) or draft (a draft model)")
+    p.add_argument("--speculative-algorithm", default=None,
+                   choices=["ngram", "draft", "eagle", "eagle3"],
+                   help="speculative decoding: ngram (prompt lookup), draft (a draft model) "
+                        "or eagle (eagle3: an EAGLE-3 head, --speculative-draft-model)")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="draft tokens per decode and step (default 4)")
     p.add_argument("--speculative-ngram-min", type=int, default=None,

@@ -78,18 +78,27 @@ def replicated(tree: Any, backend: Backend) -> Any:
     return jax.lax.with_sharding_constraint(tree, NamedSharding(backend.mesh, PartitionSpec()))
 
 
-def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int):
+def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int, capture: tuple[int, ...] = ()):
     """The jitted step (forward + sample, KV cache donated). Precompilation builds the same
     function, so its programs are the ones the runner later finds in the compilation cache.
 
     Token i with src[i] >= 0 is a placeholder for prev_tokens[src[i]], the previous step's
     sampled token of that row, still on the device. The step returns its own sampled tokens
-    padded to [max_seqs] for the next step, so that input has one shape."""
+    padded to [max_seqs] for the next step, so that input has one shape.
+
+    `capture` (EAGLE-3): `kv` is then the pair (KV cache, hidden pool [slots, C * E]), and
+    the captured layers' inputs of every token are written into the pool at the token's KV
+    slot (padding slots are dropped), so they are valid exactly where its K/V is."""
     fwd = model_forward(cfg, backend)
 
     def step(params, kv, tokens, md, logits_idx, st, prev_tokens, src, mode):
         tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], tokens)
-        logits, kv = fwd(params, kv, tokens, md, logits_idx)
+        if capture:
+            kv, pool = kv
+            logits, kv, aux = fwd(params, kv, tokens, md, logits_idx, capture=capture)
+            kv = (kv, pool.at[md.slot_mapping].set(aux.astype(pool.dtype), mode="drop"))
+        else:
+            logits, kv = fwd(params, kv, tokens, md, logits_idx)
         out = sample(logits, st, mode)
         next_tokens = jnp.zeros(max_seqs, jnp.int32).at[:out.tokens.shape[0]].set(out.tokens)
         return replicated(out, backend), kv, replicated(next_tokens, backend)
@@ -155,6 +164,7 @@ class ModelRunner:
         num_pages: int, max_num_tokens: int, max_num_seqs: int, max_model_len: int,
         kv_dtype: jnp.dtype, eos_token_ids: tuple[int, ...] = (),
         kv_place: Callable[[tuple, tuple], Any] | None = None, buckets: Buckets | None = None,
+        capture: tuple[int, ...] = (),
     ) -> None:
         self.eos_token_ids = eos_token_ids
         self.cfg, self.params, self.backend = cfg, params, backend
@@ -175,7 +185,15 @@ class ModelRunner:
         self.buckets = buckets or Buckets.make(max_num_tokens, max_num_seqs, max_pages,
                                                min_seqs=backend.capabilities.min_seq_bucket,
                                                min_tokens=backend.capabilities.min_token_bucket)
-        self._step = make_step(cfg, backend, self.buckets.seqs[-1])
+        self.capture = capture
+        self.hidden: jax.Array | None = None
+        """EAGLE-3 (`capture`): the captured layers' inputs [slots, C * E] at each token's KV
+        slot (make_step), in the weights' dtype; read by engine.spec.eagle."""
+        if capture:
+            self.hidden = jax.device_put(np.zeros(
+                (num_pages * page_size, len(capture) * cfg.hidden_size),
+                params["norm"].dtype), where)
+        self._step = make_step(cfg, backend, self.buckets.seqs[-1], capture)
         self._no_prev = jax.device_put(np.zeros(self.buckets.seqs[-1], np.int32), where)
         self.compiled_shapes: set[tuple] = set()
         self.step_log: list[tuple] | None = None
@@ -211,13 +229,25 @@ class ModelRunner:
         tokens, md, logits_idx, st, _, src = idle_batch(
             t, s, p, decode_only, self.page_size, self.cfg.vocab_size, mode,
             drop_slot=self.num_pages * self.page_size)
-        return (self.params, self.kv, tokens, md, logits_idx, st, self._no_prev, src, mode)
+        return (self.params, self._kv_in(), tokens, md, logits_idx, st, self._no_prev, src,
+                mode)
+
+    def _kv_in(self) -> Any:
+        """The step's donated cache argument: the KV cache, with the hidden pool if any."""
+        return (self.kv, self.hidden) if self.capture else self.kv
+
+    def _kv_out(self, kv: Any) -> None:
+        if self.capture:
+            self.kv, self.hidden = kv
+        else:
+            self.kv = kv
 
     def run_idle(self, t: int, s: int, p: int, decode_only: bool, mode: SamplingMode) -> None:
         """Run the step of one bucket shape on idle rows and wait for it (it compiles or
         loads that program). Nothing is written to the KV cache."""
         with mesh_context(self.backend):
-            out, self.kv, _ = self.call_step(*self.idle_args(t, s, p, decode_only, mode))
+            out, kv, _ = self.call_step(*self.idle_args(t, s, p, decode_only, mode))
+        self._kv_out(kv)
         jax.block_until_ready(out)
 
     def call_step(self, params: Params, kv: Any, tokens: Any, md: AttentionMetadata,
@@ -359,9 +389,9 @@ class ModelRunner:
         elif masks is None:
             prev_tokens = self._no_prev if prev is None else prev.next_tokens
             with mesh_context(self.backend):
-                out, self.kv, next_tokens = self.call_step(self.params, self.kv, tokens, md,
-                                                           logits_idx, st, prev_tokens, src,
-                                                           mode)
+                out, kv, next_tokens = self.call_step(self.params, self._kv_in(), tokens, md,
+                                                      logits_idx, st, prev_tokens, src, mode)
+            self._kv_out(kv)
         else:
             with mesh_context(self.backend):
                 out = self._constrained_step(tokens, md, logits_idx, st, mode, masks)
@@ -465,9 +495,9 @@ class ModelRunner:
             if kind == "step":
                 tokens, md, logits_idx, st, mode, src, use_prev = args
                 prev_tokens = prev.next_tokens if use_prev and prev else self._no_prev
-                out, self.kv, next_tokens = self.call_step(self.params, self.kv, tokens, md,
-                                                           logits_idx, st, prev_tokens, src,
-                                                           mode)
+                out, kv, next_tokens = self.call_step(self.params, self._kv_in(), tokens, md,
+                                                      logits_idx, st, prev_tokens, src, mode)
+                self._kv_out(kv)
                 return Launched(ScheduledBatch([]), out, next_tokens, {}, ())
             if self._split is None:
                 self._split = make_split_step(self.cfg, self.backend)

@@ -162,8 +162,8 @@ def forward(
     params: Params, kv: KVCache, tokens: jax.Array, md: AttentionMetadata,
     logits_idx: jax.Array, *, cfg: ModelConfig, attend: Attend, write: WriteKV = write_kv,
     expert_axis: str | None = None, linear: Linear = reference_linear,
-    add_norm: AddNorm = add_rms_norm,
-) -> tuple[jax.Array, KVCache]:
+    add_norm: AddNorm = add_rms_norm, capture: tuple[int, ...] = (),
+) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
     """tokens [T] -> (logits f32 [S, V] at rows `logits_idx` [S], updated KV cache).
 
     `write` puts this step's K/V into the cache (the backend's, for its own KV layout).
@@ -173,22 +173,33 @@ def forward(
     shard_map expert-parallel path (engine.model.moe); None leaves partitioning to XLA.
     `linear` runs the projections whose weights are quantized (engine.model.quant);
     `add_norm` each residual add with the norm after it (add_rms_norm, or a backend's kernel).
+    `capture`: layer indices whose input (the residual stream entering that layer, i.e. the
+    output of the layer before, its last add included) is also returned, as aux
+    [T, len(capture) * E] in the order given (EAGLE-3 speculation, engine.spec.eagle);
+    empty: no third output, no extra work.
     """
     x = embed_rows(params["embed"], tokens, params["norm"].dtype)  # x: [T, E]
     xs = (x, jnp.zeros_like(x))  # Stream: nothing to add before the first layer
+    aux = [x] * len(capture)  # placeholders until the captured layer is reached
     if isinstance(params["layers"], dict):
         def body(carry, lp_and_l):
-            xs, kv_all = carry
+            xs, kv_all, got = carry
             lp, li = lp_and_l
+            got = tuple(jnp.where(li == c, xs[0] + xs[1], g)
+                        for c, g in zip(capture, got, strict=True))
             xs, kv_all = decoder_layer(lp, xs, kv_all, md, cfg, attend, li, write, expert_axis,
                                        linear, add_norm)
-            return (xs, kv_all), None
+            return (xs, kv_all, got), None
 
         layer_ids = jnp.arange(cfg.num_layers)
-        (xs, kv), _ = jax.lax.scan(body, (xs, tuple(kv)), (params["layers"], layer_ids))
+        (xs, kv, got), _ = jax.lax.scan(body, (xs, tuple(kv), tuple(aux)),
+                                        (params["layers"], layer_ids))
+        aux = list(got)
     else:
         new_kv = []
-        for lp, layer_kv in zip(params["layers"], kv, strict=True):
+        for i, (lp, layer_kv) in enumerate(zip(params["layers"], kv, strict=True)):
+            if i in capture:
+                aux = [xs[0] + xs[1] if c == i else a for c, a in zip(capture, aux, strict=True)]
             xs, layer_kv = _traced_layer(lp, xs, layer_kv, md, cfg=cfg, attend=attend,
                                          write=write, expert_axis=expert_axis, linear=linear,
                                          add_norm=add_norm)
@@ -198,7 +209,10 @@ def forward(
     x = rms_norm(x, params["norm"], cfg.rms_norm_eps)  # x: [S, E]
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     if isinstance(head, QuantizedWeight):  # stored [V, E] by output channel either way
-        return linear(x.astype(jnp.float32), head), kv
-    head = head.T if cfg.tie_word_embeddings else head  # [E, V]
-    logits = jnp.einsum("se,ev->sv", x, head, preferred_element_type=jnp.float32)
+        logits = linear(x.astype(jnp.float32), head)
+    else:
+        head = head.T if cfg.tie_word_embeddings else head  # [E, V]
+        logits = jnp.einsum("se,ev->sv", x, head, preferred_element_type=jnp.float32)
+    if capture:
+        return logits, kv, jnp.concatenate(aux, axis=-1)  # aux: [T, C * E]
     return logits, kv

@@ -3,8 +3,10 @@
 A proposer guesses the next k tokens of running decodes; the target model scores each decode
 with its drafts in one ragged step (a 1 + k token row, causal inside the draft) and samples
 the token after every position; `accept.num_accepted` keeps the longest run of drafts that
-equals what the target sampled. Pure Python: no jax (a draft model's proposer keeps its own
-runner, made by engine.spec.draft).
+equals what the target sampled. The proposers and the rule are pure Python, no jax: a draft
+model's proposer (engine.spec.draft) and the EAGLE-3 head's (engine.spec.eagle) drive runners
+made by the builder (the head's forward and runner, in JAX: engine.spec.eagle_head and
+engine.spec.eagle_runner).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Speculative decoding on an NVIDIA GPU, Llama-3.1-8B shape with random weights
 # (--load-format dummy), batch 1, 4 draft tokens: `engine bench spec` runs speculation off
 # and on side by side in one engine for each proposer below. Run from the repo root;
-# results (text and JSON) in $OUT. About 3 minutes on an H200, most of it compilation.
+# results (text and JSON) in $OUT. About 4 minutes on an H200, most of it compilation.
 #   same    draft = the target's own weights (the same preset and seed): every draft is
 #           accepted; `bound tok/s` (tokens per step over the target's step time alone) is
 #           the UPPER BOUND of the mechanism, not a real draft's speed-up
@@ -16,6 +16,11 @@
 #           row per token; the A/B of that attention path
 # The draft model's k proposals are one program a step (engine.spec.draft_step): `draft ms`
 # is that program's dispatch and fetch; the verify step fetches token ids only.
+#   eagle   a random EAGLE-3 head of the target's sizes (for Llama-3.1-8B: its layer, a
+#           32k draft vocabulary; config.json written to $OUT/eagle3-head): drafts are
+#           rejected, so `on tok/s` against `off tok/s` is the OVERHEAD FLOOR of EAGLE-3
+#           (head steps, feature capture), not its speed-up. Both columns run with the
+#           target capturing its three layers' features (one engine).
 set -uo pipefail
 OUT=${OUT:-.out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -23,13 +28,14 @@ export ENGINE_CACHE_DIR=${ENGINE_CACHE_DIR:-/tmp/engine-cache}
 # A fixed KV pool (64k tokens, 8.6 GB) for the target, so the draft's weights and its pool
 # of as many pages fit beside it.
 # BACKEND, TARGET, SMALL_DRAFT: for a dry run elsewhere (BACKEND=cpu TARGET=smollm2-135m
-# SMALL_DRAFT=smollm2-135m OUTPUT_LEN=8).
+# SMALL_DRAFT=smollm2-135m OUTPUT_LEN=8); TARGET must be a preset (the eagle run sizes its
+# head from it).
 TARGET=${TARGET:-llama-3.1-8b}
 BASE=(--backend ${BACKEND:-cuda} --load-format dummy --model $TARGET --max-total-tokens 65536
       --speculative-num-draft-tokens ${K:-4} --batch-size ${BATCHES:-1}
       --output-len ${OUTPUT_LEN:-64} ${ENGINE_ARGS:-})
 quiet() { grep -v -E "INFO|Warning|warn|deprecat" ; }
-for run in ${RUNS:-same small ngram}; do
+for run in ${RUNS:-same small ngram eagle}; do
   case $run in
   same)  args=(--speculative-algorithm draft --speculative-draft-model $TARGET) ;;
   small) args=(--speculative-algorithm draft --speculative-draft-model ${SMALL_DRAFT:-llama-3.2-1b}) ;;
@@ -40,6 +46,12 @@ d['backend']['verify_decode'] = False; yaml.safe_dump(d, open(sys.argv[1], 'w'))
       "$OUT/cuda-ragged-verify.yaml"
     args=(--config "$OUT/cuda-ragged-verify.yaml" --speculative-algorithm draft
           --speculative-draft-model $TARGET) ;;
+  eagle) head="$OUT/eagle3-head"; mkdir -p "$head"
+         python3 -c "import json, sys; from engine.model.presets import PRESETS; \
+from engine.spec.eagle_head import head_config_like; \
+json.dump(head_config_like(PRESETS[sys.argv[1]]), open(sys.argv[2], 'w'), indent=1)" \
+           "$TARGET" "$head/config.json" || continue
+         args=(--speculative-algorithm eagle --speculative-draft-model "$head") ;;
   esac
   echo "== $run $(date -u +%H:%M:%S)"
   timeout ${TIMEOUT:-170} python3 -m engine.cli bench spec "${BASE[@]}" "${args[@]}" \

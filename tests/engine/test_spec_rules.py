@@ -40,7 +40,8 @@ def test_ngram_min_size_is_respected() -> None:
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(speculative_algorithm="eagle"), "must be one of ngram, draft"),
+    (dict(speculative_algorithm="medusa"), "must be one of ngram, draft, eagle"),
+    (dict(speculative_algorithm="eagle3"), "speculative_draft_model=None goes with"),
     (dict(speculative_algorithm="draft"), "speculative_draft_model=None goes with"),
     (dict(speculative_draft_model="m.gguf"), "goes with speculative_algorithm draft"),
     (dict(speculative_algorithm="ngram", speculative_num_draft_tokens=0), "must be >= 1, got 0"),
