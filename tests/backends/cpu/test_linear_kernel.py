@@ -224,3 +224,24 @@ def test_activations_option():
     close(CpuBackend().linear(x, w32), quant.reference_linear(x, w32), 64)
     with pytest.raises(ValueError, match="int8 or float"):
         CpuBackend({"activations": "int4"})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+def test_integer_tiles_of_many_rows_match_emulation(fmt):
+    """Above 4 rows, VNNI runs register tiles of 4 x rows by 32 columns (one column per
+    lane): row counts that leave 1-3 rows over and column counts that leave a partial tile,
+    at every level, against the plain-JAX emulation of the integer arithmetic."""
+    rng = np.random.default_rng(7)
+    for m, blocks, n in ((5, 2, 33), (7, 3, 64), (32, 18, 75), (70, 1, 31)):
+        k = 32 * blocks
+        if fmt == "int8":
+            w = quant.pack(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), 1, "int8")
+        else:
+            raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32),
+                                       QTYPES[fmt])
+            w = quant.from_gguf_rows(raw, fmt, (k,), (n,))
+        x = rng.standard_normal((m, k)) * np.exp(2 * rng.standard_normal(k))  # [M, K]
+        x = jnp.asarray(x, jnp.float32)
+        ref = quant.reference_linear(x, w, int_act=True)
+        for isa in LEVELS:
+            close(kernels.kernel(x, w, isa, int_act=True), ref, k)

@@ -785,16 +785,137 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Many x rows with VNNI (level 3, int8 and the 32-blocks Q8_0/Q4_0/Q4_1): register tiles of
+// kVnniRows x rows by kVnniCols output columns of int32 accumulators, one column per lane, so
+// a block's int32 sums need one conversion and one scale per 16 columns (not per column:
+// that per-column conversion is why integer dots lost to float FMAs above 4 rows).
+// A tile's weights are repacked once per call as unsigned bytes u with w = d * u + c per
+// block: Q4_1 u = q, c = m; Q4_0 u = q, c = -8 d; Q8_0 and int8 u = q + 128, c = -128 d
+// (int8: d = the column's scale). Then for x = xd * xq (per block):
+//   sum_e w[e] x[e] = xd * d * sum_e u[e] xq[e] + c * ds,  ds = xd * sum_e xq[e].
+// Packed layout of a 32-column tile, per block b (1024 bytes): [2 halves of 16 columns]
+// [8 steps of 4 elements][16 columns][4 bytes]: vpdpbusd multiplies a step's 64 bytes by
+// one x row's 4 bytes (broadcast) into the 16 columns' lanes. Scales d and offsets c: [b][32].
+
+constexpr int kVnniCols = 32;
+constexpr int kVnniRows = 4;
+
+bool VnniTiled(int32_t fmt) { return fmt == INT8 || fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1; }
+
+// Columns [n0, n0 + cols) of W into the packed tile (columns past `cols` are zeros).
+AVX2_FN void PackTileVnni(int32_t fmt, const uint8_t* wp, int64_t row_bytes, const float* sp,
+                          int64_t n0, int cols, int64_t nb, uint8_t* pq, float* pd, float* pc) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  for (int col = 0; col < kVnniCols; ++col) {
+    const uint8_t* row = wp + (n0 + col) * row_bytes;
+    const int half = col / 16, lane = col % 16;
+    for (int64_t b = 0; b < nb; ++b) {
+      alignas(32) uint8_t u[kBlock];
+      float d = 0.0f, c = 0.0f;
+      if (col >= cols) {
+        std::memset(u, 0, kBlock);
+      } else if (fmt == Q4_0 || fmt == Q4_1) {
+        const int head = fmt == Q4_0 ? 2 : 4;
+        const uint8_t* p = row + b * (head + 16);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(u), Nibbles16(p + head));
+        d = _cvtsh_ss(Load16(p));
+        c = fmt == Q4_0 ? -8.0f * d : _cvtsh_ss(Load16(p + 2));
+      } else {
+        const uint8_t* p = fmt == INT8 ? row + b * kBlock : row + b * 34 + 2;
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(u), _mm256_xor_si256(v, flip));
+        d = fmt == INT8 ? sp[n0 + col] : _cvtsh_ss(Load16(row + b * 34));
+        c = -128.0f * d;
+      }
+      uint8_t* out = pq + b * 1024 + half * 512 + lane * 4;
+      for (int s = 0; s < 8; ++s) std::memcpy(out + s * 64, u + 4 * s, 4);
+      pd[b * kVnniCols + col] = d;
+      pc[b * kVnniCols + col] = c;
+    }
+  }
+}
+
+// y[r * ldy + col] for r < R, col < cols: x rows xq [R, K] (row stride k) against a tile.
+template <int R>
+VNNI_FN void TileVnni(const uint8_t* pq, const float* pd, const float* pc, const int8_t* xq,
+                      const float* xd, const float* xds, int64_t k, int64_t nb, float* y,
+                      int64_t ldy, int cols) {
+  __m512 f[R][2];
+  for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    const uint8_t* wb = pq + b * 1024;
+    for (int s = 0; s < 8; ++s) {
+      const __m512i w0 = _mm512_load_si512(wb + s * 64), w1 = _mm512_load_si512(wb + 512 + s * 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + r * k + b * kBlock + 4 * s, 4);
+        const __m512i xv = _mm512_set1_epi32(x4);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xv);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xv);
+      }
+    }
+    const __m512 d0 = _mm512_loadu_ps(pd + b * kVnniCols), d1 = _mm512_loadu_ps(pd + b * kVnniCols + 16);
+    const __m512 c0 = _mm512_loadu_ps(pc + b * kVnniCols), c1 = _mm512_loadu_ps(pc + b * kVnniCols + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xd[r * nb + b]), ds = _mm512_set1_ps(xds[r * nb + b]);
+      f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(d0, xs), f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(d1, xs), f[r][1]);
+      f[r][0] = _mm512_fmadd_ps(c0, ds, f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(c1, ds, f[r][1]);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? 0xffff : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : __mmask16((1u << (cols - 16)) - 1);
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, m0, f[r][0]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16, m1, f[r][1]);
+  }
+}
+
+// y [M, N] for M > kDirectRows from the quantized x (xq [M, K], xd and xds [M, K / 32]).
+void LinearIntVnni(const int8_t* xq, const float* xd, const float* xds, const uint8_t* wp,
+                   const float* sp, float* yp, int64_t m, int64_t n, int64_t k, int32_t fmt) {
+  const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k);
+  const int64_t tiles = (n + kVnniCols - 1) / kVnniCols;
+  ForTiles(tiles, m * n * k / 4, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<uint8_t> qbuf;
+    thread_local std::vector<float> pd, pc;
+    if (int64_t(qbuf.size()) < nb * 1024 + 64) qbuf.resize(nb * 1024 + 64);
+    if (int64_t(pd.size()) < nb * kVnniCols) pd.resize(nb * kVnniCols), pc.resize(nb * kVnniCols);
+    uint8_t* pq = qbuf.data() + (-reinterpret_cast<uintptr_t>(qbuf.data()) & 63);  // 64-aligned
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kVnniCols;
+      const int cols = int(std::min<int64_t>(kVnniCols, n - n0));
+      PackTileVnni(fmt, wp, row_bytes, sp, n0, cols, nb, pq, pd.data(), pc.data());
+      int64_t r = 0;
+      for (; r + kVnniRows <= m; r += kVnniRows) {
+        TileVnni<kVnniRows>(pq, pd.data(), pc.data(), xq + r * k, xd + r * nb,
+                            xds + r * nb, k, nb, yp + r * n + n0, n, cols);
+      }
+      auto rest = m - r == 3 ? TileVnni<3> : m - r == 2 ? TileVnni<2> : TileVnni<1>;
+      if (r < m) {
+        rest(pq, pd.data(), pc.data(), xq + r * k, xd + r * nb, xds + r * nb, k, nb,
+             yp + r * n + n0, n, cols);
+      }
+    }
+  });
+}
+
 // act = 1: x quantized per block (once per call). Up to kDirectRows rows: integer dots from
 // the weight blocks unpacked in registers; the K-quants (and level 0) decode each tile's
 // rows once to integers, then dot every x row with the tile (the decoded tile stays in L1).
 void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t m,
                int64_t n, int64_t k, int32_t fmt, int32_t isa) {
   const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k), tiles = (n + kTile - 1) / kTile;
-  // Many rows (isa >= 1): the float tiles' FMAs beat integer dots here (each block's int32
-  // sums need a conversion and a scale), so the quantized x, as floats d * q, takes the
-  // float path.
-  const bool as_float = isa >= 1 && m > kDirectRows;
+  // Many rows: with VNNI, int8/Q8_0/Q4_0/Q4_1 take the column-per-lane integer tiles
+  // (LinearIntVnni); otherwise (AVX2, AVX-512 without VNNI, the K-quants) the float tiles'
+  // FMAs beat row-by-row integer dots, so the quantized x, as floats d * q, takes the float
+  // path.
+  const bool tiled = isa >= 3 && m > kDirectRows && VnniTiled(fmt);
+  const bool as_float = isa >= 1 && m > kDirectRows && !tiled;
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * nb), xds(m * nb), xf(as_float ? m * k : 0);
   auto quantize = isa >= 1 ? QuantizeRowAvx2 : QuantizeRowGeneric;
@@ -803,6 +924,7 @@ void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, i
              as_float ? xf.data() + r * k : nullptr);
   }
   if (as_float) return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
+  if (tiled) return LinearIntVnni(xq.data(), xd.data(), xds.data(), wp, sp, yp, m, n, k, fmt);
   if (isa >= 1 && fmt <= Q4_1) {
     auto direct = isa >= 3 ? DotDirectVnni : DotDirectAvx2;
     ForTiles(n, m * n * k / 4, [&](int64_t n0, int64_t n1) {
