@@ -228,12 +228,14 @@ def test_activations_option():
 
 
 @pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
-def test_integer_tiles_of_many_rows_match_emulation(fmt):
+def test_integer_paths_match_emulation_at_edge_shapes(fmt):
     """Above 4 rows, VNNI runs register tiles of 4 x rows by 32 columns (one column per
-    lane): row counts that leave 1-3 rows over and column counts that leave a partial tile,
-    at every level, against the plain-JAX emulation of the integer arithmetic."""
+    lane): row counts that leave 1-3 rows over and column counts that leave a partial tile.
+    Up to 4 rows (integer dots straight from the blocks): 1-3 rows of 5, 8 and 18 blocks.
+    At every level, against the plain-JAX emulation of the integer arithmetic."""
     rng = np.random.default_rng(7)
-    for m, blocks, n in ((7, 3, 64), (32, 18, 75), (70, 1, 31)):
+    for m, blocks, n in ((7, 3, 64), (32, 18, 75), (70, 1, 31), (1, 18, 9), (3, 8, 5),
+                         (2, 5, 3)):
         k = 32 * blocks
         if fmt == "int8":
             w = quant.pack(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), 1, "int8")
