@@ -231,11 +231,10 @@ def test_activations_option():
 def test_integer_paths_match_emulation_at_edge_shapes(fmt):
     """Above 4 rows, VNNI runs register tiles of 4 x rows by 32 columns (one column per
     lane): row counts that leave 1-3 rows over and column counts that leave a partial tile.
-    Up to 4 rows (integer dots straight from the blocks): 1-3 rows of 5, 8 and 18 blocks.
+    Up to 4 rows (integer dots straight from the blocks): 1 and 3 rows.
     At every level, against the plain-JAX emulation of the integer arithmetic."""
     rng = np.random.default_rng(7)
-    for m, blocks, n in ((7, 3, 64), (32, 18, 75), (70, 1, 31), (1, 18, 9), (3, 8, 5),
-                         (2, 5, 3)):
+    for m, blocks, n in ((7, 3, 64), (9, 18, 40), (1, 18, 9), (3, 5, 5)):
         k = 32 * blocks
         if fmt == "int8":
             w = quant.pack(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), 1, "int8")
