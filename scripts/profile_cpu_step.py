@@ -1,6 +1,7 @@
 """Where a CPU decode step's time goes: the whole Engine.step against its parts.
 
 Usage: python scripts/profile_cpu_step.py [--batch 1 8] [--input-len 64] [--dtype float32]
+       [--quantization gguf]
 
 For each batch size it prefills `batch` prompts, runs a few decode steps, then times (median
 of --iters runs, each blocked on its outputs):
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--quantization", default=None, help="e.g. gguf, int8 (default: the preset's)")
     ap.add_argument("--only-step", action="store_true",
                     help="time engine.step and the jitted step only (quick: e.g. XLA_FLAGS)")
     ap.add_argument("--min-bucket", type=int, nargs=2, default=None, metavar=("TOKENS", "SEQS"),
@@ -158,7 +160,8 @@ def main() -> None:
             CpuBackend.capabilities, min_token_bucket=args.min_bucket[0],
             min_seq_bucket=args.min_bucket[1])
     print(f"load average before: {os.getloadavg()}")
-    llm = LLM(args.model, backend="cpu", dtype=args.dtype, max_total_tokens=8192)
+    quant = {"quantization": args.quantization} if args.quantization else {}
+    llm = LLM(args.model, backend="cpu", dtype=args.dtype, max_total_tokens=8192, **quant)
     for b in args.batch:
         CPU_MS.clear()
         r = profile(llm, b, args.input_len, args.iters, args.only_step)

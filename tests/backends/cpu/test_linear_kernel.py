@@ -21,7 +21,8 @@ from engine import envs
 from engine.model import quant
 
 NATIVE = kernels._native_isa()
-LEVELS = list(range(NATIVE + 1))
+AMX = 4  # bf16 tiles: checked against its own bound (test_amx_level_within_bf16_bound)
+LEVELS = list(range(min(NATIVE, AMX - 1) + 1))
 pytestmark = pytest.mark.skipif(NATIVE < 0, reason="the CPU kernel library is not built here")
 
 QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
@@ -224,3 +225,45 @@ def test_activations_option():
     close(CpuBackend().linear(x, w32), quant.reference_linear(x, w32), 64)
     with pytest.raises(ValueError, match="int8 or float"):
         CpuBackend({"activations": "int4"})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+def test_integer_paths_match_emulation_at_edge_shapes(fmt):
+    """Above 4 rows, VNNI runs register tiles of 4 x rows by 32 columns (one column per
+    lane): row counts that leave 1-3 rows over and column counts that leave a partial tile.
+    Up to 4 rows (integer dots straight from the blocks): 1 and 3 rows.
+    At every level, against the plain-JAX emulation of the integer arithmetic."""
+    rng = np.random.default_rng(7)
+    for m, blocks, n in ((7, 3, 64), (9, 18, 40), (1, 18, 9), (3, 5, 5)):
+        k = 32 * blocks
+        if fmt == "int8":
+            w = quant.pack(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), 1, "int8")
+        else:
+            raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32),
+                                       QTYPES[fmt])
+            w = quant.from_gguf_rows(raw, fmt, (k,), (n,))
+        x = rng.standard_normal((m, k)) * np.exp(2 * rng.standard_normal(k))  # [M, K]
+        x = jnp.asarray(x, jnp.float32)
+        ref = quant.reference_linear(x, w, int_act=True)
+        for isa in LEVELS:
+            close(kernels.kernel(x, w, isa, int_act=True), ref, k)
+
+
+@pytest.mark.skipif(NATIVE < AMX, reason="no AMX here (level 4 needs AMX-TILE/BF16)")
+@pytest.mark.parametrize("fmt", ["f32", "int8", "q4_1"])
+def test_amx_level_within_bf16_bound(fmt):
+    """Level 4 rounds x and the weights to bf16 and sums in float32: per output
+    |y - ref| <= 2^-7 * sum_k |x_k w_k| (two roundings of 2^-9 each, a factor 2 of room)."""
+    rng = np.random.default_rng(11)
+    for m, k, n in ((5, 64, 7), (33, 576, 65)):
+        w32 = rng.standard_normal((k, n)).astype(np.float32)  # [K, N]
+        if fmt == "q4_1":
+            raw = gguf.quants.quantize(np.ascontiguousarray(w32.T), QTYPES[fmt])
+            w = quant.from_gguf_rows(raw, fmt, (k,), (n,))
+        else:
+            w = quant.pack(jnp.asarray(w32), 1, fmt)
+        dense = np.asarray(quant.dequantize(w), np.float64)  # [K, N]
+        x = rng.standard_normal((m, k))
+        bound = 2.0**-7 * (np.abs(x) @ np.abs(dense)) + 1e-5
+        got = np.asarray(kernels.kernel(jnp.asarray(x, jnp.float32), w, AMX), np.float64)
+        assert (np.abs(got - x @ dense) <= bound).all()

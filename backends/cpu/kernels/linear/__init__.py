@@ -38,7 +38,9 @@ reference = reference_linear
 @functools.cache
 def _native_isa() -> int:
     """The best ISA level of this CPU the library runs (0 generic, 1 AVX2, 2 AVX-512, 3
-    AVX-512 VNNI), or -1 without the library. Registers the FFI target on first call."""
+    AVX-512 VNNI, 4 AMX: level 3 plus bf16 tiles above 4 rows, only where cpuid and the OS's
+    tile permission allow it), or -1 without the library. Registers the FFI target on first
+    call."""
     lib = build.load()
     if lib is None:
         return -1

@@ -26,7 +26,9 @@
 // ISA levels (the `isa` attribute, chosen in Python from engine_cpu_isa() and the
 // ENGINE_CPU_ISA override): 0 generic C++, 1 AVX2 + FMA + F16C, 2 AVX-512 F/BW/VL. Every
 // level computes the same sums in float32; only the summation order differs. Level 3 is
-// level 2 with AVX-512 VNNI (vpdpbusd) for the integer dots.
+// level 2 with AVX-512 VNNI (vpdpbusd) for the integer dots. Level 4 is level 3 plus AMX
+// bf16 tiles for steps above kDirectRows rows (see "AMX" below; it needs the OS's permission,
+// asked for once, and a compiler that knows the AMX intrinsics: gcc 11, clang 12).
 
 #include <immintrin.h>
 
@@ -710,8 +712,11 @@ Pool& GetPool() {
   return *pool;
 }
 
+bool CpuHasAmx();
+
 bool CpuHas(int level) {
   __builtin_cpu_init();
+  if (level >= 4 && !CpuHasAmx()) return false;
   if (level >= 3 && !__builtin_cpu_supports("avx512vnni")) return false;
   if (level >= 2 && !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl"))) {
@@ -785,16 +790,309 @@ void LinearFloat(const float* xp, const uint8_t* wp, const float* sp, float* yp,
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Many x rows with VNNI (level 3, int8 and the 32-blocks Q8_0/Q4_0/Q4_1): register tiles of
+// kVnniRows x rows by kVnniCols output columns of int32 accumulators, one column per lane, so
+// a block's int32 sums need one conversion and one scale per 16 columns (not per column:
+// that per-column conversion is why integer dots lost to float FMAs above 4 rows).
+// A tile's weights are repacked once per call as unsigned bytes u with w = d * u + c per
+// block: Q4_1 u = q, c = m; Q4_0 u = q, c = -8 d; Q8_0 and int8 u = q + 128, c = -128 d
+// (int8: d = the column's scale). Then for x = xd * xq (per block):
+//   sum_e w[e] x[e] = xd * d * sum_e u[e] xq[e] + c * ds,  ds = xd * sum_e xq[e].
+// Packed layout of a 32-column tile, per block b (1024 bytes): [2 halves of 16 columns]
+// [8 steps of 4 elements][16 columns][4 bytes]: vpdpbusd multiplies a step's 64 bytes by
+// one x row's 4 bytes (broadcast) into the 16 columns' lanes. Scales d and offsets c: [b][32].
+
+constexpr int kVnniCols = 32;
+constexpr int kVnniRows = 4;
+
+bool VnniTiled(int32_t fmt) { return fmt == INT8 || fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1; }
+
+// Columns [n0, n0 + cols) of W into the packed tile (columns past `cols` are zeros). Per
+// block, 8 columns at a time: their 32 bytes (8 dwords each) are decoded into 8 registers
+// and transposed as an 8 x 8 matrix of dwords (step s of the 8 columns in one register).
+AVX2_FN void PackTileVnni(int32_t fmt, const uint8_t* wp, int64_t row_bytes, const float* sp,
+                          int64_t n0, int cols, int64_t nb, uint8_t* pq, float* pd, float* pc) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int g = 0; g < kVnniCols / 8; ++g) {
+      __m256i r[8];
+      for (int j = 0; j < 8; ++j) {
+        const int col = 8 * g + j;
+        const uint8_t* row = wp + (n0 + col) * row_bytes;
+        float d = 0.0f, c = 0.0f;
+        if (col >= cols) {
+          r[j] = _mm256_setzero_si256();
+        } else if (fmt == Q4_0 || fmt == Q4_1) {
+          const int head = fmt == Q4_0 ? 2 : 4;
+          const uint8_t* p = row + b * (head + 16);
+          r[j] = Nibbles16(p + head);
+          d = _cvtsh_ss(Load16(p));
+          c = fmt == Q4_0 ? -8.0f * d : _cvtsh_ss(Load16(p + 2));
+        } else {
+          const uint8_t* p = fmt == INT8 ? row + b * kBlock : row + b * 34 + 2;
+          r[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), flip);
+          d = fmt == INT8 ? sp[n0 + col] : _cvtsh_ss(Load16(row + b * 34));
+          c = -128.0f * d;
+        }
+        pd[b * kVnniCols + col] = d;
+        pc[b * kVnniCols + col] = c;
+      }
+      // 8 x 8 dword transpose: t[s] holds dword s of the 8 columns.
+      __m256i a[8], t[8];
+      for (int j = 0; j < 8; j += 2) {
+        a[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+        a[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+      }
+      const __m256i b0 = _mm256_unpacklo_epi64(a[0], a[2]), b1 = _mm256_unpackhi_epi64(a[0], a[2]);
+      const __m256i b2 = _mm256_unpacklo_epi64(a[1], a[3]), b3 = _mm256_unpackhi_epi64(a[1], a[3]);
+      const __m256i b4 = _mm256_unpacklo_epi64(a[4], a[6]), b5 = _mm256_unpackhi_epi64(a[4], a[6]);
+      const __m256i b6 = _mm256_unpacklo_epi64(a[5], a[7]), b7 = _mm256_unpackhi_epi64(a[5], a[7]);
+      t[0] = _mm256_permute2x128_si256(b0, b4, 0x20);
+      t[1] = _mm256_permute2x128_si256(b1, b5, 0x20);
+      t[2] = _mm256_permute2x128_si256(b2, b6, 0x20);
+      t[3] = _mm256_permute2x128_si256(b3, b7, 0x20);
+      t[4] = _mm256_permute2x128_si256(b0, b4, 0x31);
+      t[5] = _mm256_permute2x128_si256(b1, b5, 0x31);
+      t[6] = _mm256_permute2x128_si256(b2, b6, 0x31);
+      t[7] = _mm256_permute2x128_si256(b3, b7, 0x31);
+      uint8_t* out = pq + b * 1024 + (g / 2) * 512 + (g % 2) * 32;
+      for (int st = 0; st < 8; ++st) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + st * 64), t[st]);
+      }
+    }
+  }
+}
+
+// y[r * ldy + col] for r < R, col < cols: x rows xq [R, K] (row stride k) against a tile.
+template <int R>
+VNNI_FN void TileVnni(const uint8_t* pq, const float* pd, const float* pc, const int8_t* xq,
+                      const float* xd, const float* xds, int64_t k, int64_t nb, float* y,
+                      int64_t ldy, int cols) {
+  __m512 f[R][2];
+  for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    const uint8_t* wb = pq + b * 1024;
+    for (int s = 0; s < 8; ++s) {
+      const __m512i w0 = _mm512_load_si512(wb + s * 64), w1 = _mm512_load_si512(wb + 512 + s * 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + r * k + b * kBlock + 4 * s, 4);
+        const __m512i xv = _mm512_set1_epi32(x4);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xv);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xv);
+      }
+    }
+    const __m512 d0 = _mm512_loadu_ps(pd + b * kVnniCols), d1 = _mm512_loadu_ps(pd + b * kVnniCols + 16);
+    const __m512 c0 = _mm512_loadu_ps(pc + b * kVnniCols), c1 = _mm512_loadu_ps(pc + b * kVnniCols + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xd[r * nb + b]), ds = _mm512_set1_ps(xds[r * nb + b]);
+      f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(d0, xs), f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(d1, xs), f[r][1]);
+      f[r][0] = _mm512_fmadd_ps(c0, ds, f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(c1, ds, f[r][1]);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? 0xffff : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : __mmask16((1u << (cols - 16)) - 1);
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, m0, f[r][0]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16, m1, f[r][1]);
+  }
+}
+
+// y [M, N] for M > kDirectRows from the quantized x (xq [M, K], xd and xds [M, K / 32]).
+void LinearIntVnni(const int8_t* xq, const float* xd, const float* xds, const uint8_t* wp,
+                   const float* sp, float* yp, int64_t m, int64_t n, int64_t k, int32_t fmt) {
+  const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k);
+  const int64_t tiles = (n + kVnniCols - 1) / kVnniCols;
+  ForTiles(tiles, m * n * k / 4, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<uint8_t> qbuf;
+    thread_local std::vector<float> pd, pc;
+    if (int64_t(qbuf.size()) < nb * 1024 + 64) qbuf.resize(nb * 1024 + 64);
+    if (int64_t(pd.size()) < nb * kVnniCols) pd.resize(nb * kVnniCols), pc.resize(nb * kVnniCols);
+    uint8_t* pq = qbuf.data() + (-reinterpret_cast<uintptr_t>(qbuf.data()) & 63);  // 64-aligned
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kVnniCols;
+      const int cols = int(std::min<int64_t>(kVnniCols, n - n0));
+      PackTileVnni(fmt, wp, row_bytes, sp, n0, cols, nb, pq, pd.data(), pc.data());
+      int64_t r = 0;
+      for (; r + kVnniRows <= m; r += kVnniRows) {
+        TileVnni<kVnniRows>(pq, pd.data(), pc.data(), xq + r * k, xd + r * nb,
+                            xds + r * nb, k, nb, yp + r * n + n0, n, cols);
+      }
+      auto rest = m - r == 3 ? TileVnni<3> : m - r == 2 ? TileVnni<2> : TileVnni<1>;
+      if (r < m) {
+        rest(pq, pd.data(), pc.data(), xq + r * k, xd + r * nb, xds + r * nb, k, nb,
+             yp + r * n + n0, n, cols);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// AMX (level 4: level 3 plus AMX-TILE/AMX-BF16, with the OS's permission for tile data).
+// Steps above kDirectRows rows, every format and either activation mode: the weights of a
+// 32-column tile are decoded to float32 (as level 3's float path does; int8 times its
+// column scale), rounded to bf16 and packed for TDPBF16PS; x is rounded to bf16 once per
+// call. Products of bf16 pairs are summed in float32 over all of K inside the tile unit, so
+// unlike the integer dots there is no per-block conversion. The result differs from the
+// other levels by bf16 rounding of both operands (relative ~2^-9 per element); with integer
+// activations requested, x is rounded to bf16 instead of quantized per block.
+// Packed B for a tile, per k-step s of 32 (2048 bytes): [2 halves of 16 columns][16 pairs p]
+// [16 columns][2 bf16]: element (p, c) = (w[c][32 s + 2 p], w[c][32 s + 2 p + 1]), the
+// layout TDPBF16PS reads (B rows are K pairs). A (x): [M padded to 16][K padded to 32] bf16.
+// C: two 16 x 16 float32 tiles (16 x rows by 32 columns), tmm0 and tmm1; A in tmm2, B in
+// tmm3 and tmm4.
+
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || \
+    (defined(__clang__) && __clang_major__ >= 12)
+#define ENGINE_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_FN __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+constexpr int kAmxCols = 32;
+constexpr int kAmxRows = 16;
+
+// Linux: a process must ask for the AMX tile-data state before its first tile instruction
+// (else SIGILL). Asked once; true when granted.
+bool AmxPermitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) != 0) return false;
+    unsigned long bits = 0;
+    return syscall(SYS_arch_prctl, kGetXcompPerm, &bits) == 0 && (bits & (1ul << kXtiledata));
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+AMX_FN void AmxConfigure() {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+// float32 [n] -> bf16 bits [n], round to nearest even (n a multiple of 32).
+AMX_FN void ToBf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 32) {
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(out + i, (__m512i)v);
+  }
+}
+
+// The tile's columns [n0, n0 + cols) as packed B (columns past `cols`, and K past k, are 0).
+AMX_FN void PackTileAmx(int32_t fmt, const uint8_t* wp, int64_t row_bytes, const float* sp,
+                        int64_t n0, int cols, int64_t k, int64_t kp, float* rowf,
+                        uint16_t* rowh, uint32_t* pb) {
+  for (int col = 0; col < kAmxCols; ++col) {
+    std::fill(rowf, rowf + kp, 0.0f);
+    if (col < cols) {
+      const uint8_t* row = wp + (n0 + col) * row_bytes;
+      if (fmt == F32) {
+        std::memcpy(rowf, row, 4 * k);
+      } else if (fmt == Q4_K || fmt == Q6_K) {
+        DecodeRowViaInt(fmt, row, k, rowf);
+      } else {
+        DecodeRowAvx512(fmt, row, k, rowf);
+      }
+      if (sp) {
+        for (int64_t i = 0; i < k; ++i) rowf[i] *= sp[n0 + col];
+      }
+    }
+    ToBf16(rowf, kp, rowh);
+    const int half = col / 16, lane = col % 16;
+    for (int64_t s = 0; s < kp / 32; ++s) {
+      uint32_t* out = pb + s * 512 + half * 256 + lane;
+      for (int p = 0; p < 16; ++p) std::memcpy(out + p * 16, rowh + 32 * s + 2 * p, 4);
+    }
+  }
+}
+
+AMX_FN void LinearAmxTiles(const uint16_t* xh, int64_t mp, int64_t kp, const uint8_t* wp,
+                           const float* sp, float* yp, int64_t m, int64_t n, int64_t k,
+                           int32_t fmt, int64_t t0, int64_t t1) {
+  thread_local std::vector<float> rowf, cbuf;
+  thread_local std::vector<uint16_t> rowh;
+  thread_local std::vector<uint32_t> bbuf;
+  if (int64_t(rowf.size()) < kp) rowf.resize(kp), rowh.resize(kp);
+  if (int64_t(bbuf.size()) < kp * 16 + 16) bbuf.resize(kp * 16 + 16);
+  cbuf.resize(kAmxRows * kAmxCols + 16);
+  uint32_t* pb = bbuf.data() + ((-reinterpret_cast<uintptr_t>(bbuf.data()) & 63) / 4);
+  float* cb = cbuf.data() + ((-reinterpret_cast<uintptr_t>(cbuf.data()) & 63) / 4);
+  const int64_t row_bytes = RowBytes(fmt, k);
+  AmxConfigure();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kAmxCols;
+    const int cols = int(std::min<int64_t>(kAmxCols, n - n0));
+    PackTileAmx(fmt, wp, row_bytes, sp, n0, cols, k, kp, rowf.data(), rowh.data(), pb);
+    for (int64_t r0 = 0; r0 < mp; r0 += kAmxRows) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t s = 0; s < kp / 32; ++s) {
+        _tile_loadd(2, xh + r0 * kp + 32 * s, kp * 2);
+        _tile_loadd(3, pb + s * 512, 64);
+        _tile_loadd(4, pb + s * 512 + 256, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+      }
+      _tile_stored(0, cb, kAmxCols * 4);
+      _tile_stored(1, cb + 16, kAmxCols * 4);
+      for (int64_t r = r0; r < std::min(m, r0 + kAmxRows); ++r) {
+        std::memcpy(yp + r * n + n0, cb + (r - r0) * kAmxCols, 4 * cols);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// y [M, N] (M > kDirectRows) with AMX bf16 tiles; x float32 [M, K].
+AMX_FN void LinearAmx(const float* xp, const uint8_t* wp, const float* sp, float* yp,
+                      int64_t m, int64_t n, int64_t k, int32_t fmt) {
+  const int64_t mp = (m + kAmxRows - 1) / kAmxRows * kAmxRows, kp = (k + 31) / 32 * 32;
+  std::vector<float> xf(kp, 0.0f);
+  std::vector<uint16_t> xh(mp * kp + 32, 0);  // [Mp, Kp] bf16, zero padding
+  uint16_t* xa = xh.data() + ((-reinterpret_cast<uintptr_t>(xh.data()) & 63) / 2);
+  for (int64_t r = 0; r < m; ++r) {
+    std::memcpy(xf.data(), xp + r * k, 4 * k);
+    ToBf16(xf.data(), kp, xa + r * kp);
+  }
+  const int64_t tiles = (n + kAmxCols - 1) / kAmxCols;
+  ForTiles(tiles, m * n * k, [&](int64_t t0, int64_t t1) {
+    LinearAmxTiles(xa, mp, kp, wp, sp, yp, m, n, k, fmt, t0, t1);
+  });
+}
+
+bool CpuHasAmx() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+         __builtin_cpu_supports("avx512bf16") && AmxPermitted();
+}
+#else
+bool CpuHasAmx() { return false; }
+#endif
+
 // act = 1: x quantized per block (once per call). Up to kDirectRows rows: integer dots from
 // the weight blocks unpacked in registers; the K-quants (and level 0) decode each tile's
 // rows once to integers, then dot every x row with the tile (the decoded tile stays in L1).
 void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, int64_t m,
                int64_t n, int64_t k, int32_t fmt, int32_t isa) {
   const int64_t nb = k / kBlock, row_bytes = RowBytes(fmt, k), tiles = (n + kTile - 1) / kTile;
-  // Many rows (isa >= 1): the float tiles' FMAs beat integer dots here (each block's int32
-  // sums need a conversion and a scale), so the quantized x, as floats d * q, takes the
-  // float path.
-  const bool as_float = isa >= 1 && m > kDirectRows;
+  // Many rows: with VNNI, int8/Q8_0/Q4_0/Q4_1 take the column-per-lane integer tiles
+  // (LinearIntVnni); otherwise (AVX2, AVX-512 without VNNI, the K-quants) the float tiles'
+  // FMAs beat row-by-row integer dots, so the quantized x, as floats d * q, takes the float
+  // path.
+  const bool tiled = isa >= 3 && m > kDirectRows && VnniTiled(fmt);
+  const bool as_float = isa >= 1 && m > kDirectRows && !tiled;
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * nb), xds(m * nb), xf(as_float ? m * k : 0);
   auto quantize = isa >= 1 ? QuantizeRowAvx2 : QuantizeRowGeneric;
@@ -803,6 +1101,7 @@ void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, i
              as_float ? xf.data() + r * k : nullptr);
   }
   if (as_float) return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
+  if (tiled) return LinearIntVnni(xq.data(), xd.data(), xds.data(), wp, sp, yp, m, n, k, fmt);
   if (isa >= 1 && fmt <= Q4_1) {
     auto direct = isa >= 3 ? DotDirectVnni : DotDirectAvx2;
     ForTiles(n, m * n * k / 4, [&](int64_t n0, int64_t n1) {
@@ -870,11 +1169,17 @@ ffi::Error Linear(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F3
   }
   const int64_t ns = scales.element_count();
   if (ns != 0 && ns != n) return ffi::Error::InvalidArgument("scales must be [N] or empty");
-  if (isa < 0 || isa > 3 || !CpuHas(isa)) {
+  if (isa < 0 || isa > 4 || !CpuHas(isa)) {
     return ffi::Error::InvalidArgument("engine_cpu_linear: ISA level not supported here");
   }
   const float* sp = ns ? scales.typed_data() : nullptr;
   const uint8_t* wp = static_cast<const uint8_t*>(w.untyped_data());
+#ifdef ENGINE_HAVE_AMX
+  if (isa >= 4 && m > kDirectRows) {
+    LinearAmx(x.typed_data(), wp, sp, y->typed_data(), m, n, k, fmt);
+    return ffi::Error::Success();
+  }
+#endif
   (act ? LinearInt : LinearFloat)(x.typed_data(), wp, sp, y->typed_data(), m, n, k, fmt, isa);
   return ffi::Error::Success();
 }
@@ -891,5 +1196,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EngineCpuLinear, Linear,
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("act"));
 
-// The highest ISA level this CPU runs (0 generic, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI).
-extern "C" int engine_cpu_isa() { return CpuHas(3) ? 3 : CpuHas(2) ? 2 : CpuHas(1) ? 1 : 0; }
+// The highest ISA level this CPU runs (0 generic, 1 AVX2, 2 AVX-512, 3 AVX-512 VNNI, 4 AMX).
+extern "C" int engine_cpu_isa() {
+  return CpuHas(4) ? 4 : CpuHas(3) ? 3 : CpuHas(2) ? 2 : CpuHas(1) ? 1 : 0;
+}

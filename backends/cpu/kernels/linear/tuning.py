@@ -16,7 +16,16 @@ kernel with float x / with integer x / plain-JAX reference:
     K=576  N=49152 T=1    4.76  / 3.11  | 1.18  / 0.95  / 107
                    T=64   46.0  / 48.6  | 52.1  / 61.3  / 171
 Integer x (activations quantized per block of 32) pays at 1 row, where the weight blocks are
-unpacked in registers and dotted as integers (about 1.2-2x the float decode); from 5 rows the
-quantized x takes the float tiles (the per-block int32 -> float conversion and scale of the
-integer dots cost as much as AVX-512 FMAs on this CPU, which has no AMX).
+unpacked in registers and dotted as integers (about 1.2-2x the float decode). From 5 rows the
+row-by-row integer dots lost to the float tiles (each column's block sum needed its own
+int32 -> float conversion and scale); since 2026-12-03 (night), with VNNI, int8/Q8_0/Q4_0/
+Q4_1 take register tiles of kVnniRows 4 x rows by kVnniCols 32 columns, one column per int32
+lane, so a block costs one conversion and scale per 16 columns. The same host, load average
+9-14 (other work), one core (taskset), CPU time, best of 30: 30 layers of SmolLM2's Q4_1
+linears at 32 rows 21.5-23.2 ms (VNNI tiles) vs 51.3-57.9 ms (float tiles,
+ENGINE_CPU_ISA=avx512); the Q8_0 LM head [49152, 576] at 32 rows 10.1-11.0 vs 15.4-17.0 ms
+(scripts/cpu_step_linears.py). Other formats and the K-quants keep the
+float tiles above 4 rows. A batch-1 variant that reduced 8 Q4 blocks per conversion (gathered
+f16 scales, hadd tree) took 8.8-9.1 ms for the 30 layers at 1 row vs 7.0-7.3 ms for the
+per-block dots, so it was not kept.
 """
