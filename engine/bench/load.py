@@ -44,6 +44,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     opts = engine_options(args)
     load = HostLoad.start(on_cpu(args))
+    if args.source_only:
+        return _source_only(args, opts, load)
     tmp = None
     orbax_dir = args.orbax
     if orbax_dir is None:
@@ -75,6 +77,24 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_only(args: argparse.Namespace, opts: dict[str, Any], load: Any) -> int:
+    """--source-only: the source checkpoint's load alone (no conversion, no orbax)."""
+    from engine.convert import setup
+
+    s = setup(args.model, backend=args.backend, config=args.config, **opts)
+    row = time_loads(s, args.model, args.repeat)
+    load.finish()
+    platform = s.backend.capabilities.platform
+    print(f"source load {row['bytes'] / 1e9:.2f} GB: first {row['first_s']:.2f} s, best "
+          f"{row['best_s']:.2f} s, {row['best_gb_per_s']:.2f} GB/s ({platform}, "
+          f"{s.dtype.name}; best of {args.repeat}, page cache warm after the first)")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(
+            {"rows": [row], "dtype": s.dtype.name, "platform": platform,
+             "host_load": load.as_dict()}, indent=2))
+    return 0
+
+
 def register_load(bench: argparse._SubParsersAction) -> None:
     from engine.options import add_engine_args
 
@@ -84,5 +104,7 @@ def register_load(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--orbax", default=None, help="the orbax conversion of --model (default: "
                    "convert into a temporary folder first)")
     p.add_argument("--repeat", type=int, default=3, help="loads of each checkpoint")
+    p.add_argument("--source-only", action="store_true", help="time the source checkpoint's "
+                   "load alone (no orbax conversion)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_load)

@@ -48,7 +48,8 @@ class Checkpoint:
     config: ModelConfig
     tensors: dict[str, np.ndarray]
     """HF names -> host arrays in HF layouts: float32 from GGUF; safetensors keep their float
-    dtype (float32, float16 or ml_dtypes.bfloat16)."""
+    dtype (float32, float16 or ml_dtypes.bfloat16) and are views of the memory-mapped files
+    (copy-on-write: writing into one leaves the file as it is)."""
     tokenizer_path: Path | None
     """A folder `transformers.AutoTokenizer.from_pretrained` accepts, or None."""
     path: Path

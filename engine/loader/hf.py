@@ -6,6 +6,7 @@ QuantizedWeights, as stored (engine.loader.prequant)."""
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import ml_dtypes
@@ -18,8 +19,14 @@ from engine.model.config import ConfigError, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
-"""Safetensors dtypes numpy lacks: read as raw bytes and viewed as these."""
+DTYPES = {name: np.dtype(t) for name, t in {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+    "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}.items()}
+"""Safetensors dtype names -> numpy dtypes (the format is little-endian, as are the hosts
+the engine runs on)."""
 
 
 def load_hf(path: Path, progress: bool = True) -> Checkpoint:
@@ -89,31 +96,35 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def _read_safetensors(file: Path, out: dict[str, np.ndarray], bar: tqdm) -> None:
-    try:
+    """Every tensor of `file` as a numpy view of the memory-mapped file: no copy is made
+    here; pages are read when a tensor is first touched (put on a device, repacked), so
+    reading overlaps the transfers (engine.model.weights.params_from_hf). The mapping is
+    private copy-on-write: a consumer writing into a tensor never changes the file."""
+    try:  # safetensors validates the header (offsets, coverage of the data) for its errors
         with safe_open(file, framework="np") as f:
-            names = list(f.keys())
-            bar.total = (bar.total or 0) + len(names)  # shards are opened one at a time
-            bar.refresh()
-            dtypes = {name: f.get_slice(name).get_dtype() for name in names}
-            raw_names = [n for n in names if dtypes[n] in RAW_DTYPES]
-            for name in names:
-                if dtypes[name] not in RAW_DTYPES:
-                    out[name] = f.get_tensor(name)
-                    bar.update()
+            f.keys()
     except Exception as e:  # SafetensorError is not exported as a stable type; wrap all
         raise ModelLoadError(file, f"unreadable safetensors ({e})") from None
-    if raw_names:  # numpy has no bfloat16 / float8: copy the raw bytes and reinterpret
-        header, data_start = _header(file)
-        with open(file, "rb") as fh:
-            for name in raw_names:
-                begin, end = header[name]["data_offsets"]
-                raw = np.empty(end - begin, np.uint8)
-                fh.seek(data_start + begin)
-                if fh.readinto(raw) != raw.size:
-                    raise ModelLoadError(file, f"truncated data for {name}")
-                out[name] = raw.view(RAW_DTYPES[header[name]["dtype"]]).reshape(
-                    header[name]["shape"])
-                bar.update()
+    header, data_start = _header(file)
+    header.pop("__metadata__", None)
+    bar.total = (bar.total or 0) + len(header)  # shards are opened one at a time
+    bar.refresh()
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    for name, entry in header.items():
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ModelLoadError(file, f"{name} has dtype {entry['dtype']}, which this "
+                                 f"loader does not read (supported: {', '.join(DTYPES)})")
+        begin, end = entry["data_offsets"]
+        if data_start + end > size:
+            raise ModelLoadError(file, f"truncated data for {name}")
+        count = (end - begin) // dtype.itemsize
+        # [*shape] view of the mapped bytes; it keeps the mapping alive
+        out[name] = np.frombuffer(buf, dtype, count, data_start + begin).reshape(
+            entry["shape"])
+        bar.update()
 
 
 def _header(file: Path) -> tuple[dict, int]:

@@ -33,6 +33,7 @@ from engine.model.axes import PARAM_AXES, Axes, param_axes
 from engine.model.config import ModelConfig
 from engine.model.llama import Params
 from engine.model.quant import BLOCK, BLOCK_BYTES, QuantizedWeight
+from engine.model.transfer import put_all, to_device
 
 
 def _experts_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig
@@ -196,25 +197,26 @@ def params_from_hf(
     tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: jnp.dtype, *, scan: bool,
     place: Place | None = None,
 ) -> Params:
-    """Convert HF-named tensors; weights are cast to `dtype` on the host, then put on the
-    device, or straight onto their shards with `place` (each device receives only its
-    share: a model larger than one device never exists whole on one)."""
+    """Convert HF-named tensors: each is put on the device in its stored layout (or straight
+    onto its shards with `place`: each device receives only its share, so a model larger
+    than one device never exists whole on one), then transposed and cast to `dtype` there
+    (engine.model.transfer); a few tensors at a time, overlapping file reads and transfers."""
     def put(x: np.ndarray | QuantizedWeight, name: str) -> jax.Array | QuantizedWeight:
         if isinstance(x, QuantizedWeight):  # pre-quantized: its arrays as stored
             return place_weight(x, PARAM_AXES[name], place)
-        x = np.ascontiguousarray(x).astype(dtype)
-        sharding = _sharding(place, name, x.shape)
-        return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+        return to_device(np.asarray(x), dtype, _sharding(place, name, x.shape))
 
-    layers = [{n: put(x, n) for n, x in _layer_from_hf(tensors, i, cfg).items()}
-              for i in range(cfg.num_layers)]
-    params: Params = {
-        "embed": put(tensors["model.embed_tokens.weight"], "embed"),
-        "norm": put(tensors["model.norm.weight"], "norm"),
-        "layers": stack_layers(layers) if scan else layers,
-    }
+    layers = [_layer_from_hf(tensors, i, cfg) for i in range(cfg.num_layers)]
+    top = {"embed": tensors["model.embed_tokens.weight"], "norm": tensors["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = put(tensors["lm_head.weight"].T, "lm_head")
+        top["lm_head"] = tensors["lm_head.weight"].T
+    slots = [(lp, n) for lp in layers for n in lp] + [(top, n) for n in top]
+    done = put_all([functools.partial(put, d[n], n) for d, n in slots],
+                   parallel=jax.process_count() == 1)
+    for (d, n), x in zip(slots, done, strict=True):
+        d[n] = x
+    params: Params = {"embed": top.pop("embed"), "norm": top.pop("norm"),
+                      "layers": stack_layers(layers) if scan else layers, **top}
     return _place_stacked(params, place)
 
 
