@@ -20,7 +20,10 @@ import os
 import sys
 import time
 
-import jax
+# The kernels are CPU FFI handlers: on a GPU host jax would pick the GPU and find none.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 
