@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.server.chat_output import ChoiceOutput
-from engine.server.native_stream import CumulativeJson
+from engine.server.native_stream import cumulative_events
 from engine.server.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -229,16 +229,9 @@ async def generate(s: Serving, request: Request, body: dict[str, Any],
         c = r.choices[i]
         return {"text": c.text, "output_ids": c.token_ids, **rest(r, i)}
 
-    async def events(g: RequestGroup) -> AsyncIterator[str]:
-        # Each event is the item's JSON, with its cumulative text and ids encoded once.
-        results, encoded = Results(n), {}
-        async for d in g:
-            results.add(d)
-            for c in d.choices:
-                i = d.prompt_index * n + c.index
-                enc = encoded.setdefault(i, CumulativeJson())
-                enc.add(c.text, c.token_ids)
-                yield enc.encode(rest(results, i))
+    def events(g: RequestGroup) -> AsyncIterator[str]:
+        results = Results(n)
+        return cumulative_events(g, n, results.add, lambda i: rest(results, i))
 
     def build(r: Results) -> Any:
         items = [item(r, i) for i in sorted(r.choices)]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.server.native_stream import CumulativeJson
+from engine.sampling_params import SamplingParams
+from engine.server.native_stream import CumulativeJson, cumulative_events
+from engine.server.requests import ChoiceDelta, Delta, RequestGroup
 
 # Quotes, backslashes, control characters, multi-byte and astral characters all need escapes
 # (or must pass through unescaped with ensure_ascii=False) at piece boundaries.
@@ -45,3 +48,40 @@ def test_empty_choice_and_numpy_like_ids():
     enc.add("x", [Id(7), 8])
     assert json.loads(enc.encode({"index": 0})) == {"text": "x", "output_ids": [7, 8],
                                                     "index": 0}
+
+
+def _delta(index: int, text: str, ids: list[int], done: bool = False,
+           last: bool = False) -> Delta:
+    """Choice `index`'s delta; `done`: the choice's last, `last`: the prompt's last."""
+    c = ChoiceDelta(index, text, ids, None, "stop" if done else None, None)
+    return Delta(0, 3, 0, [c], last)
+
+
+def test_queued_deltas_fold_into_one_event_per_changed_choice():
+    async def main() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        group = RequestGroup(loop, "g", [[1, 2, 3]], SamplingParams(n=2), 0.0,
+                             lambda g, abort: None)
+        seen: list[int] = []
+
+        def rest(i: int) -> dict:
+            return {"folded": len(seen), "index": i}
+
+        events = cumulative_events(group, 2, lambda d: seen.append(len(d.choices)), rest)
+        # Three deltas already queued: one event per changed choice, after all three.
+        for d in (_delta(0, "a\"", [5]), _delta(1, "x", [9]), _delta(0, "é", [6])):
+            group._queue.put_nowait(d)
+        out = [json.loads(await anext(events)) for _ in range(2)]
+        # Nothing else queued: each delta is its own event.
+        group._queue.put_nowait(_delta(1, "y", [10], done=True))
+        out.append(json.loads(await anext(events)))
+        group._queue.put_nowait(_delta(0, "!", [7], done=True, last=True))
+        out += [json.loads(e) async for e in events]
+        return out
+
+    assert asyncio.run(main()) == [
+        {"text": 'a"é', "output_ids": [5, 6], "folded": 3, "index": 0},
+        {"text": "x", "output_ids": [9], "folded": 3, "index": 1},
+        {"text": "xy", "output_ids": [9, 10], "folded": 4, "index": 1},
+        {"text": 'a"é!', "output_ids": [5, 6, 7], "folded": 5, "index": 0},
+    ]
