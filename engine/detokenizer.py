@@ -21,7 +21,8 @@ of those first tokens, where no match may end.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PROMPT_CONTEXT = 5
@@ -50,6 +51,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        self._rust_decode = _rust_decode(tokenizer)
         self._stop = [s for s in stop if s]
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
@@ -94,6 +96,8 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._rust_decode is not None:
+            return self._rust_decode(ids, skip_special_tokens=self._skip_special)
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         )
@@ -147,3 +151,19 @@ class IncrementalDetokenizer:
                     longest = n
                     break
         return longest
+
+
+def _rust_decode(tokenizer: Any) -> Callable[..., str] | None:
+    """The `tokenizers` library's decode behind a transformers fast tokenizer, where the
+    tokenizer's own decode (with cleanup off, as called here) is exactly a call of it: the
+    class overrides neither `decode` nor `_decode`. Two decodes run per generated token per
+    request on the engine thread, and transformers' Python wrapper around them costs about as
+    much as the decode itself. None otherwise (the tokenizer's decode is used)."""
+    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
+    base = getattr(fast, "TokenizersBackend", None)
+    if base is None or not isinstance(tokenizer, base):
+        return None
+    cls = type(tokenizer)
+    if cls.decode is not base.decode or cls._decode is not base._decode:
+        return None
+    return getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)

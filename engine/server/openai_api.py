@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.server.chat_output import ChoiceOutput
+from engine.server.native_stream import cumulative_events
 from engine.server.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -212,9 +213,10 @@ async def generate(s: Serving, request: Request, body: dict[str, Any],
     group = await s.submit(req.rid or new_id("gen"), ids, params, arrival, param)
     n, many = params.n, not single or params.n > 1
 
-    def item(r: Results, i: int) -> dict[str, Any]:
+    def rest(r: Results, i: int) -> dict[str, Any]:
+        """An item's keys after text and output_ids."""
         c, p = r.choices[i], i // n
-        out = {"text": c.text, "output_ids": c.token_ids, "meta_info": {
+        out: dict[str, Any] = {"meta_info": {
             "id": group.engine_ids[p], "prompt_tokens": r.prompt_tokens[p],
             "completion_tokens": len(c.token_ids), "cached_tokens": r.cached_tokens[p],
             "finish_reason": _native_finish(c), "e2e_latency": time.monotonic() - arrival}}
@@ -223,12 +225,13 @@ async def generate(s: Serving, request: Request, body: dict[str, Any],
                 s, ids[p], r.prompt_logprobs.get(p), c, params, bool(req.return_text_in_logprobs)))
         return {**out, "index": i} if many else out
 
-    async def events(g: RequestGroup) -> AsyncIterator[dict[str, Any]]:
+    def item(r: Results, i: int) -> dict[str, Any]:
+        c = r.choices[i]
+        return {"text": c.text, "output_ids": c.token_ids, **rest(r, i)}
+
+    def events(g: RequestGroup) -> AsyncIterator[str]:
         results = Results(n)
-        async for d in g:
-            results.add(d)
-            for c in d.choices:
-                yield item(results, d.prompt_index * n + c.index)
+        return cumulative_events(g, n, results.add, lambda i: rest(results, i))
 
     def build(r: Results) -> Any:
         items = [item(r, i) for i in sorted(r.choices)]

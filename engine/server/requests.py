@@ -76,6 +76,10 @@ class RequestGroup:
         self._left -= item.finished
         return item
 
+    def ready(self) -> bool:
+        """Whether the next delta (or error) is already queued: reading it will not wait."""
+        return not self._queue.empty()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

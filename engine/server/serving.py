@@ -32,7 +32,7 @@ from engine.server.tools.request import template_takes_tools, tools_system_text
 
 log = logging.getLogger(__name__)
 
-Events = Callable[[RequestGroup], AsyncIterator[dict[str, Any]]]
+Events = Callable[[RequestGroup], AsyncIterator[dict[str, Any] | str]]
 
 
 RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "tokenize",
@@ -290,8 +290,9 @@ async def sse(group: RequestGroup, events: Events) -> AsyncIterator[str]:
     """Server-sent events ending in [DONE], also after an error. A client that goes away
     cancels this generator; `close()` then aborts its request."""
     try:
-        async for event in events(group):
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        async for event in events(group):  # a str: an event already encoded as JSON
+            data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+            yield f"data: {data}\n\n"
     except EngineDeadError as e:
         yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
     except Exception as e:

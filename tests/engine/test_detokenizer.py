@@ -253,3 +253,17 @@ def test_decode_window_stays_small(tokenizer):
     assert detok.text + detok.finish() == whole[len(decode(tokenizer, prompt)) :]
     assert len(counting.sizes) <= 2 * len(ids) + 2
     assert max(counting.sizes) <= 8, max(counting.sizes)
+
+
+def test_a_tokenizer_that_overrides_decode_is_honoured():
+    # The detokenizer calls the Rust decode directly only where transformers' decode is exactly
+    # that call; a subclass with its own _decode must still be used.
+    class Shouting(type(byte_fallback_tokenizer())):
+        def _decode(self, token_ids, **kw):
+            return super()._decode(token_ids, **kw).upper()
+
+    tok = byte_fallback_tokenizer()
+    tok.__class__ = Shouting
+    ids = encode(tok, "hello world")
+    chunks, _ = stream(tok, [], ids)
+    assert "".join(chunks) == "HELLO WORLD"
