@@ -91,6 +91,9 @@ class NpuModelRunner(ModelRunner):
         self.warmed_up = False
         self.serving_compiles = 0  # stays 0: nothing is compiled by XLA here
         self._compiles = CompileCounter()
+        self.capture, self.hidden = (), None  # no EAGLE-3 state pool on this backend
+        self.loaded_programs = {}  # no stored XLA programs: the torch executor runs the step
+        self.released_params = None
 
     def _constrained_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._split is None:

@@ -53,8 +53,9 @@ def weight(fmt: str, n: int, k: int, groups: int = 0) -> QuantizedWeight:
 # groups), int4 in groups of 128 at 1 and 3 rows, fp8 weight-only on tensor cores (M=8).
 CASES = [("fp8", 1, 4096, 1024, 0, "pallas", "w8a8"), ("fp8", 70, 200, 130, 0, "pallas", "w8a8"),
          ("fp8", 8, 512, 256, 4, "auto", "w8a8"), ("fp8", 1, 4096, 1024, 0, "auto", "woq_fp8"),
-         ("fp8", 8, 4096, 1000, 0, "auto", "woq_fp8"), ("int8", 1, 4096, 1024, 0, "auto", "woq"),
-         ("int4", 1, 1024, 500, 8, "auto", "woq"), ("int4", 3, 1024, 512, 8, "auto", "woq")]
+         ("fp8", 8, 4096, 1000, 0, "weight_only", "woq_fp8"),
+         ("int8", 1, 4096, 1024, 0, "auto", "woq"), ("int4", 1, 1024, 500, 8, "auto", "woq"),
+         ("int4", 3, 1024, 512, 8, "auto", "woq")]
 
 
 @pytest.mark.parametrize("fmt,m,k,n,groups,fp8_gemm,prefix", CASES)
