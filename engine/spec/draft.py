@@ -25,14 +25,15 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @dataclasses.dataclass
-class _Seq:
-    """The draft model's state of one request: K/V of tokens[:computed] in page_ids."""
+class ShadowSeq:
+    """A model proposer's state of one request (the draft model's, EAGLE-3's head's): K/V
+    of tokens[:computed] in page_ids of its own pool."""
 
     tokens: list[int]
     computed: int
     page_ids: list[int]
     shadow: Request
-    """What the draft runner samples for (greedy, its own id)."""
+    """What the proposer's runner samples for (greedy, its own id)."""
 
 
 class DraftModelProposer:
@@ -45,7 +46,7 @@ class DraftModelProposer:
         self._program = DraftProgram(runner, vocab_size) if fused else None
         self.pool = PagePool(num_pages, page_size)
         self.page_size = page_size
-        self._seqs: dict[str, _Seq] = {}
+        self._seqs: dict[str, ShadowSeq] = {}
 
     def _release(self, rid: str) -> None:
         self.pool.decref(self._seqs.pop(rid).page_ids)
@@ -98,13 +99,13 @@ class DraftModelProposer:
                 drafts[i].append(token)
         return drafts
 
-    def _seq(self, r: Request, k: int) -> _Seq | None:
+    def _seq(self, r: Request, k: int) -> ShadowSeq | None:
         """r's draft state, with pages for its tokens and k - 1 drafts; None if the pool
         cannot hold them (the requests of this step keep theirs)."""
         tokens = r.all_token_ids
         s = self._seqs.get(r.request_id)
         if s is None:
-            s = self._seqs[r.request_id] = _Seq([], 0, [], Request(
+            s = self._seqs[r.request_id] = ShadowSeq([], 0, [], Request(
                 f"draft:{r.request_id}", [], GREEDY, seed=0))
         same = 0
         for a, b in zip(s.tokens[:s.computed], tokens, strict=False):
@@ -121,7 +122,7 @@ class DraftModelProposer:
         s.page_ids += self.pool.alloc(max(need, 0))
         return s
 
-    def _row(self, s: _Seq, n: int, sample: bool) -> ScheduledSeq:
+    def _row(self, s: ShadowSeq, n: int, sample: bool) -> ScheduledSeq:
         # The runner samples for the shadow request (greedy: it reads only its output
         # length); the K/V positions come from start_pos.
         s.shadow.prompt_token_ids = s.tokens

@@ -18,22 +18,9 @@ cannot hold its next drafts.
 
 from __future__ import annotations
 
-import dataclasses
-
 from engine.core.page_pool import PagePool
 from engine.core.request import Request, ScheduledBatch, ScheduledSeq
-from engine.sampling_params import SamplingParams
-
-GREEDY = SamplingParams(temperature=0.0)
-
-
-@dataclasses.dataclass
-class _Seq:
-    tokens: list[int]
-    """The head's token at each position p: the request's token p + 1, then drafts."""
-    computed: int
-    page_ids: list[int]
-    shadow: Request
+from engine.spec.draft import GREEDY, ShadowSeq
 
 
 class EagleProposer:
@@ -41,7 +28,7 @@ class EagleProposer:
         """`runner`: an engine.spec.eagle_runner.EagleRunner with `num_pages` pages."""
         self.runner, self.vocab_size, self.page_size = runner, vocab_size, page_size
         self.pool = PagePool(num_pages, page_size)
-        self._seqs: dict[str, _Seq] = {}
+        self._seqs: dict[str, ShadowSeq] = {}
 
     def _release(self, rid: str) -> None:
         self.pool.decref(self._seqs.pop(rid).page_ids)
@@ -88,7 +75,7 @@ class EagleProposer:
         ps = self.page_size
         return [r.page_ids[p // ps] * ps + p % ps for p in range(start, start + n)]
 
-    def _seq(self, r: Request, k: int) -> _Seq | None:
+    def _seq(self, r: Request, k: int) -> ShadowSeq | None:
         """r's head state with pages for positions [0, L - 2 + k); None when r has no
         computed token yet, or the pool cannot hold it (then it drafts nothing this step)."""
         tokens = r.all_token_ids
@@ -96,13 +83,14 @@ class EagleProposer:
             return None
         s = self._seqs.get(r.request_id)
         if s is None:
-            s = self._seqs[r.request_id] = _Seq([], 0, [], Request(
+            s = self._seqs[r.request_id] = ShadowSeq([], 0, [], Request(
                 f"eagle:{r.request_id}", [], GREEDY, seed=0))
         same = 0  # the valid prefix: rows whose token (and so features) are unchanged
         for a, b in zip(s.tokens[:s.computed], tokens[1:], strict=False):
             if a != b:
                 break
             same += 1
+        # The head's token at position p is the request's token p + 1 (then its drafts).
         s.tokens, s.computed = tokens[1:], same
         need = -(-(len(tokens) - 2 + k) // self.page_size) - len(s.page_ids)
         if need > self.pool.num_free:
@@ -111,7 +99,7 @@ class EagleProposer:
         s.page_ids += self.pool.alloc(max(need, 0))
         return s
 
-    def _row(self, s: _Seq, start: int, n: int, sample: bool) -> ScheduledSeq:
+    def _row(self, s: ShadowSeq, start: int, n: int, sample: bool) -> ScheduledSeq:
         s.shadow.prompt_token_ids = s.tokens
         return ScheduledSeq(s.shadow, s.tokens[start:start + n], start, list(s.page_ids),
                             sample=sample)
