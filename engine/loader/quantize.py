@@ -125,6 +125,14 @@ def _keep_gguf(params: dict, cfg: ModelConfig, path: Path) -> dict:
         except BufferError:
             pass
     stacked = isinstance(params["layers"], dict)
+    if any(all(n in k for n in ("wq", "wk", "wv")) and "wqkv" not in k for k in layers):
+        # q/k/v kept as blocks of two formats (Q4_K_M files often store attn_v as Q6_K):
+        # three kept weights, not one float fused wqkv, as for gate and up below.
+        from engine.model.weights import unfuse_qkv
+
+        unfuse_qkv(params)
+        for k in layers:
+            k.pop("wqkv", None)
     if any("w_gate" in k and "w_up" in k and "w_gate_up" not in k for k in layers):
         # gate and up kept as blocks of two formats (a mixed-type file): two kept weights,
         # not one float fused weight; place_params (WeightRecipe.finish) places them after.

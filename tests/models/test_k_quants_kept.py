@@ -17,7 +17,7 @@ from backends.cpu.kernels import linear as kernels
 from engine.loader.load import load_checkpoint
 from engine.loader.quantize import quantize_params
 from engine.model.quant import QuantizedWeight, dequantize, reference_linear
-from engine.model.weights import fuse_gate_up, fuse_qkv, params_from_hf, unfuse_gate_up
+from engine.model.weights import fuse_gate_up, fuse_qkv, params_from_hf, unfuse_gate_up, unfuse_qkv
 from tests.backends.cpu.test_linear_kernel import random_k_blocks
 from tests.models.test_loader import tiny_hf_model, write_gguf
 from tests.models.test_quantized_model import logits
@@ -26,10 +26,12 @@ FORMATS = {QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}
 """K-quant types (gguf-py cannot quantize them: random blocks stand in)."""
 
 
-@pytest.mark.parametrize("gate", [QT.Q6_K, QT.Q4_K], ids=["gate_q6_k", "gate_q4_k"])
-def test_k_quants_kept(tmp_path, monkeypatch, gate):
+@pytest.mark.parametrize("gate,vtype", [(QT.Q6_K, QT.Q4_K), (QT.Q4_K, QT.Q4_K), (QT.Q6_K, QT.Q6_K)],
+                         ids=["gate_q6_k", "gate_q4_k", "v_q6_k"])
+def test_k_quants_kept(tmp_path, monkeypatch, gate, vtype):
     """Attention weights and the embedding Q4_K, the MLP and the head Q6_K; or the MLP's gate
-    Q4_K (gate and up in two formats: kept as two weights, not one float fused weight)."""
+    Q4_K (gate and up in two formats: kept as two weights, not one float fused weight); or
+    attn_v Q6_K as Q4_K_M files store it (q/k/v kept as three weights)."""
     # Every dim a multiple of 256 (the K-quants' block): E = F = Hq * D = 256.
     model = tiny_hf_model("llama")
     for key, value in dict(hidden_size=256, intermediate_size=256, head_dim=64).items():
@@ -62,6 +64,7 @@ def test_k_quants_kept(tmp_path, monkeypatch, gate):
         for part in ("ffn_gate", "ffn_up", "ffn_down"):
             types[f"blk.{i}.{part}.weight"] = QT.Q6_K
         types[f"blk.{i}.ffn_gate.weight"] = gate
+        types[f"blk.{i}.attn_v.weight"] = vtype
     path = write_gguf(tmp_path / "k.gguf", model.config, ref, QT.F32, types=types)
     with warnings.catch_warnings():  # no tokenizer metadata written
         warnings.simplefilter("ignore")
@@ -75,12 +78,18 @@ def test_k_quants_kept(tmp_path, monkeypatch, gate):
 
     floats, kept = params(), quantize_params(params(), cfg, "gguf", path)
     mlp = ["w_gate_up"] if gate == QT.Q6_K else ["w_gate", "w_up"]
+    attn = ["wqkv"] if vtype == QT.Q4_K else ["wq", "wk", "wv"]
     if gate != QT.Q6_K:
         unfuse_gate_up(floats)
-    assert set(mlp) <= set(kept["layers"]) and set(mlp) <= set(floats["layers"])
-    for name in ("wqkv", "wo", *mlp, "w_down"):
+    if vtype != QT.Q4_K:
+        unfuse_qkv(floats)
+    assert set(mlp + attn) <= set(kept["layers"]) and set(mlp + attn) <= set(floats["layers"])
+    for name in (*attn, "wo", *mlp, "w_down"):
         w = kept["layers"][name]
-        want = "q4_k" if name == "w_gate" or not name.startswith("w_") else "q6_k"
+        if name == "wv":
+            want = FORMATS[vtype]
+        else:
+            want = "q4_k" if name == "w_gate" or not name.startswith("w_") else "q6_k"
         assert isinstance(w, QuantizedWeight) and w.fmt == want, name
         np.testing.assert_array_equal(np.asarray(dequantize(w)),
                                       np.asarray(floats["layers"][name]), err_msg=name)
