@@ -18,7 +18,8 @@ prompt tokens too), verify_decode (false: sequences of a few query tokens, such 
 speculative verification's, take the ragged kernel in small steps too), decode_impl ("gqa",
 the default: ours, kernels/gqa_decode.py; "jax": JAX's paged_attention,
 kernels/paged_decode.py), fp8_gemm (the GEMM of fp8 weights:
-"auto", the default: weight-only up to 16 rows (quant_tuning.FP8_WEIGHT_ONLY_MAX_M), then
+"auto", the default: weight-only up to quant_tuning.FP8_WEIGHT_ONLY_MAX_M rows (1: the
+H200 sweep of 2026-12-03 found it tied with W8A8 at one row and slower at 8), then
 W8A8 through ours up to 64 rows and XLA's (cuBLASLt FP8) above; "pallas": W8A8, ours,
 kernels/quant_linear.py; "xla": W8A8, XLA's; "weight_only": bf16 activations, ours),
 kv_write ("pallas", the default: K and V of a layer written by one kernel,
