@@ -21,10 +21,11 @@ def test_leader_serves_and_follower_replays(tmp_path, monkeypatch, default_llm):
     dist = ["--tp", "4", "--dist-init-addr", addr, "--nnodes", "2"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", *SMALL, *dist, "--node-rank", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env=dict(os.environ))
+    follower_log = tmp_path / "follower.log"
+    with open(follower_log, "wb") as sink:  # a file, not a pipe nobody reads until the end
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", *SMALL, *dist, "--node-rank", "1"],
+            stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
     leader = ServerProcess(tmp_path / "leader.log", [*SMALL, *dist, "--node-rank", "0"])
     try:
         leader.wait_ready()
@@ -36,7 +37,8 @@ def test_leader_serves_and_follower_replays(tmp_path, monkeypatch, default_llm):
             assert r.json()["choices"][0]["text"] == ref.outputs[0].text
     finally:
         leader.stop()
-        out, _ = follower.communicate(timeout=120)
+        follower.wait(timeout=120)
+    out = follower_log.read_text(errors="replace")
     assert leader.proc.returncode == 0, leader.log_tail()
     assert follower.returncode == 0, out[-3000:]
     assert "following the leader" in out
