@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.cpu.attention import ragged_paged_attention as reference
-from backends.cpu.kernels import build
-from backends.cpu.kernels import linear
+from backends.cpu.kernels import build, linear
 from engine.attention import AttentionMetadata
 
 TARGET = "engine_cpu_attention"
