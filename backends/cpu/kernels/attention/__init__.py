@@ -63,6 +63,9 @@ def kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMe
            scale: float, isa: int, layer: jax.Array | None = None) -> jax.Array:
     """The FFI call: q [T, Hq, D] -> [T, Hq, D] (q's dtype, float32 inside)."""
     _check(q, k_cache, v_cache, layer)
+    if not _registered():
+        raise RuntimeError("the CPU kernel library is not available (see the warning above); "
+                           "use backends.cpu.attention.ragged_paged_attention")
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     if not isinstance(scale, (int, float, np.floating)):  # a traced scale: fold it into q
         q, scale = q * scale, 1.0

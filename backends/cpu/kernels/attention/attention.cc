@@ -14,11 +14,13 @@
 // are clamped into range (page ids, layer, sequence) as XLA's gather clamps, so malformed
 // metadata never reads outside the buffers.
 //
-// Work item = (token, kv head): its g query heads share every K/V row load. Keys are taken
-// in blocks of up to kBlock = 16 positions (across page boundaries): scores [g, 16], then an
-// online softmax (running max m, sum l, the accumulator rescaled by exp(m_old - m_new)),
-// then acc[g, D] += p @ V. float32 throughout. Items are shared among the linear kernel's
-// thread pool (engine_cpu_parallel_for, linear.cc).
+// Work item = one token with all its heads (a key row's Hkv * D elements are contiguous, so
+// a page is read front to back, and the next block's rows are prefetched). Keys are taken in
+// blocks of up to kBlock = 16 positions (across page boundaries); per kv head, its g query
+// heads share every K/V row load: scores [g, 16], an online softmax (running max m, sum l,
+// the accumulator rescaled by exp(m_old - m_new)), then acc[g, D] += p @ V. float32
+// throughout. Items are shared among the linear kernel's thread pool
+// (engine_cpu_parallel_for, linear.cc).
 //
 // ISA levels (`isa`, as the linear kernel's): 0 generic C++, 1 AVX2 + FMA, >= 2 AVX-512 F.
 // The vector levels need D divisible by their width (8 or 16) and run level 0 otherwise.
@@ -377,9 +379,24 @@ struct Job {
   int64_t items, chunks;
 };
 
-void RunItem(const Job& jb, int64_t item) {
-  const int64_t t = item / jb.hkv, h = item % jb.hkv, g = jb.g, d = jb.d;
-  float* out = jb.out + (t * jb.hkv + h) * g * d;  // [g, D]: query heads h*g .. h*g+g-1
+// Byte offsets of key positions [b0, b0 + n) of a sequence (pages: its page-table row) in
+// one layer's cache: position p is row p % page of page pages[p / page] (clamped into
+// [0, num_pages)); a row holds the Hkv heads' D elements.
+void RowOffsets(const Job& jb, const int32_t* pages, int64_t b0, int n, int64_t* at) {
+  const int64_t row_bytes = jb.hkv * jb.d * jb.elem_bytes;
+  int64_t pi = b0 / jb.page, off = b0 % jb.page;
+  for (int j = 0; j < n; ++j) {
+    const int64_t pg = std::clamp<int64_t>(pages[pi], 0, jb.num_pages - 1);
+    at[j] = (pg * jb.page + off) * row_bytes;
+    if (++off == jb.page) off = 0, ++pi;
+  }
+}
+
+// One work item: token t, every kv head. A key block's rows (all heads: hkv * D contiguous
+// elements, so a page is read front to back) are prefetched one block ahead.
+void RunItem(const Job& jb, int64_t t) {
+  const int64_t g = jb.g, d = jb.d, hq = jb.hkv * g;
+  float* out = jb.out + t * hq * d;  // [Hq, D]
   int64_t kv_len = 0, seq = 0;
   if (t < jb.num_tokens) {
     seq = std::clamp<int64_t>(jb.token_seq[t], 0, jb.num_seqs - 1);
@@ -387,54 +404,65 @@ void RunItem(const Job& jb, int64_t item) {
                                 jb.pages_per_seq * jb.page});
   }
   if (kv_len <= 0) {  // padding token (or no key): zeros, nothing read
-    std::fill(out, out + g * d, 0.0f);
+    std::fill(out, out + hq * d, 0.0f);
     return;
   }
-  // Per-thread scratch: q [g, D] (scaled), acc [g, D], scores [g, 16], m, l, corr [g],
-  // and for bf16/fp8 caches the block's decoded K and V rows [16, D] each.
+  // Per-thread scratch: q [Hq, D] (scaled), acc [Hq, D], scores [g, 16], m, l, corr [Hq],
+  // and for bf16/fp8 caches one head's decoded K and V rows of the block, [16, D] each.
   thread_local std::vector<float> buf;
   const bool decode = jb.elem != F32;
-  buf.resize(2 * g * d + g * kBlock + 3 * g + (decode ? 2 * kBlock * d : 0));
+  buf.resize(2 * hq * d + g * kBlock + 3 * hq + (decode ? 2 * kBlock * d : 0));
   float* q = buf.data();
-  float* acc = q + g * d;
-  float* s = acc + g * d;
+  float* acc = q + hq * d;
+  float* s = acc + hq * d;
   float* m = s + g * kBlock;
-  float* l = m + g;
-  float* corr = l + g;
-  float* kdec = corr + g;
+  float* l = m + hq;
+  float* corr = l + hq;
+  float* kdec = corr + hq;
   float* vdec = kdec + kBlock * d;
-  const float* src = jb.q + (t * jb.hkv + h) * g * d;
-  for (int64_t i = 0; i < g * d; ++i) q[i] = src[i] * jb.scale;
-  std::fill(acc, acc + g * d, 0.0f);
-  std::fill(m, m + g, kNegInf);
-  std::fill(l, l + g, 0.0f);
+  const float* src = jb.q + t * hq * d;
+  for (int64_t i = 0; i < hq * d; ++i) q[i] = src[i] * jb.scale;
+  std::fill(acc, acc + hq * d, 0.0f);
+  std::fill(m, m + hq, kNegInf);
+  std::fill(l, l + hq, 0.0f);
   const int32_t* pages = jb.page_table + seq * jb.pages_per_seq;
-  const int64_t row_stride = jb.hkv * d;  // elements between positions in a page
-  const int64_t page_elems = jb.page * row_stride;
+  const int64_t row_bytes = jb.hkv * d * jb.elem_bytes, head_bytes = d * jb.elem_bytes;
+  int64_t at[2][kBlock];  // this block's and the next one's row offsets
   const float* krow[kBlock];
   const float* vrow[kBlock];
-  int64_t pi = 0, off = 0;  // page index and offset of the block's next key position
-  for (int64_t b0 = 0; b0 < kv_len; b0 += kBlock) {
+  RowOffsets(jb, pages, 0, int(std::min<int64_t>(kBlock, kv_len)), at[0]);
+  for (int64_t b0 = 0, cur = 0; b0 < kv_len; b0 += kBlock, cur ^= 1) {
     const int n = int(std::min<int64_t>(kBlock, kv_len - b0));
-    for (int j = 0; j < n; ++j) {
-      const int64_t pg = std::clamp<int64_t>(pages[pi], 0, jb.num_pages - 1);
-      const int64_t at = (pg * page_elems + off * row_stride + h * d) * jb.elem_bytes;
-      if (decode) {
-        DecodeRow(jb.elem, jb.k + at, d, kdec + j * d);
-        DecodeRow(jb.elem, jb.v + at, d, vdec + j * d);
-        krow[j] = kdec + j * d;
-        vrow[j] = vdec + j * d;
-      } else {
-        krow[j] = reinterpret_cast<const float*>(jb.k + at);
-        vrow[j] = reinterpret_cast<const float*>(jb.v + at);
+    if (b0 + kBlock < kv_len) {
+      const int nn = int(std::min<int64_t>(kBlock, kv_len - b0 - kBlock));
+      RowOffsets(jb, pages, b0 + kBlock, nn, at[cur ^ 1]);
+      for (int j = 0; j < nn; ++j) {
+        for (int64_t c = 0; c < row_bytes; c += 64) {
+          __builtin_prefetch(jb.k + at[cur ^ 1][j] + c);
+          __builtin_prefetch(jb.v + at[cur ^ 1][j] + c);
+        }
       }
-      if (++off == jb.page) off = 0, ++pi;
     }
-    jb.ops->scores(q, int(g), d, krow, n, s);
-    jb.ops->softmax(s, int(g), n, m, l, corr);
-    jb.ops->accumulate(s, int(g), d, vrow, n, corr, acc);
+    for (int64_t h = 0; h < jb.hkv; ++h) {
+      for (int j = 0; j < n; ++j) {
+        const int64_t o = at[cur][j] + h * head_bytes;
+        if (decode) {
+          DecodeRow(jb.elem, jb.k + o, d, kdec + j * d);
+          DecodeRow(jb.elem, jb.v + o, d, vdec + j * d);
+          krow[j] = kdec + j * d;
+          vrow[j] = vdec + j * d;
+        } else {
+          krow[j] = reinterpret_cast<const float*>(jb.k + o);
+          vrow[j] = reinterpret_cast<const float*>(jb.v + o);
+        }
+      }
+      const int64_t x = h * g;  // this kv head's first query head
+      jb.ops->scores(q + x * d, int(g), d, krow, n, s);
+      jb.ops->softmax(s, int(g), n, m + x, l + x, corr + x);
+      jb.ops->accumulate(s, int(g), d, vrow, n, corr + x, acc + x * d);
+    }
   }
-  for (int64_t x = 0; x < g; ++x) {
+  for (int64_t x = 0; x < hq; ++x) {
     const float inv = 1.0f / l[x];  // l >= 1: the block holding the max adds exp(0)
     for (int64_t i = 0; i < d; ++i) out[x * d + i] = acc[x * d + i] * inv;
   }
@@ -501,7 +529,7 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v
   Job jb{ops, elem, eb, q.typed_data(), kp, vp, positions.typed_data(),
          token_seq.typed_data(), seq_lens.typed_data(), page_table.typed_data(),
          out->typed_data(), n_tok, pd[0], pd[1], num_pages, page, hkv, hq / hkv, d, scale,
-         t * hkv, 1};
+         t, 1};
   // Multiply-adds of the real tokens (an upper bound: each reads at most P * page keys);
   // below ~64k a job is cheaper alone than handed to the pool (as the linear kernel's).
   int64_t work = 0;
