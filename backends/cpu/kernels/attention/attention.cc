@@ -48,7 +48,44 @@ constexpr int kBlock = 16;  // key positions per softmax block (one AVX-512 vect
 constexpr int kGroup = 4;   // query heads a register tile covers
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The three steps of one key block, per ISA level. rows[j] is key position j's D floats.
+// ---------------------------------------------------------------------------------------
+// Cache element types: float32 read in place; bfloat16 and float8_e4m3fn rows decoded to
+// float32 in a per-thread buffer (exactly: both are subsets of float32).
+
+enum Elem { F32, BF16, F8 };
+
+struct F8Table {  // float8_e4m3fn -> float32: 1 sign, 4 exponent (bias 7), 3 mantissa bits
+  float v[256];
+  F8Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, mant = b & 7;
+      float x = e == 0 ? std::ldexp(float(mant), -9) : std::ldexp(float(8 + mant), e - 10);
+      if (e == 15 && mant == 7) x = std::numeric_limits<float>::quiet_NaN();  // no infinity
+      v[b] = b & 0x80 ? -x : x;
+    }
+  }
+};
+
+const F8Table& Fp8() {
+  static const F8Table table;
+  return table;
+}
+
+void DecodeRowGeneric(int e, const void* row, int64_t d, float* out) {
+  if (e == BF16) {
+    const uint16_t* h = static_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < d; ++i) {
+      const uint32_t bits = uint32_t(h[i]) << 16;
+      std::memcpy(out + i, &bits, 4);
+    }
+  } else {
+    const uint8_t* b = static_cast<const uint8_t*>(row);
+    const float* t = Fp8().v;
+    for (int64_t i = 0; i < d; ++i) out[i] = t[b[i]];
+  }
+}
+
+// The steps of one key block, per ISA level. k[j], v[j]: key position j's D floats.
 struct Ops {
   // s[x * kBlock + j] = dot(q[x], k[j]) for x < g, j < n.
   void (*scores)(const float* q, int g, int64_t d, const float* const* k, int n, float* s);
@@ -58,6 +95,8 @@ struct Ops {
   // acc[x] = acc[x] * corr[x] + sum_j s[x, j] * v[j] for x < g.
   void (*accumulate)(const float* s, int g, int64_t d, const float* const* v, int n,
                      const float* corr, float* acc);
+  // out[:d] = a bf16 or fp8 row (Elem) as float32.
+  void (*decode)(int elem, const void* row, int64_t d, float* out);
 };
 
 // ---------------------------------------------------------------------------------------
@@ -221,6 +260,36 @@ AVX2_FN void AccumulateAvx2(const float* s, int g, int64_t d, const float* const
   }
 }
 
+// fp8 e4m3fn bytes (in 32-bit lanes) -> float32: normal numbers by moving the exponent and
+// mantissa bits (bias 7 -> 127), subnormals (exponent 0) as m * 2^-9, 0x7f as NaN, then the
+// sign.
+AVX2_FN inline __m256 Fp8ToPs256(__m256i b) {
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 normal = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0f / 512));
+  __m256 x = _mm256_blendv_ps(
+      sub, normal, _mm256_castsi256_ps(_mm256_cmpgt_epi32(mag, _mm256_set1_epi32(7))));
+  x = _mm256_blendv_ps(x, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                       _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f))));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_or_ps(x, _mm256_castsi256_ps(sign));
+}
+
+AVX2_FN void DecodeRowAvx2(int e, const void* row, int64_t d, float* out) {
+  for (int64_t i = 0; i < d; i += 8) {  // d divisible by 8
+    if (e == BF16) {
+      const __m128i h = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i));
+      _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    } else {
+      const __m128i b = _mm_loadl_epi64(
+          reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(row) + i));
+      _mm256_storeu_ps(out + i, Fp8ToPs256(_mm256_cvtepu8_epi32(b)));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // AVX-512 F (level 2 and up): 16 lanes, one vector per head's block of scores; D divisible
 // by 16.
@@ -318,46 +387,37 @@ AVX512_FN void AccumulateAvx512(const float* s, int g, int64_t d, const float* c
   }
 }
 
-constexpr Ops kGeneric{ScoresGeneric, SoftmaxGeneric, AccumulateGeneric};
-constexpr Ops kAvx2{ScoresAvx2, SoftmaxAvx2, AccumulateAvx2};
-constexpr Ops kAvx512{ScoresAvx512, SoftmaxAvx512, AccumulateAvx512};
-
-// ---------------------------------------------------------------------------------------
-// Cache element types: float32 read in place; bfloat16 and float8_e4m3fn rows decoded to
-// float32 in a per-thread buffer.
-
-enum Elem { F32, BF16, F8 };
-
-struct F8Table {  // float8_e4m3fn -> float32: 1 sign, 4 exponent (bias 7), 3 mantissa bits
-  float v[256];
-  F8Table() {
-    for (int b = 0; b < 256; ++b) {
-      const int e = (b >> 3) & 15, mant = b & 7;
-      float x = e == 0 ? std::ldexp(float(mant), -9) : std::ldexp(float(8 + mant), e - 10);
-      if (e == 15 && mant == 7) x = std::numeric_limits<float>::quiet_NaN();  // no infinity
-      v[b] = b & 0x80 ? -x : x;
-    }
-  }
-};
-
-const F8Table& Fp8() {
-  static const F8Table table;
-  return table;
+// As Fp8ToPs256, 16 lanes.
+AVX512_FN inline __m512 Fp8ToPs512(__m512i b) {
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  const __m512 normal = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512));
+  __m512 x = _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(7)), sub,
+                                  normal);
+  x = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)), x,
+                           _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), sign));
 }
 
-void DecodeRow(Elem e, const void* row, int64_t d, float* out) {
-  if (e == BF16) {
-    const uint16_t* h = static_cast<const uint16_t*>(row);
-    for (int64_t i = 0; i < d; ++i) {
-      const uint32_t bits = uint32_t(h[i]) << 16;
-      std::memcpy(out + i, &bits, 4);
+AVX512_FN void DecodeRowAvx512(int e, const void* row, int64_t d, float* out) {
+  for (int64_t i = 0; i < d; i += 16) {  // d divisible by 16
+    if (e == BF16) {
+      const __m256i h = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i));
+      _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    } else {
+      const __m128i b = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(row) + i));
+      _mm512_storeu_ps(out + i, Fp8ToPs512(_mm512_cvtepu8_epi32(b)));
     }
-  } else {
-    const uint8_t* b = static_cast<const uint8_t*>(row);
-    const float* t = Fp8().v;
-    for (int64_t i = 0; i < d; ++i) out[i] = t[b[i]];
   }
 }
+
+constexpr Ops kGeneric{ScoresGeneric, SoftmaxGeneric, AccumulateGeneric, DecodeRowGeneric};
+constexpr Ops kAvx2{ScoresAvx2, SoftmaxAvx2, AccumulateAvx2, DecodeRowAvx2};
+constexpr Ops kAvx512{ScoresAvx512, SoftmaxAvx512, AccumulateAvx512, DecodeRowAvx512};
 
 // ---------------------------------------------------------------------------------------
 // The driver: one work item (token, kv head) at a time.
@@ -447,8 +507,8 @@ void RunItem(const Job& jb, int64_t t) {
       for (int j = 0; j < n; ++j) {
         const int64_t o = at[cur][j] + h * head_bytes;
         if (decode) {
-          DecodeRow(jb.elem, jb.k + o, d, kdec + j * d);
-          DecodeRow(jb.elem, jb.v + o, d, vdec + j * d);
+          jb.ops->decode(jb.elem, jb.k + o, d, kdec + j * d);
+          jb.ops->decode(jb.elem, jb.v + o, d, vdec + j * d);
           krow[j] = kdec + j * d;
           vrow[j] = vdec + j * d;
         } else {
