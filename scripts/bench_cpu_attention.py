@@ -7,7 +7,8 @@ SmolLM2-135M's attention (Hq 9, Hkv 3, D 64, page 16) over its 30 layers' caches
 ([30, pages, 16, 3, 64] float32, each layer read in place), `rows` decode rows (one query per
 sequence) at context `ctx`, or with --prompt one prompt chunk of `ctx` tokens. Prints the
 fastest of `iters` runs' process CPU time (all threads; pin to one core for comparisons), the
-two alternating, and the load average before and after.
+two alternating (with a pause between runs: XLA's worker threads spin after a program, and
+that CPU time would count against the next one), and the load average before and after.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(args.iters):
         for name, f in fns.items():
+            time.sleep(0.2)  # XLA's worker threads spin a while after a program: let them stop
             c0 = time.process_time()
             jax.block_until_ready(f(q, k, v, md))
             best[name] = min(best[name], time.process_time() - c0)
