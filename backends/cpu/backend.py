@@ -57,12 +57,12 @@ class CpuBackend(Backend):
         *, scale: float, layer: jax.Array | None = None,
     ) -> jax.Array:
         """The C++ kernel (kernels/attention); the oracle with option `attention: reference`,
-        without the kernel library, or under a mesh (the custom call is opaque to XLA's
-        partitioner)."""
+        without the kernel library, under a mesh (the custom call is opaque to XLA's
+        partitioner), or for a cache dtype the kernel does not read (float16)."""
         from backends.cpu.kernels import attention as kernels
 
         isa = kernels.isa_level() if self.attention_kernel and self.mesh is None else -1
-        if isa < 0:
+        if isa < 0 or k_cache.dtype not in kernels.CACHE_DTYPES:
             return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
         return kernels.kernel(q, k_cache, v_cache, md, scale=scale, isa=isa, layer=layer)
 

@@ -138,8 +138,9 @@ def test_bad_shapes_are_refused():
 
 
 def test_backend_option_and_fallback(monkeypatch):
-    """The backend takes the kernel by default, the oracle with `attention: reference` or
-    ENGINE_CPU_ISA=none; an unknown value is refused with the accepted ones."""
+    """The backend takes the kernel by default, the oracle with `attention: reference`,
+    ENGINE_CPU_ISA=none or a float16 cache; an unknown value is refused with the accepted
+    ones."""
     case = make_case(np.random.default_rng(2), kv_lens=[20, 3], q_lens=[1, 3], page_size=4,
                      hq=4, hkv=2, d=16)
     args = (jnp.asarray(case.q), jnp.asarray(case.k_cache), jnp.asarray(case.v_cache), case.md)
@@ -150,6 +151,9 @@ def test_backend_option_and_fallback(monkeypatch):
     np.testing.assert_array_equal(np.asarray(run(CpuBackend().attention)(*args, scale=0.3)), kern)
     ref = CpuBackend({"attention": "reference"})
     np.testing.assert_array_equal(np.asarray(run(ref.attention)(*args, scale=0.3)), want)
+    half = [a.astype(jnp.float16) for a in args[:3]]  # a cache dtype the kernel does not read
+    got = run(CpuBackend().attention)(*half, case.md, scale=0.3)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_oracle(*half, case.md, scale=0.3)))
     monkeypatch.setenv(envs.ENGINE_CPU_ISA, "none")
     assert kernels.isa_level() == -1 == linear.isa_level()
     np.testing.assert_array_equal(np.asarray(run(CpuBackend().attention)(*args, scale=0.3)), want)
