@@ -1,7 +1,7 @@
 """Where a CPU decode step's time goes: the whole Engine.step against its parts.
 
 Usage: python scripts/profile_cpu_step.py [--batch 1 8] [--input-len 64] [--dtype float32]
-       [--quantization gguf]
+       [--quantization gguf] [--attention reference]
 
 For each batch size it prefills `batch` prompts, runs a few decode steps, then times (median
 of --iters runs, each blocked on its outputs):
@@ -152,6 +152,8 @@ def main() -> None:
                     help="time engine.step and the jitted step only (quick: e.g. XLA_FLAGS)")
     ap.add_argument("--min-bucket", type=int, nargs=2, default=None, metavar=("TOKENS", "SEQS"),
                     help="override the CPU backend's smallest token and sequence buckets")
+    ap.add_argument("--attention", choices=("kernel", "reference"), default="kernel",
+                    help="the CPU backend's attention: the C++ kernel or the plain-JAX oracle")
     args = ap.parse_args()
     if args.min_bucket:
         from backends.cpu.backend import CpuBackend
@@ -161,7 +163,8 @@ def main() -> None:
             min_seq_bucket=args.min_bucket[1])
     print(f"load average before: {os.getloadavg()}")
     quant = {"quantization": args.quantization} if args.quantization else {}
-    llm = LLM(args.model, backend="cpu", dtype=args.dtype, max_total_tokens=8192, **quant)
+    llm = LLM(args.model, backend="cpu", dtype=args.dtype, max_total_tokens=8192,
+              options=(("attention", args.attention),), **quant)
     for b in args.batch:
         CPU_MS.clear()
         r = profile(llm, b, args.input_len, args.iters, args.only_step)

@@ -1,5 +1,5 @@
-"""The CPU backend: plain-JAX attention (the oracle) on the host's memory; quantized linear
-layers through the C++ kernels of backends/cpu/kernels (plain JAX without them)."""
+"""The CPU backend on the host's memory: attention and quantized linear layers through the
+C++ kernels of backends/cpu/kernels; plain JAX without them (for attention: the oracle)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ class CpuBackend(Backend):
         if acts not in ("int8", "float"):
             raise ValueError(f"cpu option activations must be int8 or float, got {acts!r}")
         self.int_activations = acts == "int8"
+        # Option attention ('kernel', the default, or 'reference'): the C++ paged attention
+        # kernel, or the plain-JAX oracle (backends/cpu/attention.py) it is tested against.
+        attn = self.options.get("attention", "kernel")
+        if attn not in ("kernel", "reference"):
+            raise ValueError(f"cpu option attention must be kernel or reference, got {attn!r}")
+        self.attention_kernel = attn == "kernel"
 
     def memory_info(self) -> MemoryInfo:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -50,7 +56,15 @@ class CpuBackend(Backend):
         self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMetadata,
         *, scale: float, layer: jax.Array | None = None,
     ) -> jax.Array:
-        return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
+        """The C++ kernel (kernels/attention); the oracle with option `attention: reference`,
+        without the kernel library, under a mesh (the custom call is opaque to XLA's
+        partitioner), or for a cache dtype the kernel does not read (float16)."""
+        from backends.cpu.kernels import attention as kernels
+
+        isa = kernels.isa_level() if self.attention_kernel and self.mesh is None else -1
+        if isa < 0 or k_cache.dtype not in kernels.CACHE_DTYPES:
+            return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
+        return kernels.kernel(q, k_cache, v_cache, md, scale=scale, isa=isa, layer=layer)
 
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
         """The C++ kernel at every step size (kernels/linear/tuning.py has the measurements),

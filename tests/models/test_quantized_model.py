@@ -2,7 +2,9 @@
 
 - GGUF blocks kept (--quantization gguf), and float32 weights laid out for the kernel
   (--quantization f32), through the CPU kernel: the same logits as the float32 oracle (the
-  file's blocks dequantized at load, plain JAX), and the same greedy tokens.
+  file's blocks dequantized at load, plain JAX), and the same greedy tokens; with the CPU
+  attention kernel too (all 8 texts in one ragged prompt step, then one decode step of 8
+  rows): the same logits and greedy tokens.
 - int8 weight-only per channel (--quantization int8), and the GGUF blocks, as the CPU backend
   runs them by default (integer activations): top-1 agreement and logit error bounded.
 - fp8 (--quantization fp8) through the reference path (weight-only) and as the GPU runs it
@@ -23,6 +25,7 @@ import pytest
 
 from backends.cpu.attention import ragged_paged_attention
 from backends.cpu.backend import CpuBackend
+from backends.cpu.kernels import attention as attn_kernels
 from backends.cpu.kernels import linear as kernels
 from engine.attention import AttentionMetadata
 from engine.loader.load import load_checkpoint
@@ -111,6 +114,56 @@ def test_kernel_path_equals_float32_oracle(models, oracle, method):
     cfg, ids, params = models
     isa = kernels.isa_level()
     got = logits(cfg, params[method], ids, functools.partial(kernels.kernel, isa=isa))
+    np.testing.assert_allclose(got, oracle, atol=2e-3, rtol=1e-3)
+    assert (got.argmax(-1) == oracle.argmax(-1)).all()
+
+
+def _ragged_step(cfg, params, kv, tokens: list[list[int]], start: int, page_table, linear,
+                 attend) -> tuple[np.ndarray, tuple]:
+    """One step of every sequence's tokens [start, start + len) (sequence s's K/V in pages
+    page_table[s]); logits [sum of lengths, V] of every token, and the updated cache."""
+    lens = [len(t) for t in tokens]
+    n = sum(lens)
+    t_pad = -(-n // 16) * 16
+    pos = np.zeros(t_pad, np.int32)
+    seq = np.zeros(t_pad, np.int32)
+    ids = np.zeros(t_pad, np.int32)
+    slots = np.full(t_pad, page_table.size * PAGE, np.int32)  # padding: past the last slot
+    off = 0
+    for s, toks in enumerate(tokens):
+        p = np.arange(start, start + len(toks))
+        pos[off:off + len(toks)], seq[off:off + len(toks)] = p, s
+        ids[off:off + len(toks)] = toks
+        slots[off:off + len(toks)] = page_table[s, p // PAGE] * PAGE + p % PAGE
+        off += len(toks)
+    md = AttentionMetadata(
+        positions=pos, slot_mapping=slots, token_seq=seq,
+        query_start=np.concatenate([[0], np.cumsum(lens)]).astype(np.int32),
+        seq_lens=np.full(len(tokens), start + max(lens), np.int32), page_table=page_table,
+        num_tokens=np.int32(n), page_size=PAGE, decode_only=all(x == 1 for x in lens))
+    fwd = jax.jit(functools.partial(forward, cfg=cfg, linear=linear, attend=functools.partial(
+        attend, scale=cfg.head_dim**-0.5)))
+    out, kv = fwd(params, kv, ids, md, np.arange(n, dtype=np.int32))
+    return np.asarray(out), kv
+
+
+@pytest.mark.skipif(attn_kernels.isa_level() < 0,
+                    reason="the CPU kernel library is not built here")
+def test_attention_kernel_equals_float32_oracle(models, oracle):
+    """Float32 weights through the linear kernel and the attention kernel (layers stacked:
+    the kernel reads the [L, ...] cache in place at a traced layer): the 8 texts' first 31
+    tokens as one ragged prompt step (2 pages each), then their 32nd tokens as one decode
+    step of 8 rows: the oracle's logits (one sequence at a time, plain JAX) and greedy
+    tokens at all 32 positions."""
+    cfg, ids, params = models
+    table = np.arange(2 * len(ids), dtype=np.int32).reshape(len(ids), 2)[::-1].copy()
+    kv = _kv(cfg, table.size)
+    linear = functools.partial(kernels.kernel, isa=kernels.isa_level())
+    prompt, kv = _ragged_step(cfg, params["f32"], kv, [i[:N - 1] for i in ids], 0, table,
+                              linear, attn_kernels.ragged_paged_attention)
+    decode, _ = _ragged_step(cfg, params["f32"], kv, [i[N - 1:] for i in ids], N - 1, table,
+                             linear, attn_kernels.ragged_paged_attention)
+    got = np.concatenate([prompt.reshape(len(ids), N - 1, -1), decode[:, None]], axis=1)
     np.testing.assert_allclose(got, oracle, atol=2e-3, rtol=1e-3)
     assert (got.argmax(-1) == oracle.argmax(-1)).all()
 

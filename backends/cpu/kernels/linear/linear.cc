@@ -1200,3 +1200,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EngineCpuLinear, Linear,
 extern "C" int engine_cpu_isa() {
   return CpuHas(4) ? 4 : CpuHas(3) ? 3 : CpuHas(2) ? 2 : CpuHas(1) ? 1 : 0;
 }
+
+// The pool shared with the other kernels of this library (attention.cc): runs fn(ctx, i) for
+// i in [0, n) on the caller and the pool's workers, returning when all are done.
+extern "C" void engine_cpu_parallel_for(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
+  GetPool().ParallelFor(n, [&](int64_t i) { fn(ctx, i); });
+}
