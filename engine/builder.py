@@ -31,6 +31,7 @@ from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine import Engine
 from engine.envs import cache_dir
+from engine.loader.quantize import resolve_auto
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
 from engine.model.weights import Place, params_from_hf, place_params, random_params, stack_layers
@@ -149,7 +150,7 @@ def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan:
     `quantization` is the weights' format afterwards (the checkpoint's, else the one made)."""
     loaded = load_model(config, backend, dtype, scan, place)
     cfg = loaded.cfg
-    quant = config.model.quantization
+    quant = resolve_auto(config.model.quantization, loaded.path)
     if loaded.quantization is not None and quant not in (None, "f32", loaded.quantization):
         raise ValueError(f"the checkpoint is pre-quantized ({loaded.quantization} weights); "
                          f"quantization {quant} contradicts it: drop it, or pass "

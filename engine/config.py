@@ -47,8 +47,8 @@ class ModelOptions:
     output channel, made at load from any checkpoint) or 'gguf' (a GGUF file's Q8_0/Q4_0/
     Q4_1 blocks kept as they are), 'f32' (float32 weights stored by output channel for the
     CPU kernels: no precision change), 'fp8' (e4m3 per output channel; W8A8 on the GPU),
-    'int4' (weight-only, group-wise scales and zero points); None keeps the weights as
-    loaded."""
+    'int4' (weight-only, group-wise scales and zero points); 'auto':
+    gguf for a .gguf file, f32 for any other checkpoint; None keeps the weights as loaded."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
@@ -56,8 +56,8 @@ class ModelOptions:
         if self.load_format not in ("auto", "dummy", "orbax"):
             raise ValueError(f"load_format must be auto, dummy or orbax, got "
                              f"{self.load_format!r}")
-        if self.quantization not in (None, "int8", "gguf", "f32", "fp8", "int4"):
-            raise ValueError(f"quantization must be int8, gguf, f32, fp8 or int4, got "
+        if self.quantization not in (None, "int8", "gguf", "f32", "fp8", "int4", "auto"):
+            raise ValueError(f"quantization must be int8, gguf, f32, fp8, int4 or auto, got "
                              f"{self.quantization!r}")
         if not isinstance(self.fuse_qkv, bool):
             raise ValueError(f"fuse_qkv must be true or false, got {self.fuse_qkv!r}")

@@ -49,11 +49,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-gate-up", action=argparse.BooleanOptionalAction, default=None,
                    help="one MLP gate+up weight (one GEMM a layer) once loaded (default: on)")
     p.add_argument("--quantization", default=None,
-                   choices=["int8", "gguf", "f32", "fp8", "int4"],
+                   choices=["int8", "gguf", "f32", "fp8", "int4", "auto"],
                    help="int8: weight-only per-channel int8 made at load; gguf: keep a GGUF "
                    "file's Q8_0/Q4_0/Q4_1 blocks as they are; f32: float32 weights laid out "
                    "for the CPU kernels; fp8: e4m3 weights per channel (W8A8 on the GPU); "
-                   "int4: weight-only, group-wise scales and zero points")
+                   "int4: weight-only, group-wise scales and zero points; auto: gguf for a "
+                   ".gguf file, else f32")
     p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"],
                    help="KV cache element type: auto (the model's dtype) or fp8 (e4m3, scale "
                    "1: twice the tokens in the same memory)")

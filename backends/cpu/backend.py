@@ -66,6 +66,17 @@ class CpuBackend(Backend):
             return ragged_paged_attention(q, k_cache, v_cache, md, scale=scale, layer=layer)
         return kernels.kernel(q, k_cache, v_cache, md, scale=scale, isa=isa, layer=layer)
 
+    def add_rms_norm(self, x: jax.Array, y: jax.Array, w: jax.Array, eps: float
+                     ) -> tuple[jax.Array, jax.Array]:
+        """The residual add and the norm after it in one C++ call (kernels/norm) for float32
+        rows, where XLA runs four or five thunks; the model's plain JAX otherwise (bf16,
+        no kernel library, under a mesh)."""
+        from backends.cpu.kernels import norm
+
+        if self.mesh is None and norm.supported(x, y, w) and norm.available():
+            return norm.kernel(x, y, w, eps)
+        return super().add_rms_norm(x, y, w, eps)
+
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
         """The C++ kernel at every step size (kernels/linear/tuning.py has the measurements),
         with integer activations for int8 and GGUF weights unless option `activations` is

@@ -10,6 +10,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.sampler import (
     SampleOutput,
@@ -17,6 +19,7 @@ from engine.sampler import (
     SamplingRow,
     SamplingTensors,
     apply_penalties,
+    argmax_last,
     sample,
 )
 from engine.sampling_params import SamplingParams
@@ -291,9 +294,35 @@ def _primitives(mode: SamplingMode, rows: list[SamplingRow]) -> set[str]:
     return names
 
 
+_argmax_last = jax.jit(argmax_last)
+_jnp_argmax = jax.jit(lambda x: jnp.argmax(x, axis=-1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(1, 1), (3, 67), (2, 49152)]), st.integers(0, 2**31 - 1),
+       st.sampled_from(["normal", "ties", "nan", "-inf"]))
+def test_argmax_last_is_numpy_argmax(shape, seed, kind):
+    """The first index of each row's max, ties and all-(-inf) rows included; where a row
+    holds a NaN, its first NaN (numpy's and jnp.argmax's rule)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, shape).astype(np.float32)
+    if kind == "ties":  # few distinct values: the max repeats
+        x = rng.integers(-2, 3, shape).astype(np.float32)
+    elif kind == "nan":
+        x[rng.random(shape) < 0.2] = np.nan
+    elif kind == "-inf":
+        x[rng.random(shape) < 0.5] = -np.inf
+        x[0] = -np.inf
+    got = np.asarray(_argmax_last(x))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, x.argmax(-1))
+    np.testing.assert_array_equal(got, np.asarray(_jnp_argmax(x)))
+
+
 def test_a_greedy_batch_pays_for_no_sort_and_no_random_numbers():
-    """All rows greedy: argmax only; the same tokens and logprobs as the general program
-    (which sorts for top-k/top-p and draws noise) on the same rows."""
+    """All rows greedy: a max and a min reduction (argmax_last; no argmax primitive, which
+    XLA's CPU backend runs unvectorized), no sort, no noise; the same tokens and logprobs
+    as the general program (which sorts for top-k/top-p and draws noise) on the same rows."""
     rng = np.random.default_rng(4)
     logits = rng.normal(0, 3, (S, V)).astype(np.float32)
     rows = [row(seed=s, step=s, temperature=0.0, logprobs=3) for s in range(S)]
@@ -301,7 +330,8 @@ def test_a_greedy_batch_pays_for_no_sort_and_no_random_numbers():
     general = SamplingMode(all_greedy=False, filters=True, num_logprobs=3)
     assert fast.all_greedy and not fast.filters and general.covers(fast)
     prims = _primitives(fast, rows)
-    assert "argmax" in prims and not prims & {"sort", "random_bits", "threefry2x32"}
+    assert "reduce_max" in prims and "reduce_min" in prims
+    assert not prims & {"argmax", "sort", "random_bits", "threefry2x32"}
     assert "sort" in _primitives(general, rows)  # (the check can fail)
     a, b = run(logits, rows, fast), run(logits, rows, general)
     np.testing.assert_array_equal(a.tokens, logits.argmax(-1))

@@ -29,7 +29,8 @@ from engine import envs
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "linear" / "linear.cc", HERE / "attention" / "attention.cc")
+SOURCES = (HERE / "linear" / "linear.cc", HERE / "attention" / "attention.cc",
+           HERE / "norm" / "norm.cc")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-pthread")
 
 
