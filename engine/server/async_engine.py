@@ -11,6 +11,7 @@ detokenization, which stop strings need.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import queue
@@ -154,6 +155,7 @@ class AsyncEngine:
 
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
+        _name_os_thread(b"engine-loop")
         try:
             while self._serve_commands():
                 # Published before the step too: a step can take seconds (a compile), and
@@ -354,6 +356,16 @@ class AsyncEngine:
                      "throughput: %.1f tokens/s", s.num_running, s.num_waiting,
                      100 * s.kv_usage, 100 * s.prefix_hit_rate, prefill / dt, self._log_gen / dt)
         self._log_at, self._log_gen, self._log_computed = now, 0, s.num_computed_tokens
+
+
+def _name_os_thread(name: bytes) -> None:
+    """Give the calling thread its name at the OS level too (Linux; at most 15 bytes), so
+    that per-thread CPU time in /proc, top -H and perf tell the engine loop apart from the
+    event loop and XLA's pools (Python 3.11 names only its own Thread objects)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: the name is only cosmetic
+        pass
 
 
 def _put_all(deltas: list[tuple[RequestGroup, Delta]]) -> None:

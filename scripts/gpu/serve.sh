@@ -70,22 +70,25 @@ compiles "after ready"
 grep -E "warm-up [0-9]+/" "$OUT/cold.log" | tail -3
 
 RATE0=${RATES%% *}; RATE0=${RATE0:-inf}
+# Each client's own CPU time (one Python process: a client near a whole core is the limit)
+TIMEFORMAT="client CPU: user %U s + sys %S s, wall %R s"
 echo "== $(date -u +%H:%M:%S) engine bench serving, rate $RATE0"
-python3 -m engine.cli bench serving --port "$PORT" --dataset random \
+{ time python3 -m engine.cli bench serving --port "$PORT" --dataset random \
   --num-prompts "$NUM_PROMPTS" --random-input-len "$IN" --random-output-len "$OUTPUT" \
   --random-range-ratio 0.5 --request-rate "$RATE0" --vocab-size 49152 \
   --output-json "$OUT/engine_bench.json" 2>&1 | grep -v -E "INFO|Warning|warn" \
-  | tee "$OUT/engine_bench.txt" | tail -30
+  | tee "$OUT/engine_bench.txt" | tail -30; } 2> >(sed 's/^/engine bench serving /' >> "$OUT/summary.txt")
 compiles "after engine bench serving"
 
 for rate in $RATES; do
   echo "== $(date -u +%H:%M:%S) SGLang bench_serving.py, rate $rate"
-  python3 "$BENCH" --backend sglang --port "$PORT" --model "$MODEL_DIR" \
+  { time python3 "$BENCH" --backend sglang --port "$PORT" --model "$MODEL_DIR" \
     --tokenizer "$MODEL_DIR" --dataset-name random-ids \
     --num-prompts "$NUM_PROMPTS" --random-input-len "$IN" --random-output-len "$OUTPUT" \
     --random-range-ratio 0.5 --request-rate "$rate" --disable-tqdm \
     --output-file "$OUT/sglang_bench_rate$rate.jsonl" 2>&1 | tee "$OUT/sglang_bench_rate$rate.txt" \
-    | sed -n '/Serving Benchmark Result/,/^=\+$/p'
+    | sed -n '/Serving Benchmark Result/,/^=\+$/p'; } \
+    2> >(sed "s/^/bench_serving.py rate $rate /" >> "$OUT/summary.txt")
   compiles "after bench_serving.py rate $rate"
 done
 stop
