@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,11 @@ class LLM:
                                          else None, dtype=dtype, **options)
         self.engine, self.model = build_engine(self.config)
         log.info(self.engine.startup.summary("engine built"))
+        # As the server does at ready: what exists now lives as long as the engine; frozen,
+        # the cyclic GC's full collections stop walking it every few steps (offline 32 x 64
+        # on the 2-core CPU: the collector was ~4% of the process's CPU, 2026-12-04).
+        gc.collect()
+        gc.freeze()
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.cfg
 
