@@ -159,10 +159,11 @@ def test_attention_kernel_equals_float32_oracle(models, oracle):
     table = np.arange(2 * len(ids), dtype=np.int32).reshape(len(ids), 2)[::-1].copy()
     kv = _kv(cfg, table.size)
     linear = functools.partial(kernels.kernel, isa=kernels.isa_level())
+    attend = functools.partial(attn_kernels.kernel, isa=attn_kernels.isa_level())
     prompt, kv = _ragged_step(cfg, params["f32"], kv, [i[:N - 1] for i in ids], 0, table,
-                              linear, attn_kernels.ragged_paged_attention)
+                              linear, attend)
     decode, _ = _ragged_step(cfg, params["f32"], kv, [i[N - 1:] for i in ids], N - 1, table,
-                             linear, attn_kernels.ragged_paged_attention)
+                             linear, attend)
     got = np.concatenate([prompt.reshape(len(ids), N - 1, -1), decode[:, None]], axis=1)
     np.testing.assert_allclose(got, oracle, atol=2e-3, rtol=1e-3)
     assert (got.argmax(-1) == oracle.argmax(-1)).all()

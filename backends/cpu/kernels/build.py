@@ -105,6 +105,18 @@ def load(path: Path | None = None) -> ctypes.CDLL | None:
         return None
 
 
+def register(target: str, symbol: str) -> ctypes.CDLL | None:
+    """The library with its handler `symbol` registered as the CPU FFI target `target`, or
+    None without the library. Each kernel module calls it once (behind functools.cache)."""
+    import jax
+
+    lib = load()
+    if lib is not None:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return lib
+
+
 def main() -> int:
     """Build the library now (make install); never fails the install: the engine runs the
     plain-JAX path without it."""

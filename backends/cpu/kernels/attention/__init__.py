@@ -1,11 +1,11 @@
 """The CPU ragged paged attention through jax.ffi: the oracle's contract, flash-style in C++.
 
-`ragged_paged_attention(q, k_cache, v_cache, md, *, scale, layer=None)` is the oracle's
-(backends/cpu/attention.py) signature and result: attention.cc computes it with an online
-softmax over blocks of 16 key positions, float32 accumulation, caches of float32, bfloat16
+`kernel(q, k_cache, v_cache, md, *, scale, isa, layer=None)` has the oracle's contract and
+result (backends/cpu/attention.py `ragged_paged_attention`): attention.cc computes it with
+an online softmax over blocks of 16 key positions, float32 accumulation, caches of float32, bfloat16
 or float8_e4m3fn (read upcast), and with `layer` the whole [L, ...] cache read in place at
-that layer. The ISA level is the linear kernel's (cpuid, capped by ENGINE_CPU_ISA); without
-the library the oracle runs.
+that layer. The ISA level is the linear kernel's (cpuid, capped by ENGINE_CPU_ISA); where
+there is no kernel, CpuBackend.attention runs the oracle.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backends.cpu.attention import ragged_paged_attention as reference
 from backends.cpu.kernels import build, linear
 from engine.attention import AttentionMetadata
 
@@ -27,12 +26,7 @@ CACHE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn)
 @functools.cache
 def _registered() -> bool:
     """Registers the FFI target once; False without the library."""
-    lib = build.load()
-    if lib is None:
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EngineCpuAttention),
-                                platform="cpu")
-    return True
+    return build.register(TARGET, "EngineCpuAttention") is not None
 
 
 def isa_level() -> int:
@@ -76,13 +70,3 @@ def kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, md: AttentionMe
                isa=np.int32(isa))  # [T, Hq, D]
     return out.astype(q.dtype)
 
-
-def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                           md: AttentionMetadata, *, scale: float,
-                           layer: jax.Array | None = None, isa: int | None = None) -> jax.Array:
-    """The oracle's contract: the kernel at `isa` (default isa_level()), or the oracle
-    itself where there is no kernel (no library, ENGINE_CPU_ISA=none)."""
-    isa = isa_level() if isa is None else isa
-    if isa < 0:
-        return reference(q, k_cache, v_cache, md, scale=scale, layer=layer)
-    return kernel(q, k_cache, v_cache, md, scale=scale, isa=isa, layer=layer)

@@ -41,11 +41,8 @@ def _native_isa() -> int:
     AVX-512 VNNI, 4 AMX: level 3 plus bf16 tiles above 4 rows, only where cpuid and the OS's
     tile permission allow it), or -1 without the library. Registers the FFI target on first
     call."""
-    lib = build.load()
-    if lib is None:
-        return -1
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EngineCpuLinear), platform="cpu")
-    return int(lib.engine_cpu_isa())
+    lib = build.register(TARGET, "EngineCpuLinear")
+    return -1 if lib is None else int(lib.engine_cpu_isa())
 
 
 def isa_level() -> int:

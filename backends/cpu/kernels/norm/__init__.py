@@ -14,20 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.cpu.kernels import build
-from engine.model.llama import add_rms_norm as reference
+from engine.model.llama import add_rms_norm
 
 TARGET = "engine_cpu_add_rms_norm"
+reference = add_rms_norm
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel library loaded (registers the FFI target on first call)."""
-    lib = build.load()
-    if lib is None:
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EngineCpuAddRmsNorm),
-                                platform="cpu")
-    return True
+    return build.register(TARGET, "EngineCpuAddRmsNorm") is not None
 
 
 def supported(x: jax.Array, y: jax.Array, w: jax.Array) -> bool:
@@ -52,11 +48,3 @@ def kernel(x: jax.Array, y: jax.Array, w: jax.Array, eps: float
     h, s = jax.ffi.ffi_call(TARGET, (out, out))(x, y, w, eps=np.float32(eps))
     return h, s
 
-
-@functools.partial(jax.jit, static_argnames=("eps",))
-def add_rms_norm(x: jax.Array, y: jax.Array, w: jax.Array, eps: float
-                 ) -> tuple[jax.Array, jax.Array]:
-    """(rms_norm(x + y) * w, x + y): the kernel where it applies, else the reference."""
-    if available() and supported(x, y, w):
-        return kernel(x, y, w, eps)
-    return reference(x, y, w, eps)
