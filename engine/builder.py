@@ -259,9 +259,9 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
     dispatched in one phase is not counted in the next)."""
     phases = StartupPhases.for_build()
     backend = get_backend(config.backend.name, dict(config.backend.options))
-    init_distributed(config.parallel, backend.capabilities.platform)
-    enable_persistent_cache(cache_dir() / "xla")
     caps = backend.capabilities
+    init_distributed(config.parallel, caps.platform)
+    enable_persistent_cache(cache_dir() / "xla", caps.platform)
     dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
     if config.cache.kv_cache_dtype == "fp8" and not caps.fp8_kv:
         raise ValueError(f"backend {backend.name!r} cannot read an fp8 KV cache yet; drop "

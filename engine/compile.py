@@ -211,8 +211,16 @@ class CompileCounter:
                 CompileCounter.seconds += duration
 
 
-def enable_persistent_cache(cache_dir: Path) -> None:
-    """Compiled programs are kept on disk, so a second start skips XLA compilation."""
+def enable_persistent_cache(cache_dir: Path, platform: str) -> None:
+    """Compiled programs are kept on disk, so a second start skips XLA compilation; on the
+    GPU and TPU only. jaxlib 0.10's CPU cache can store a program without one of its kernels
+    when the process compiled other programs first: a later process loads it and fails at
+    run time ("NOT_FOUND: Function broadcast_compare_fusion not found"; the CUDA backend's
+    interpreted speculation test, run after the other CUDA tests, wrote such an entry). A CPU
+    program compiles in about a second, so the CPU (and the NPU's torch executor, whose JAX
+    programs are CPU ones) keeps nothing on disk."""
+    if platform not in ("gpu", "tpu"):
+        return
     cache_dir.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -144,7 +144,9 @@ class SchedulingOptions:
     warmup_executables: bool = False
     """Warm-up stores each step program it compiles serialized ($ENGINE_CACHE_DIR/programs,
     under a digest of its sources, versions, devices and argument types), and a later start
-    loads it from there without tracing or lowering the model (engine.program_store)."""
+    loads it from there without tracing or lowering the model (engine.program_store). For a
+    GPU or TPU: jaxlib's CPU executables can be stored without a kernel (engine.compile's
+    enable_persistent_cache), so on the CPU it is for tests that load in the same process.
 
     page_buckets: str = "pow2"
     """Page-table widths of the step programs: 'pow2', powers of two up to the longest

@@ -106,8 +106,10 @@ def target_sharding(target: str | None) -> Any:
 
 
 def precompile(config: EngineConfig, *, target: str | None = None, limit: int | None = None,
-               modes: tuple[SamplingMode, ...] = (SamplingMode(),)) -> list[BucketTime]:
-    """Lower and compile the step for every reachable bucket (the first `limit` if given)."""
+               modes: tuple[SamplingMode, ...] = (SamplingMode(),),
+               cache: Path | None = None) -> list[BucketTime]:
+    """Lower and compile the step for every reachable bucket (the first `limit` if given),
+    into the persistent compilation cache `cache` when given (a GPU or TPU's programs)."""
     options = dict(config.backend.options)
     if target is not None:
         if config.backend.name != "tpu":
@@ -115,6 +117,8 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
         options.update(interpret=False, chip=target)
     backend = get_backend(config.backend.name, options)
     caps = backend.capabilities
+    if cache is not None:
+        enable_persistent_cache(cache, "tpu" if target is not None else caps.platform)
     dtype = jnp.dtype(config.model.dtype or caps.default_dtype)
     scan = caps.scan_layers if config.backend.scan_layers is None else config.backend.scan_layers
     cfg = model_config(config)
@@ -175,9 +179,9 @@ def cmd_precompile(args: argparse.Namespace) -> int:
     backend = args.backend if args.backend != "auto" else None
     config_file = args.config or default_preset(args.backend)
     config = EngineConfig.build(config_file, model=args.model, backend=backend, **opts)
-    enable_persistent_cache(args.cache_dir or cache_dir() / "xla")
     t0 = time.perf_counter()
-    times = precompile(config, target=args.target, limit=args.limit)
+    times = precompile(config, target=args.target, limit=args.limit,
+                       cache=args.cache_dir or cache_dir() / "xla")
     total = time.perf_counter() - t0
     lower, comp = sum(b.lower_s for b in times), sum(b.compile_s for b in times)
     print(f"{len(times)} programs: lower {lower:.1f}s + compile {comp:.1f}s; "

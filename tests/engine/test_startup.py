@@ -48,3 +48,19 @@ def test_marks_count_from_the_previous_mark_and_a_phase_may_resume() -> None:
     assert p.phases["imports"] >= first and 0.02 <= p.phases["weights"] < 1.0
     assert list(p.phases) == ["imports", "weights"]
     assert p.summary("ready").startswith(f"start-up: {sum(p.phases.values()):.1f}s to ready")
+
+
+def test_the_cpu_keeps_no_compiled_programs_on_disk(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """jaxlib's CPU cache can store a program without one of its kernels (engine/compile.py):
+    a CPU engine turns the persistent cache on for nothing and writes nothing under xla/."""
+    import jax
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    llm = LLM(str(config), backend="cpu", load_format="dummy", max_total_tokens=256,
+              max_running_requests=2, chunked_prefill_size=32, warmup_decode_len=16)
+    assert llm.generate([[1, 2, 3]])[0].token_ids
+    assert jax.config.jax_compilation_cache_dir is None
+    assert not (tmp_path / "cache" / "xla").exists()

@@ -23,8 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from backends.cpu.attention import ragged_paged_attention
 from backends.cpu.backend import CpuBackend
 from engine.attention import AttentionMetadata
-from engine.compile import enable_persistent_cache
-from engine.envs import cache_dir
 from engine.model.axes import param_axes
 from engine.model.config import ModelConfig
 from engine.model.llama import forward
@@ -94,10 +92,6 @@ def run(name: str, scan: bool) -> None:
 
 
 if __name__ == "__main__":
-    # The engine's persistent compilation cache (what `engine serve` uses): the 20 programs
-    # here take minutes to compile on two cores and are the same on every run. The cache key
-    # is the program, the compile options and the devices, so a hit is the same executable.
-    enable_persistent_cache(cache_dir() / "xla")
     for arg in sys.argv[1:]:
         arch, scan = arg.split(":")
         run(arch, scan == "scan")
