@@ -146,7 +146,7 @@ class SchedulingOptions:
     under a digest of its sources, versions, devices and argument types), and a later start
     loads it from there without tracing or lowering the model (engine.program_store). For a
     GPU or TPU: jaxlib's CPU executables can be stored without a kernel (engine.compile's
-    enable_persistent_cache), so on the CPU it is for tests that load in the same process.
+    enable_persistent_cache), so on the CPU it is for tests that load in the same process."""
 
     page_buckets: str = "pow2"
     """Page-table widths of the step programs: 'pow2', powers of two up to the longest
