@@ -39,6 +39,10 @@ Integer activations (`quantize_activations`): the CPU kernel can quantize x per 
 to int8 (as llama.cpp does) and dot integers; `reference_linear(x, w, int_act=True)`
 is that arithmetic in plain JAX, up to float rounding.
 
+q4_0x, q4_1x, q8_0x, int8x: q4_0, q4_1, q8_0 and int8 rearranged by the CPU backend at load
+for its VNNI kernel (engine.model.packed has the layout; data [(L,) ceil(N/16), bytes], int8x
+keeps its scales [(L,) N]); `dequantize` and `reference_linear` read them too.
+
 Stacked layers (lax.scan) add a leading layer axis to data and scales. The model calls
 `linear(x, w, eq)` for every projection; the backend's `linear` runs quantized weights (its
 kernel, or `reference_linear` here, the oracle).
@@ -53,9 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.model import packed
+
 FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6,
-           "q6_k": 7}
-"""Format name -> the number the CPU kernel's `fmt` attribute uses."""
+           "q6_k": 7, "q4_0x": 8, "q4_1x": 9, "q8_0x": 10, "int8x": 11}
+"""Format name -> the number the CPU kernel's `fmt` attribute uses (the x formats: packed at
+load for its VNNI kernel, engine.model.packed)."""
 BLOCK = 32
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 SUPER = 256
@@ -197,9 +204,16 @@ def int_activations_ok(w: QuantizedWeight) -> bool:
     return w.fmt in FORMATS and w.fmt not in ("f32", "bf16") and w.k % BLOCK == 0
 
 
+def weight_rows(w: QuantizedWeight) -> jax.Array:
+    """The weight by output channel, float32 [(L,) N, K], any format (packed ones too)."""
+    if w.fmt in packed.UNPACKED:
+        return packed.dequantize_rows(w.data, w.scales, w.fmt, w.n, w.k)
+    return dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)
+
+
 def dequantize(w: QuantizedWeight) -> jax.Array:
     """The logical weight, float32 [(L,) *in_shape, *out_shape]."""
-    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [(L,) N, K]
+    nk = weight_rows(w)  # [(L,) N, K]
     lead = nk.shape[:-2]
     return jnp.swapaxes(nk, -1, -2).reshape(*lead, *w.in_shape, *w.out_shape)
 
@@ -209,7 +223,7 @@ def reference_linear(x: jax.Array, w: QuantizedWeight, int_act: bool = False) ->
     (the oracle every kernel is tested against). int_act: x quantized as the kernel's
     integer path does first (quantize_activations)."""
     t = x.shape[0]
-    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [N, K]
+    nk = weight_rows(w)  # [N, K]
     x2 = x.reshape(t, w.k).astype(jnp.float32)  # [T, K]
     if int_act:
         x2 = quantize_activations(x2)
@@ -247,6 +261,8 @@ def embed_rows(embed: jax.Array | QuantizedWeight, tokens: jax.Array, dtype: jnp
     tied head's weight (in_shape (E,), out_shape (V,)): its rows are the token vectors."""
     if not isinstance(embed, QuantizedWeight):
         return embed[tokens]
+    if embed.fmt in packed.UNPACKED:
+        return packed.embed_rows(embed.data, embed.scales, embed.fmt, embed.k, tokens).astype(dtype)
     per_row = embed.scales.ndim > 0 and embed.scales.shape[0] == embed.n
     rows = dequantize_rows(embed.data[tokens], embed.scales[tokens] if per_row else
                            embed.scales, embed.fmt, embed.k,
@@ -337,3 +353,13 @@ def from_gguf_rows(raw: np.ndarray, fmt: str, in_shape: tuple[int, ...],
         raise ValueError(f"{fmt} rows {raw.shape} do not fit a weight of K={k}, N={n}")
     data = jnp.asarray(np.ascontiguousarray(raw, dtype=np.uint8))
     return QuantizedWeight(data, jnp.zeros((0,), jnp.float32), fmt, in_shape, out_shape)
+
+
+def pack_tiles(w: QuantizedWeight) -> QuantizedWeight:
+    """w in its format packed for the CPU's VNNI kernel (engine.model.packed), made on the
+    host; w as it is where its format has no packed form or K is not a multiple of 32."""
+    if w.fmt not in packed.PACKED or w.k % BLOCK:
+        return w
+    data = packed.pack(np.asarray(w.data), w.fmt, w.n, w.k)
+    return QuantizedWeight(jnp.asarray(data), w.scales, packed.PACKED[w.fmt], w.in_shape,
+                           w.out_shape)

@@ -29,8 +29,9 @@ from engine import envs
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "linear" / "linear.cc", HERE / "attention" / "attention.cc",
-           HERE / "norm" / "norm.cc")
+SOURCES = (HERE / "linear" / "linear.cc", HERE / "linear" / "packed.cc",
+           HERE / "attention" / "attention.cc", HERE / "norm" / "norm.cc")
+HEADERS = (HERE / "linear" / "packed.h",)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-pthread")
 
 
@@ -46,7 +47,7 @@ def _key() -> str:
     import jaxlib
 
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in (*SOURCES, *HEADERS):
         h.update(src.read_bytes())
     h.update(" ".join(FLAGS).encode() + jaxlib.__version__.encode())
     return h.hexdigest()[:16]

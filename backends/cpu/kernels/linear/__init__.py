@@ -1,7 +1,8 @@
 """The CPU linear layer through jax.ffi: reference, validation, kernel, public wrapper.
 
 y [T, *out_shape] = x [T, *in_shape] @ w for an engine.model.quant.QuantizedWeight in any
-of its formats (float32, bf16, int8 per-channel, GGUF q8_0/q4_0/q4_1/q4_k/q6_k), computed by
+of its formats (float32, bf16, int8 per-channel, GGUF q8_0/q4_0/q4_1/q4_k/q6_k, and the
+VNNI-packed q4_0x/q4_1x/q8_0x/int8x of engine.model.packed), computed by
 linear.cc at the ISA level chosen here, with float32 activations or (int_act, int8 and GGUF
 weights) activations quantized per block of 32 and integer dots. The reference is
 engine.model.quant.reference_linear (with int_act: the same activation quantization).
@@ -18,6 +19,7 @@ import numpy as np
 
 from backends.cpu.kernels import build
 from engine import envs
+from engine.model import packed
 from engine.model.quant import (
     BLOCK,
     FORMATS,
@@ -61,6 +63,11 @@ def _check(x: jax.Array, w: QuantizedWeight) -> None:
         raise ValueError(f"{w.fmt} needs K divisible by {BLOCK}, got K={w.k}")
     if w.fmt in SUPER_BYTES and w.k % SUPER:
         raise ValueError(f"{w.fmt} needs K divisible by {SUPER}, got K={w.k}")
+    if w.fmt in packed.UNPACKED:
+        if w.k % BLOCK or w.data.shape != packed.data_shape(w.fmt, w.n, w.k):
+            raise ValueError(f"{w.fmt} data {w.data.shape} does not fit a packed weight of "
+                             f"N={w.n}, K={w.k}")
+        return
     if w.data.shape != (w.n, row_bytes(w.fmt, w.k)) and w.fmt not in ("f32", "bf16", "int8"):
         raise ValueError(f"{w.fmt} data {w.data.shape} is not [N={w.n}, row bytes]")
     if w.fmt in ("f32", "bf16", "int8") and w.data.shape != (w.n, w.k):
@@ -71,12 +78,15 @@ def kernel(x: jax.Array, w: QuantizedWeight, isa: int, int_act: bool = False) ->
     """The FFI call: x [T, *in_shape] -> [T, *out_shape] (x's dtype, float32 inside).
     int_act: integer activations (int8 and GGUF formats, K a multiple of 32)."""
     _check(x, w)
+    if w.fmt in packed.UNPACKED and (not int_act or isa < 3):
+        raise ValueError(f"{w.fmt} (packed for VNNI) needs integer activations and ISA level "
+                         f">= 3, got int_act={int_act}, isa={isa}")
     if int_act and not int_activations_ok(w):
         raise ValueError(f"integer activations need an int8 or GGUF weight with K divisible "
                          f"by {BLOCK}; got {w.fmt} with K={w.k}")
     t = x.shape[0]
     x2 = x.reshape(t, w.k).astype(jnp.float32)  # [T, K]
-    scales = w.scales if w.fmt == "int8" else jnp.zeros((0,), jnp.float32)
+    scales = w.scales if w.fmt in ("int8", "int8x") else jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, w.n), jnp.float32))
     y = call(x2, w.data, scales, fmt=np.int32(FORMATS[w.fmt]), isa=np.int32(isa),
              act=np.int32(int_act))  # [T, N]

@@ -12,6 +12,8 @@
 //   7 q6_k  GGUF super-blocks of 256 (210 bytes): 128 bytes low nibbles, 64 bytes high 2-bit
 //           pairs, 16 int8 scales, f16 d; sub-block h of 16: w = d*sc[h]*(q - 32)
 // In a nibble block, byte j holds element j in its low nibble and element j + 16 in its high.
+//   8 q4_0x, 9 q4_1x, 10 q8_0x, 11 int8x: q4_0, q4_1, q8_0 and int8 packed at load for VNNI
+//           (level 3 and up, integer activations only); packed.h and packed.cc.
 //
 // Activations (the `act` attribute): 0 float32 as given; 1 quantized per block of 32 to int8
 // (llama.cpp's Q8 activations: d = max|x| * (1/127), q = round-half-even(x * (1/d))) and
@@ -45,6 +47,7 @@
 
 #include <sched.h>
 
+#include "packed.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,8 +55,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 enum Fmt : int32_t {
-  F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q4_K = 6, Q6_K = 7, NUM_FMTS = 8
+  F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q4_K = 6, Q6_K = 7, NUM_FMTS = 12
 };
+using engine_cpu::IsPacked;
 constexpr int kTile = 4;    // output rows decoded together
 constexpr int kBlock = 32;  // GGUF block length along K
 constexpr int kSuper = 256;  // GGUF K-quant super-block length
@@ -1091,8 +1095,9 @@ void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, i
   // (LinearIntVnni); otherwise (AVX2, AVX-512 without VNNI, the K-quants) the float tiles'
   // FMAs beat row-by-row integer dots, so the quantized x, as floats d * q, takes the float
   // path.
+  const bool packed = IsPacked(fmt);
   const bool tiled = isa >= 3 && m > kDirectRows && VnniTiled(fmt);
-  const bool as_float = isa >= 1 && m > kDirectRows && !tiled;
+  const bool as_float = isa >= 1 && m > kDirectRows && !tiled && !packed;
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * nb), xds(m * nb), xf(as_float ? m * k : 0);
   auto quantize = isa >= 1 ? QuantizeRowAvx2 : QuantizeRowGeneric;
@@ -1101,6 +1106,14 @@ void LinearInt(const float* xp, const uint8_t* wp, const float* sp, float* yp, i
              as_float ? xf.data() + r * k : nullptr);
   }
   if (as_float) return LinearFloat(xf.data(), wp, sp, yp, m, n, k, fmt, isa);
+  if (packed) {  // one kernel for every m (packed.cc)
+    const engine_cpu::PackedArgs args{xq.data(), xd.data(), xds.data(), wp, sp, yp, m, n, k, fmt};
+    const int64_t tiles = (n + engine_cpu::kPackCols - 1) / engine_cpu::kPackCols;
+    ForTiles(tiles, m * n * k / 4, [&](int64_t t0, int64_t t1) {
+      engine_cpu::PackedTiles(args, t0, t1);
+    });
+    return;
+  }
   if (tiled) return LinearIntVnni(xq.data(), xd.data(), xds.data(), wp, sp, yp, m, n, k, fmt);
   if (isa >= 1 && fmt <= Q4_1) {
     auto direct = isa >= 3 ? DotDirectVnni : DotDirectAvx2;
@@ -1164,18 +1177,26 @@ ffi::Error Linear(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F3
     return ffi::Error::InvalidArgument(
         "integer activations need an int8 or GGUF weight and K divisible by 32");
   }
-  if (int64_t(w.size_bytes()) != n * RowBytes(fmt, k)) {
+  if (IsPacked(fmt) && (act != 1 || isa < 3)) {
+    return ffi::Error::InvalidArgument(
+        "packed weights (q4_0x, q4_1x, q8_0x, int8x) need integer activations and VNNI");
+  }
+  const int64_t bytes = IsPacked(fmt) ? engine_cpu::PackedBytes(fmt, n, k) : n * RowBytes(fmt, k);
+  if (int64_t(w.size_bytes()) != bytes) {
     return ffi::Error::InvalidArgument("engine_cpu_linear: W has the wrong byte count");
   }
   const int64_t ns = scales.element_count();
   if (ns != 0 && ns != n) return ffi::Error::InvalidArgument("scales must be [N] or empty");
+  if ((fmt == INT8 || fmt == engine_cpu::kInt8x) && ns != n) {
+    return ffi::Error::InvalidArgument("int8 weights need their scales [N]");
+  }
   if (isa < 0 || isa > 4 || !CpuHas(isa)) {
     return ffi::Error::InvalidArgument("engine_cpu_linear: ISA level not supported here");
   }
   const float* sp = ns ? scales.typed_data() : nullptr;
   const uint8_t* wp = static_cast<const uint8_t*>(w.untyped_data());
 #ifdef ENGINE_HAVE_AMX
-  if (isa >= 4 && m > kDirectRows) {
+  if (isa >= 4 && m > kDirectRows && !IsPacked(fmt)) {
     LinearAmx(x.typed_data(), wp, sp, y->typed_data(), m, n, k, fmt);
     return ffi::Error::Success();
   }
