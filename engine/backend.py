@@ -182,6 +182,14 @@ class Backend(abc.ABC):
         Default: the plain-JAX reference (dequantize, then one float32 dot)."""
         return reference_linear(x, w)
 
+    def pack_weights(self, params: Any) -> Any:
+        """The serving weights in this backend's own layout, made once where they are placed
+        (start-up, weight updates; never `engine convert`, whose files stay portable): some
+        QuantizedWeights replaced by ones `linear` reads faster, in place (the old arrays
+        freed one by one, so the weights are never held twice), the tree returned. Weights
+        already in that layout are kept. Default: as they are."""
+        return params
+
     def add_rms_norm(self, x: jax.Array, y: jax.Array, w: jax.Array, eps: float
                      ) -> tuple[jax.Array, jax.Array]:
         """A residual add and the norm after it: x, y [T, E], w [E] -> (rms_norm(x + y) * w,

@@ -275,6 +275,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
+    loaded.params = backend.pack_weights(loaded.params)  # the backend's layout, once
+    loaded.recipe = dataclasses.replace(loaded.recipe, pack=backend.pack_weights)
     loaded.params = jax.block_until_ready(commit(loaded.params))
     phases.mark("weights")
     cfg = loaded.cfg
@@ -380,7 +382,7 @@ def _draft(t: Target) -> DraftModelProposer:
     mesh = t.backend.mesh
     loaded = load_weights(config, t.backend, t.dtype, t.scan, mesh,
                           t.backend.mesh_rules if mesh is not None else None, t.place)
-    loaded.params = commit(loaded.params)
+    loaded.params = commit(t.backend.pack_weights(loaded.params))
     cfg = loaded.cfg
     if cfg.vocab_size > t.vocab_size:
         raise ValueError(f"the draft model {sp.speculative_draft_model} has a vocabulary of "
@@ -543,5 +545,7 @@ def load_update(config: Any, recipe: WeightRecipe, backend: Any, current: Params
                         jnp.dtype(recipe.dtype), recipe.scan, recipe.place)
     check_architecture(loaded.cfg, recipe.cfg)
     params = recipe.finish(loaded.params, loaded.path)
+    if recipe.pack is not None:  # the backend's layout, as at start-up
+        params = recipe.pack(params)
     check_tree(params, current)
     return place_like(params, current)

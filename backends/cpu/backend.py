@@ -12,7 +12,8 @@ import jax
 from backends.cpu.attention import ragged_paged_attention
 from engine.attention import AttentionMetadata
 from engine.backend import Backend, Capabilities, MemoryInfo
-from engine.model.quant import QuantizedWeight, int_activations_ok, reference_linear
+from engine.model.packed import UNPACKED
+from engine.model.quant import QuantizedWeight, int_activations_ok, pack_tiles, reference_linear
 
 
 class CpuBackend(Backend):
@@ -77,16 +78,37 @@ class CpuBackend(Backend):
             return norm.kernel(x, y, w, eps)
         return super().add_rms_norm(x, y, w, eps)
 
+    def pack_weights(self, params: Any) -> Any:
+        """q4_0, q4_1, q8_0 and int8 weights packed for the VNNI kernel (q4_0x, ...:
+        engine.model.packed; a tied embedding too, which embed_rows reads packed) where the
+        kernel runs at level 3 or above with integer activations and no mesh (sharded
+        weights keep the GGUF layout); in place, one weight at a time."""
+        from backends.cpu.kernels import linear as kernels
+
+        if self.mesh is not None or not self.int_activations or kernels.isa_level() < 3:
+            return params
+
+        def walk(node: Any) -> None:
+            for key in list(node) if isinstance(node, dict) else range(len(node)):
+                if isinstance(node[key], QuantizedWeight):
+                    node[key] = pack_tiles(node[key])  # the old arrays go with their reference
+                elif isinstance(node[key], (dict, list)):
+                    walk(node[key])
+
+        walk(params)
+        return params
+
     def linear(self, x: jax.Array, w: QuantizedWeight) -> jax.Array:
         """The C++ kernel at every step size (kernels/linear/tuning.py has the measurements),
         with integer activations for int8 and GGUF weights unless option `activations` is
         'float'. The plain-JAX reference (of the same arithmetic) without the kernel library,
         under a mesh (the kernel's custom call is opaque to XLA's partitioner), or for a
-        format the kernel does not read (fp8, int4)."""
+        format the kernel does not read (fp8, int4; packed weights below level 3)."""
         from backends.cpu.kernels import linear as kernels
 
         int_act = self.int_activations and int_activations_ok(w)
         isa = kernels.isa_level()
-        if isa < 0 or self.mesh is not None or w.fmt not in kernels.FORMATS:
+        if (isa < 0 or self.mesh is not None or w.fmt not in kernels.FORMATS
+                or (w.fmt in UNPACKED and (isa < 3 or not int_act))):
             return reference_linear(x, w, int_act)
         return kernels.kernel(x, w, isa, int_act)

@@ -190,6 +190,19 @@ def test_backend_default_agrees_with_float32(models, oracle, method):
     assert np.median(err) <= median and err.max() <= 0.2, (np.median(err), err.max())
 
 
+@pytest.mark.skipif(kernels.isa_level() < 3, reason="packed weights need AVX-512 VNNI")
+def test_packed_weights_compute_what_the_blocks_did(models):
+    """The GGUF blocks packed for VNNI as the CPU backend packs them at load (q4_1x layers,
+    the tied Q8_0 embedding and head as q8_0x, read back by the embedding gather): through
+    the backend's linear, every logit of 32-token prompts bit for bit what the blocks gave
+    (above 4 rows both run the same integer tiles in the same float order)."""
+    cfg, ids, params = models
+    backend = CpuBackend()
+    packed = backend.pack_weights(dict(params["gguf"], layers=dict(params["gguf"]["layers"])))
+    assert packed["layers"]["wqkv"].fmt == "q4_1x" and packed["embed"].fmt == "q8_0x"
+    want = logits(cfg, params["gguf"], ids[:2], backend.linear)
+    np.testing.assert_array_equal(logits(cfg, packed, ids[:2], backend.linear), want)
+
 
 # Measured 2026-12-03 (teacher-forced top-1 agreement with float32 over the 256 positions;
 # relative max logit error per position, median and max):
