@@ -90,6 +90,8 @@ class CpuBackend(Backend):
 
         def walk(node: Any) -> None:
             for key in list(node) if isinstance(node, dict) else range(len(node)):
+                if str(key).startswith("expert_"):  # experts: dequantized, never the kernel
+                    continue
                 if isinstance(node[key], QuantizedWeight):
                     node[key] = pack_tiles(node[key])  # the old arrays go with their reference
                 elif isinstance(node[key], (dict, list)):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from engine.model.config import ModelConfig
-from engine.model.quant import QuantizedWeight, dequantize_rows
+from engine.model.quant import QuantizedWeight, weight_rows
 
 Params = dict[str, Any]
 
@@ -84,7 +84,7 @@ def expert_weights(w: jax.Array | QuantizedWeight, dtype: jnp.dtype) -> jax.Arra
     checkpoint's) dequantized to `dtype` first, the reference path."""
     if not isinstance(w, QuantizedWeight):
         return w
-    nk = dequantize_rows(w.data, w.scales, w.fmt, w.k, w.zeros)  # [X, N, K]
+    nk = weight_rows(w)  # [X, N, K]
     return jnp.swapaxes(nk, -1, -2).astype(dtype)
 
 
