@@ -49,6 +49,17 @@ def default_llm(default_gguf: Path):
                chunked_prefill_size=256)
 
 
+@pytest.fixture(scope="session")
+def float32_llm(default_gguf: Path):
+    """The default model with float32 weights (quantization f32: the blocks dequantized at
+    load, float activations), for comparisons with HF transformers token by token; the CPU
+    preset keeps the GGUF blocks and quantizes activations, which moves logits by ~1e-2."""
+    from engine import LLM
+
+    return LLM(backend="cpu", max_total_tokens=8192, max_running_requests=16,
+               chunked_prefill_size=256, quantization="f32")
+
+
 def pytest_configure(config):
     import jax
 

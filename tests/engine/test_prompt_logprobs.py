@@ -64,10 +64,10 @@ def test_tiny_config_in_chunks_and_mixed_batches(tiny) -> None:
     check(again, prompts[0], hf_logprobs(model, prompts[0]), 5, start=20)
 
 
-def test_default_model(default_llm: LLM, default_tokenizer, hf_default_model) -> None:
+def test_default_model(float32_llm: LLM, default_tokenizer, hf_default_model) -> None:
     # One prompt step (each new step shape compiles the whole model: chunking is the tiny
     # model's test above).
     prompt = default_tokenizer.encode("The capital of France is Paris. The capital of Italy "
                                       "is Rome, and the capital of Spain is Madrid.")
-    out = default_llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    out = float32_llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
     check(out, prompt, hf_logprobs(hf_default_model, prompt), 1)

@@ -34,9 +34,9 @@ def test_logits_match_hf(ours, hf_default_model, default_tokenizer):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_generation_matches_hf(default_llm, hf_default_model, default_tokenizer):
+def test_greedy_generation_matches_hf(float32_llm, hf_default_model, default_tokenizer):
     n = 24
-    outs = default_llm.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0.0,
+    outs = float32_llm.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0.0,
                                                         ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = default_tokenizer.encode(prompt)
