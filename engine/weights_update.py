@@ -164,11 +164,12 @@ def _copy_dicts(tree: Params) -> Params:
 
 
 def prepare(tree: Any, current: Params, recipe: WeightRecipe, path: Any = None,
-            name_map: Mapping[str, str] | None = None) -> Params:
+            name_map: Mapping[str, str] | None = None, backend: Any = None) -> Params:
     """New weights, ready to swap in for `current`. `tree`: the model's parameter tree in
     its serving form (fused, quantized: another engine's params), or its float form as
     loaded (wq/wk/wv, unquantized), or a flat mapping of HF names (renamed first by
-    `name_map`, the caller's name -> HF name). Raises ValueError on any mismatch."""
+    `name_map`, the caller's name -> HF name). `backend` (the serving engine's) prepares
+    them as it did at load (Backend.prepare_weights). Raises ValueError on any mismatch."""
     if name_map is not None:
         tree = {name_map.get(k, k): v for k, v in tree.items()}
     if is_hf_named(tree):
@@ -179,6 +180,8 @@ def prepare(tree: Any, current: Params, recipe: WeightRecipe, path: Any = None,
     if jax.tree.structure(tree) != jax.tree.structure(current):
         check_tree(tree, recipe.raw_spec())  # float weights as loaded: fuse and quantize
         tree = recipe.finish(_copy_dicts(dict(tree)), path)
+    if backend is not None:  # as at load (ROCm on MI300: fp8 weights in e4m3fnuz)
+        tree = backend.prepare_weights(tree)
     check_tree(tree, current)
     return place_like(tree, current)
 
