@@ -58,6 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from backends.gpu.kernels import fp8 as fp8_kernel
 from backends.gpu.kernels import quant_tuning
 from engine.model.quant import FP8_TYPES, QuantizedWeight, dequantize_rows, fp8_rows
 
@@ -251,9 +252,9 @@ def _weight_values(w: jax.Array, fmt: str, gemv: bool,
     """An int8 tile, or e4m3 bits (of type `fp8`) as uint8, as bf16 for the tensor cores or
     f32 for GEMV (exact either way). int8 without an int->float convert: its byte offset by
     128 (b ^ 0x80 = b + 128 in [0, 255]) OR-ed into the mantissa of 2^23 is 2^23 + 128 + b."""
-    if fmt == "fp8":
-        return lax.bitcast_convert_type(w, fp8).astype(
-            jnp.float32 if gemv else jnp.bfloat16)
+    if fmt == "fp8":  # fnuz: decoded from its bits (Pallas cannot cast it: kernels/fp8.py)
+        return fp8_kernel.upcast(lax.bitcast_convert_type(w, fp8),
+                                 jnp.float32 if gemv else jnp.bfloat16)
     u = lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint32)
     v = lax.bitcast_convert_type((u ^ 0x80) | MAGIC_2_23, jnp.float32) - float(2**23 + 128)
     return v if gemv else v.astype(jnp.bfloat16)

@@ -310,3 +310,19 @@ def test_engine_fnuz_greedy_equals_cuda_fp8(tmp_path):
     rocm.update_weights(load_ours(model, scan=False)[1])
     assert rocm.engine.runner.params["layers"][0]["wo"].data.dtype == FNUZ
     assert [o.token_ids for o in rocm.generate(prompts, sp)] == [o.token_ids for o in got]
+
+
+def test_kernels_decode_fnuz_bits_exactly():
+    """Pallas cannot cast float8_e4m3fnuz in a kernel: kernels/fp8.py decodes the bytes.
+    Every byte's value, as f32 and bf16, is ml_dtypes' (0x80, fnuz's NaN, reads -0)."""
+    from backends.gpu.kernels.fp8 import fnuz_values, upcast
+
+    codes = np.arange(256, dtype=np.uint8)
+    want = codes.view(ml_dtypes.float8_e4m3fnuz).astype(np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(fnuz_values(jnp.asarray(codes), dtype), np.float32)
+        np.testing.assert_array_equal(np.delete(got, 0x80), np.delete(want, 0x80))
+        assert got[0x80] == 0
+    x = jnp.asarray(codes.view(ml_dtypes.float8_e4m3fnuz))
+    np.testing.assert_array_equal(np.asarray(upcast(x, jnp.float32)),
+                                  np.asarray(fnuz_values(jnp.asarray(codes), jnp.float32)))
