@@ -234,10 +234,10 @@ def test_kernels_read_fnuz_cache_like_the_oracle(q_lens):
 IDS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]
 
 
-def model_logits(cfg, params, linear, page: int = 4) -> np.ndarray:
-    """Next-token logits [len(IDS), V] of IDS as one prompt step, attention by the CPU
+def model_logits(cfg, params, linear, page: int = 4, ids: list[int] = IDS) -> np.ndarray:
+    """Next-token logits [len(ids), V] of `ids` as one prompt step, attention by the CPU
     oracle, every projection by `linear`."""
-    n = len(IDS)
+    n = len(ids)
     pages = -(-n // page) + 1
     shape = (pages, page, cfg.num_kv_heads, cfg.head_dim)
     kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
@@ -247,7 +247,7 @@ def model_logits(cfg, params, linear, page: int = 4) -> np.ndarray:
     md = AttentionMetadata.one_sequence(0, n, np.arange(pages, dtype=np.int32)[None], page,
                                         pages)
     tok = np.zeros(md.positions.shape[0], np.int32)
-    tok[:n] = IDS
+    tok[:n] = ids
     return np.asarray(fwd(params, kv, tok, md, np.arange(n, dtype=np.int32))[0])
 
 
@@ -326,3 +326,33 @@ def test_kernels_decode_fnuz_bits_exactly():
     x = jnp.asarray(codes.view(ml_dtypes.float8_e4m3fnuz))
     np.testing.assert_array_equal(np.asarray(upcast(x, jnp.float32)),
                                   np.asarray(fnuz_values(jnp.asarray(codes), jnp.float32)))
+
+
+@pytest.mark.parametrize("scheme", ["ct-fp8", "hf-fp8"])
+def test_fp8_checkpoint_converts_for_fnuz(tmp_path, scheme):
+    """A pre-quantized fp8 checkpoint (compressed-tensors per channel; HF's 32 x 32 block
+    scales: grouped, our W8A8 kernel) read in e4m3fn, converted by prepare_weights: the
+    same dequantized weights, and logits near the e4m3fn run's and the float model's
+    (2026-12-04, relative: ct-fp8 fnuz vs fn 0.065, vs float 0.045, fn vs float 0.049;
+    hf-fp8 0.060, 0.045, 0.043; the W8A8 activations' rounding, as with fp8 made at load)."""
+    from engine.loader.load import load_checkpoint
+    from engine.model.weights import fuse_qkv, params_from_hf
+    from tests.models.prequant_checkpoints import write_checkpoint
+
+    ref = write_checkpoint(tmp_path, scheme)
+    ckpt = load_checkpoint(tmp_path, progress=False)
+    cfg = ckpt.config
+    fp8 = fuse_qkv(params_from_hf(ckpt.tensors, cfg, jnp.float32, scan=False))
+    rocm = RocmBackend(FNUZ_OPTS)
+    fnuz = rocm.prepare_weights(fp8)
+    for name in ("wqkv", "wo", "w_down"):
+        a, b = fp8["layers"][0][name], fnuz["layers"][0][name]
+        assert a.fmt == "fp8" and b.data.dtype == FNUZ and b.grouped == (scheme == "hf-fp8")
+        np.testing.assert_array_equal(np.asarray(dequantize_rows(b.data, b.scales, "fp8", b.k)),
+                                      np.asarray(dequantize_rows(a.data, a.scales, "fp8", a.k)))
+    ids = [i % cfg.vocab_size for i in IDS]
+    got = model_logits(cfg, fnuz, rocm.linear, ids=ids)
+    fn = model_logits(cfg, fp8, CudaBackend({"interpret": True}).linear, ids=ids)
+    want = model_logits(cfg, fuse_qkv(params_from_hf(ref, cfg, jnp.float32, scan=False)),
+                        reference_linear, ids=ids)
+    assert rel_err(got, fn) < 0.1 and rel_err(got, want) < 1.2 * rel_err(fn, want) + 1e-3
