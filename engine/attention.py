@@ -74,14 +74,25 @@ class AttentionMetadata:
 
 
 FP8_KV_MAX = 448.0
-"""The largest float8_e4m3fn: an fp8 KV cache (scale 1) stores K/V clipped to it."""
+"""The largest float8_e4m3fn: an fp8 KV cache (scale 1) stores K/V clipped to it (a
+float8_e4m3fnuz cache, MI300's, to its own largest, 240)."""
+FP8_KV_TYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e4m3fnuz))
+"""The element types of an fp8 KV cache: OCP e4m3 (--kv-cache-dtype fp8), or MI300's e4m3
+when the ROCm backend runs it (fp8_type e4m3fnuz)."""
+
+
+def is_fp8_kv(dtype: jnp.dtype) -> bool:
+    """Whether a cache of `dtype` is an fp8 one (scale 1), which the attention reads upcast."""
+    return jnp.dtype(dtype) in FP8_KV_TYPES
 
 
 def to_cache_dtype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """x as the cache's element type; float8 caches (scale 1) clip first, since e4m3fn has
-    no infinity and a value past 448 would become NaN."""
-    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
-        x = jnp.clip(x, -FP8_KV_MAX, FP8_KV_MAX)
+    """x as the cache's element type; float8 caches (scale 1) clip first to the type's
+    largest value (448 for e4m3fn, 240 for e4m3fnuz), since neither has an infinity and a
+    value past it would become NaN."""
+    if is_fp8_kv(dtype):
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -top, top)
     return x.astype(dtype)
 
 

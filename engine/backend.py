@@ -44,7 +44,8 @@ class Capabilities:
     """Smallest token bucket of a step (a power of two up to 16). The CPU backend lowers it
     with its option min_token_bucket, so that a batch-1 decode step computes one row."""
     fp8_kv: bool = False
-    """The attention reads a float8_e4m3fn KV cache (upcast where loaded): --kv-cache-dtype fp8."""
+    """The attention reads an fp8 KV cache (upcast where loaded): --kv-cache-dtype fp8, in the
+    backend's `fp8_dtype`."""
     spmd_attention: bool = True
     """The attention is plain JAX that XLA's SPMD partitioner can shard. False for custom
     kernels: under tensor parallelism they run per device over their heads (shard_map)."""
@@ -76,6 +77,10 @@ class Backend(abc.ABC):
     can_interpret: bool = False
     """The kernels also run in the Pallas interpreter on the CPU (backend option interpret,
     CLI --interpret): slow, for tests and porting."""
+    fp8_dtype: Any = jnp.dtype(jnp.float8_e4m3fn)
+    """The hardware's e4m3 type: of an fp8 KV cache, and of fp8 weights once prepare_weights
+    has run. OCP float8_e4m3fn everywhere but where the ROCm backend runs MI300's
+    float8_e4m3fnuz (its option fp8_type)."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -110,6 +115,12 @@ class Backend(abc.ABC):
         devices = self.devices() if self.mesh is None else list(self.mesh.devices.flat)
         local = [d for d in devices if d.process_index == jax.process_index()]
         return local if self.mesh is not None else local[:1]
+
+    def prepare_weights(self, params: Any) -> Any:
+        """The loaded parameter tree (fused, quantized: engine.model.quant's shared formats)
+        as this backend runs it; called once at load and on every weight update, before the
+        arrays are committed to their shardings. Default: as it is."""
+        return params
 
     @abc.abstractmethod
     def memory_info(self) -> MemoryInfo:
@@ -181,14 +192,6 @@ class Backend(abc.ABC):
         """x [T, *in_shape] @ a quantized weight -> [T, *out_shape] (engine.model.quant).
         Default: the plain-JAX reference (dequantize, then one float32 dot)."""
         return reference_linear(x, w)
-
-    def pack_weights(self, params: Any) -> Any:
-        """The serving weights in this backend's own layout, made once where they are placed
-        (start-up, weight updates; never `engine convert`, whose files stay portable): some
-        QuantizedWeights replaced by ones `linear` reads faster, in place (the old arrays
-        freed one by one, so the weights are never held twice), the tree returned. Weights
-        already in that layout are kept. Default: as they are."""
-        return params
 
     def add_rms_norm(self, x: jax.Array, y: jax.Array, w: jax.Array, eps: float
                      ) -> tuple[jax.Array, jax.Array]:

@@ -181,10 +181,15 @@ def qkv_fusable(cfg: ModelConfig, mesh: Any, rules: dict[str, Any]) -> bool:
     return shards("heads", cfg.num_heads) == shards("kv_heads", cfg.num_kv_heads)
 
 
-def kv_cache_dtype(name: str, dtype: jnp.dtype) -> jnp.dtype:
-    """The KV cache's element type: the model's dtype ('auto'), or float8_e4m3fn ('fp8', K/V
-    stored with scale 1: written clipped to +-448, read upcast by the attention)."""
-    return jnp.dtype(jnp.float8_e4m3fn) if name == "fp8" else dtype
+def kv_cache_dtype(name: str, dtype: jnp.dtype, backend: Backend | None = None
+                   ) -> jnp.dtype:
+    """The KV cache's element type: the model's dtype ('auto'), or for 'fp8' the backend's
+    e4m3 (Backend.fp8_dtype: float8_e4m3fn, or float8_e4m3fnuz where the ROCm backend runs
+    MI300's; e4m3fn without a backend). K/V are stored with scale 1: written clipped to the
+    type's largest value (448, fnuz 240), read upcast by the attention."""
+    if name != "fp8":
+        return dtype
+    return jnp.dtype(backend.fp8_dtype if backend is not None else jnp.float8_e4m3fn)
 
 
 def kv_pages(config: EngineConfig, cfg: ModelConfig, backend: Backend, itemsize: int,
@@ -275,12 +280,11 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         place = functools.partial(named_sharding, mesh=mesh, rules=rules)
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
-    loaded.params = backend.pack_weights(loaded.params)  # the backend's layout, once
-    loaded.recipe = dataclasses.replace(loaded.recipe, pack=backend.pack_weights)
+    loaded.params = backend.prepare_weights(loaded.params)  # e.g. ROCm: fp8 as MI300's
     loaded.params = jax.block_until_ready(commit(loaded.params))
     phases.mark("weights")
     cfg = loaded.cfg
-    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype, backend)
     peak = 0  # host memory (the CPU backend) is ample next to a step's activations
     if config.cache.max_total_tokens is None and caps.platform not in ("cpu", "torch"):
         peak = activation_peak(config, cfg, loaded.params, backend, kv_dtype, scan, place)
@@ -382,7 +386,7 @@ def _draft(t: Target) -> DraftModelProposer:
     mesh = t.backend.mesh
     loaded = load_weights(config, t.backend, t.dtype, t.scan, mesh,
                           t.backend.mesh_rules if mesh is not None else None, t.place)
-    loaded.params = commit(t.backend.pack_weights(loaded.params))
+    loaded.params = commit(t.backend.prepare_weights(loaded.params))
     cfg = loaded.cfg
     if cfg.vocab_size > t.vocab_size:
         raise ValueError(f"the draft model {sp.speculative_draft_model} has a vocabulary of "
@@ -544,8 +548,6 @@ def load_update(config: Any, recipe: WeightRecipe, backend: Any, current: Params
     loaded = load_model(dataclasses.replace(config, model=model), backend,
                         jnp.dtype(recipe.dtype), recipe.scan, recipe.place)
     check_architecture(loaded.cfg, recipe.cfg)
-    params = recipe.finish(loaded.params, loaded.path)
-    if recipe.pack is not None:  # the backend's layout, as at start-up
-        params = recipe.pack(params)
+    params = backend.prepare_weights(recipe.finish(loaded.params, loaded.path))
     check_tree(params, current)
     return place_like(params, current)

@@ -5,7 +5,7 @@ fused, quantized as asked) written as an orbax checkpoint that `engine serve OUT
 The weights go through the same path as an engine start (builder.load_weights) on the
 chosen backend, in its default dtype unless --dtype says otherwise. Only the --quantization
 given here (or in the --config file) is applied: the CPU preset's quantization (auto) is not,
-nor a backend's own packing (Backend.pack_weights, the CPU's VNNI tiles), so a checkpoint
+nor a backend's own layout (Backend.prepare_weights: the CPU's VNNI tiles), so a checkpoint
 converted on one machine serves on any backend; the engine that restores it applies its own
 preset's layout then.
 """

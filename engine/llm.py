@@ -64,7 +64,7 @@ class LLM:
         from engine.weights_update import prepare, swap
 
         new = prepare(params, self.engine.runner.params, self.engine.weight_recipe,
-                      name_map=name_map)
+                      name_map=name_map, backend=self.engine.runner.backend)
         version = swap(self.engine, new, weight_version)
         self.model.params = new  # the old weights are freed with their last reference
         return version

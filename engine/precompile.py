@@ -131,7 +131,7 @@ def precompile(config: EngineConfig, *, target: str | None = None, limit: int | 
 
     params = jax.tree.map(sds, jax.eval_shape(made))
     param_bytes = tree_bytes(params)
-    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)  # as the builder's pool
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype, backend)  # as the builder's
     num_pages = kv_num_pages(config, cfg, backend, kv_dtype, param_bytes, target)
     page = config.cache.page_size
     kv = jax.tree.map(sds, jax.eval_shape(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -51,9 +51,6 @@ class WeightRecipe:
     """(shape, logical axes) -> sharding under a mesh; None on one device."""
     fuse_gate_up: bool = True
     """w_gate/w_up fused into w_gate_up (engine.model.weights.fuse_gate_up)."""
-    pack: Callable[[Params], Params] | None = None
-    """The backend's own weight layout (Backend.pack_weights), applied after `finish` to
-    serving weights (start-up and updates); None where none is (engine convert)."""
 
     def finish(self, params: Params, path: Any = None) -> Params:
         """Fuse and quantize float weights as start-up did (in place; returned). `path`: the
@@ -167,11 +164,12 @@ def _copy_dicts(tree: Params) -> Params:
 
 
 def prepare(tree: Any, current: Params, recipe: WeightRecipe, path: Any = None,
-            name_map: Mapping[str, str] | None = None) -> Params:
+            name_map: Mapping[str, str] | None = None, backend: Any = None) -> Params:
     """New weights, ready to swap in for `current`. `tree`: the model's parameter tree in
     its serving form (fused, quantized: another engine's params), or its float form as
     loaded (wq/wk/wv, unquantized), or a flat mapping of HF names (renamed first by
-    `name_map`, the caller's name -> HF name). Raises ValueError on any mismatch."""
+    `name_map`, the caller's name -> HF name). `backend` (the serving engine's) prepares
+    them as it did at load (Backend.prepare_weights). Raises ValueError on any mismatch."""
     if name_map is not None:
         tree = {name_map.get(k, k): v for k, v in tree.items()}
     if is_hf_named(tree):
@@ -179,13 +177,11 @@ def prepare(tree: Any, current: Params, recipe: WeightRecipe, path: Any = None,
     if not isinstance(tree, Mapping) or "layers" not in tree:
         raise ValueError("the new weights must be the model's parameter tree (embed, norm, "
                          "layers, ...) or a mapping of HF tensor names")
-    if recipe.pack is not None:  # serving form in another layout (another backend's engine)
-        tree = recipe.pack(_copy_dicts(dict(tree)))
     if jax.tree.structure(tree) != jax.tree.structure(current):
         check_tree(tree, recipe.raw_spec())  # float weights as loaded: fuse and quantize
         tree = recipe.finish(_copy_dicts(dict(tree)), path)
-        if recipe.pack is not None:
-            tree = recipe.pack(tree)
+    if backend is not None:  # as at load (ROCm on MI300: fp8 weights in e4m3fnuz)
+        tree = backend.prepare_weights(tree)
     check_tree(tree, current)
     return place_like(tree, current)
 

@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, is_fp8_kv
 
 TOKEN_CHUNK = 64
 
@@ -51,7 +51,7 @@ def ragged_paged_attention(
         c = qc.shape[0]
         k = gather(k_cache, pages)  # k: [C, K, Hkv, D], K = P * page
         v = gather(v_cache, pages)
-        if k.dtype == jnp.float8_e4m3fn:  # an fp8 cache (scale 1): read upcast
+        if is_fp8_kv(k.dtype):  # an fp8 cache (scale 1; e4m3fn, or fnuz on ROCm): read upcast
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         qg = qc.reshape(c, hkv, g, d)
         s = jnp.einsum("ckgd,cnkd->ckgn", qg, k, preferred_element_type=jnp.float32) * scale

@@ -78,11 +78,12 @@ class CpuBackend(Backend):
             return norm.kernel(x, y, w, eps)
         return super().add_rms_norm(x, y, w, eps)
 
-    def pack_weights(self, params: Any) -> Any:
+    def prepare_weights(self, params: Any) -> Any:
         """q4_0, q4_1, q8_0 and int8 weights packed for the VNNI kernel (q4_0x, ...:
         engine.model.packed; a tied embedding too, which embed_rows reads packed) where the
         kernel runs at level 3 or above with integer activations and no mesh (sharded
-        weights keep the GGUF layout); in place, one weight at a time."""
+        weights keep the GGUF layout). In place, one weight at a time (the model is never
+        held twice); packed weights are kept as they are."""
         from backends.cpu.kernels import linear as kernels
 
         if self.mesh is not None or not self.int_activations or kernels.isa_level() < 3:
@@ -93,7 +94,9 @@ class CpuBackend(Backend):
                 if str(key).startswith("expert_"):  # experts: dequantized, never the kernel
                     continue
                 if isinstance(node[key], QuantizedWeight):
-                    node[key] = pack_tiles(node[key])  # the old arrays go with their reference
+                    new = pack_tiles(node[key])
+                    if new is not node[key]:
+                        node[key] = new  # the old arrays go with their last reference
                 elif isinstance(node[key], (dict, list)):
                     walk(node[key])
 

@@ -198,7 +198,7 @@ def test_packed_weights_compute_what_the_blocks_did(models):
     (above 4 rows both run the same integer tiles in the same float order)."""
     cfg, ids, params = models
     backend = CpuBackend()
-    packed = backend.pack_weights(dict(params["gguf"], layers=dict(params["gguf"]["layers"])))
+    packed = backend.prepare_weights(dict(params["gguf"], layers=dict(params["gguf"]["layers"])))
     assert packed["layers"]["wqkv"].fmt == "q4_1x" and packed["embed"].fmt == "q8_0x"
     want = logits(cfg, params["gguf"], ids[:2], backend.linear)
     np.testing.assert_array_equal(logits(cfg, packed, ids[:2], backend.linear), want)

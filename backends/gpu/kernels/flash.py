@@ -6,15 +6,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
+from engine.attention import is_fp8_kv
+
 MASK_VALUE = -1e30
 """Finite, so a fully masked row never makes inf - inf (an empty split keeps m = MASK_VALUE
 and a zero sum)."""
 
 
 def compute_dtype(kv_dtype: jnp.dtype, q_dtype: jnp.dtype) -> jnp.dtype:
-    """The dots' input type: the cache's, or q's for a float8 cache (its K/V blocks are
-    upcast where loaded; the cache's scale is 1)."""
-    return jnp.dtype(q_dtype) if jnp.dtype(kv_dtype) == jnp.float8_e4m3fn else jnp.dtype(kv_dtype)
+    """The dots' input type: the cache's, or q's for a float8 cache, e4m3fn or MI300's
+    e4m3fnuz (its K/V blocks are upcast where loaded; the cache's scale is 1)."""
+    return jnp.dtype(q_dtype) if is_fp8_kv(kv_dtype) else jnp.dtype(kv_dtype)
 
 
 def online_softmax_step(carry: tuple[jax.Array, jax.Array, jax.Array], s: jax.Array,

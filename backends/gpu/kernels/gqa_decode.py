@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from backends.gpu.kernels.flash import MASK_VALUE, compute_dtype, online_softmax_step
+from backends.gpu.kernels.fp8 import upcast
 
 MIN_ROWS = 16
 """Triton's dot needs 16 rows: the G query rows of a KV head are padded to this, masked."""
@@ -69,8 +70,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float,
     def step(j, carry, masked: bool):  # carry: output [R, D], max [R], sum [R]
         kv_pos = start + j * block_k + jnp.arange(block_k)  # [BK]
         slots = pt_ref[pt_base + lax.div(kv_pos, page)] * page + lax.rem(kv_pos, page)
-        k = k_ref[slots, :].astype(cdt)  # [BK, D]
-        v = v_ref[slots, :].astype(cdt)
+        k = upcast(k_ref[slots, :], cdt)  # [BK, D]
+        v = upcast(v_ref[slots, :], cdt)
         sc = plgpu.dot(q, k, trans_b=True)  # [R, BK]
         if masked:
             sc = jnp.where((kv_pos < length)[None, :], sc, MASK_VALUE)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
 from backends.gpu.kernels.gqa_decode import gqa_decode_attention
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, is_fp8_kv
 
 # Block sizes as data (Llama-3.1-8B shape: 32 q / 8 kv heads, D 128, page 16), from the
 # sweep of JAX's kernel in scripts/cuda_probe.py on an H200 (2026-12-01): one pipeline stage
@@ -142,7 +142,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                     interpret=interpret)
     if impl != "jax":
         raise ValueError(f"decode kernel {impl!r}: expected 'jax' or 'gqa'")
-    if k_cache.dtype == jnp.float8_e4m3fn:
+    if is_fp8_kv(k_cache.dtype):
         raise ValueError("JAX's paged_attention (decode_impl jax) does not read an fp8 KV "
                          "cache; use decode_impl gqa (the default)")
     o = paged_attention(

@@ -13,6 +13,9 @@ Weights are engine.model.quant's QuantizedWeight, stored by output channel [N, K
           Up to quant_tuning.FP8_WEIGHT_ONLY_MAX_M rows ('auto'), fp8 weights run
           weight-only instead (`woq_pallas`, as int8: bf16 activations, the e4m3 tile
           converted to bf16 in registers, exact; no activation quantization kernel).
+          On MI300 (ROCm, fp8_type e4m3fnuz) the weight holds float8_e4m3fnuz (converted at
+          load: quant.fp8_to_fnuz) and activations are quantized to it (max 240): every
+          path takes the e4m3 type from the weight's dtype.
     int8  int8 [N, K], scales f32 [N]: weight-only. Up to WOQ_MAX_M rows (decode steps):
           `woq_pallas` reads the int8 tile, converts it in registers (exact; by the
           exponent trick of _weight_values, no int->float convert) and multiplies the f32
@@ -55,8 +58,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from backends.gpu.kernels import fp8 as fp8_kernel
 from backends.gpu.kernels import quant_tuning
-from engine.model.quant import QuantizedWeight, dequantize_rows, fp8_rows
+from engine.model.quant import FP8_TYPES, QuantizedWeight, dequantize_rows, fp8_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +167,12 @@ def _load(ref, mask):
     return plgpu.load(ref, mask=mask, other=0) if mask is not None else plgpu.load(ref)
 
 
-def _load_fp8(ref, mask):
-    """An e4m3 tile from a uint8 ref holding its bits: Pallas' Triton lowering cannot make
-    the masked load's fill value (an int splat) in float8, so the load is of bytes (0 fills:
-    +0.0 in e4m3) and the bits are reinterpreted."""
-    return lax.bitcast_convert_type(_load(ref, mask), jnp.float8_e4m3fn)
+def _load_fp8(ref, mask, fp8):
+    """An e4m3 tile (`fp8`: float8_e4m3fn or float8_e4m3fnuz) from a uint8 ref holding its
+    bits: Pallas' Triton lowering cannot make the masked load's fill value (an int splat) in
+    float8, so the load is of bytes (0 fills: +0.0 in both types) and the bits are
+    reinterpreted."""
+    return lax.bitcast_convert_type(_load(ref, mask), fp8)
 
 
 def _k_tiles(x_ref, w_ref, t, i, j, mnk: tuple[int, int, int], sizes: GemmSizes, load):
@@ -198,8 +203,8 @@ def _store(o_ref, i, j, bm, bn, m, n, out):
 
 
 def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
-                 sizes: GemmSizes, per_split: int, grouped: bool):
-    # x_ref [M, K] and w_ref [N, K]: e4m3 bits as uint8 (_load_fp8); sx_ref [M];
+                 sizes: GemmSizes, per_split: int, grouped: bool, fp8: jnp.dtype):
+    # x_ref [M, K] and w_ref [N, K]: `fp8` bits as uint8 (_load_fp8); sx_ref [M];
     # o_ref [M, N] (this split's);
     # sw_ref [N], or [N, K/G] when grouped (then block_k = G: one scale per step).
     bm, bn, bk = sizes.block_m, sizes.block_n, sizes.block_k
@@ -208,7 +213,8 @@ def _w8a8_kernel(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, m: int, n: int, k: int,
     col_ok = cols < n if n % bn else None
 
     def step(t, acc):
-        x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load_fp8)
+        x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes,
+                        functools.partial(_load_fp8, fp8=fp8))
         part = plgpu.dot(x, w, trans_b=True)  # FP8 x FP8 -> f32 [BM, BN]
         if grouped:
             part = part * _load(sw_ref.at[pl.ds(j * bn, bn), t], col_ok)[None, :]
@@ -241,13 +247,14 @@ MAGIC_2_23 = 0x4B000000
 exactly 2^23 + u."""
 
 
-def _weight_values(w: jax.Array, fmt: str, gemv: bool) -> jax.Array:
-    """An int8 tile, or e4m3 bits as uint8, as bf16 for the tensor cores or f32 for GEMV
-    (exact either way). int8 without an int->float convert: its byte offset by 128
-    (b ^ 0x80 = b + 128 in [0, 255]) OR-ed into the mantissa of 2^23 is 2^23 + 128 + b."""
-    if fmt == "fp8":
-        return lax.bitcast_convert_type(w, jnp.float8_e4m3fn).astype(
-            jnp.float32 if gemv else jnp.bfloat16)
+def _weight_values(w: jax.Array, fmt: str, gemv: bool,
+                   fp8: jnp.dtype = jnp.float8_e4m3fn) -> jax.Array:
+    """An int8 tile, or e4m3 bits (of type `fp8`) as uint8, as bf16 for the tensor cores or
+    f32 for GEMV (exact either way). int8 without an int->float convert: its byte offset by
+    128 (b ^ 0x80 = b + 128 in [0, 255]) OR-ed into the mantissa of 2^23 is 2^23 + 128 + b."""
+    if fmt == "fp8":  # fnuz: decoded from its bits (Pallas cannot cast it: kernels/fp8.py)
+        return fp8_kernel.upcast(lax.bitcast_convert_type(w, fp8),
+                                 jnp.float32 if gemv else jnp.bfloat16)
     u = lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint32)
     v = lax.bitcast_convert_type((u ^ 0x80) | MAGIC_2_23, jnp.float32) - float(2**23 + 128)
     return v if gemv else v.astype(jnp.bfloat16)
@@ -261,8 +268,8 @@ def _tile_dot(x: jax.Array, w: jax.Array, gemv: bool) -> jax.Array:
 
 
 def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
-                fmt: str):
-    # int8/fp8: x_ref [M, K] bf16, w_ref [N, K] int8 (fp8: e4m3 bits as uint8), s_ref [N].
+                fmt: str, fp8: jnp.dtype = jnp.float8_e4m3fn):
+    # int8/fp8: x_ref [M, K] bf16, w_ref [N, K] int8 (fp8: `fp8` bits as uint8), s_ref [N].
     # int4: x_ref [M, K/2, 2] bf16 (column pairs), w_ref [N, K/2] uint8, s_ref, z_ref
     #       [N, K/G]; one step = one group (block_k = G/2 bytes).
     # o_ref [M, N] (this split's). gemv: block_m 1, program_id(0) is x's row.
@@ -315,7 +322,7 @@ def _woq_kernel(*refs, m: int, n: int, k: int, sizes: GemmSizes, per_split: int,
                           _tile_mask(cols, n, kk, k, n % bn != 0, k % bk != 0))
             else:
                 x, w = _k_tiles(x_ref, w_ref, t, i, j, (m, n, k), sizes, _load)
-            return acc + _tile_dot(x, _weight_values(w, fmt, gemv), gemv)
+            return acc + _tile_dot(x, _weight_values(w, fmt, gemv, fp8), gemv)
 
         lo, hi = _k_range(split, per_split, _cdiv(k, bk))
         acc = lax.fori_loop(lo, hi, step, acc0)
@@ -362,8 +369,10 @@ def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, o
                 sizes: GemmSizes | None = None, interpret: bool = False) -> jax.Array:
     """xq f8 [M, K] with per-row scales sx [M], wq f8 [N, K] with per-channel scales sw [N]
     (or per group along K, [N, K/G], G a power of two >= 16) -> (xq * sx) @ (wq * sw).T
-    [M, N] out_dtype; FP8 tensor cores, float32 accumulation."""
+    [M, N] out_dtype; FP8 tensor cores, float32 accumulation. xq and wq are both
+    float8_e4m3fn or both float8_e4m3fnuz (MI300's)."""
     (m, k), n = xq.shape, wq.shape[0]
+    fp8 = _fp8_pair(xq, wq)
     sizes = sizes or sizes_for("w8a8", m, k, n)
     if sizes.gemv:
         raise ValueError("w8a8_pallas has no GEMV mode (its dot is FP8 tensor cores)")
@@ -378,7 +387,7 @@ def w8a8_pallas(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *, o
     return _launch(_w8a8_kernel, (bits(xq), sx.astype(jnp.float32), bits(wq),
                                   sw.astype(jnp.float32)),
                    (m, n), _cdiv(k, sizes.block_k), out_dtype, sizes, interpret, "w8a8",
-                   m=m, n=n, k=k, grouped=grouped)
+                   m=m, n=n, k=k, grouped=grouped, fp8=fp8)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
@@ -387,9 +396,19 @@ def w8a8_xla(xq: jax.Array, sx: jax.Array, wq: jax.Array, sw: jax.Array, *,
     """w8a8_pallas's contract through XLA: one dot of the f8 operands, both contracted on
     their minor axis (x [M, K], w [N, K]: cuBLASLt's FP8 layout, no transpose), float32
     out, the scales applied after (an elementwise fusion)."""
+    _fp8_pair(xq, wq)
     acc = lax.dot_general(xq, wq, (((1,), (1,)), ((), ())),
                           preferred_element_type=jnp.float32)  # [M, N]
     return (acc * sx[:, None] * sw[None, :]).astype(out_dtype)
+
+
+def _fp8_pair(xq: jax.Array, wq: jax.Array) -> jnp.dtype:
+    """The e4m3 type of a W8A8 GEMM's operands; ValueError unless both have it (a dot of
+    fn by fnuz would be off by a factor of two)."""
+    if xq.dtype != wq.dtype or jnp.dtype(xq.dtype) not in FP8_TYPES:
+        raise ValueError(f"W8A8 takes activations and weights of one e4m3 type "
+                         f"(float8_e4m3fn or float8_e4m3fnuz), got {xq.dtype} and {wq.dtype}")
+    return jnp.dtype(xq.dtype)
 
 
 WOQ_FORMATS = {"int8": "int8", "int4": "int4", "fp8": "fp8w"}
@@ -412,8 +431,10 @@ def woq_pallas(x: jax.Array, w: QuantizedWeight, *, sizes: GemmSizes | None = No
     xb = x.astype(jnp.bfloat16)
     if w.fmt != "int4":
         data = w.data if w.fmt == "int8" else lax.bitcast_convert_type(w.data, jnp.uint8)
+        fp8 = jnp.dtype(w.data.dtype) if w.fmt == "fp8" else jnp.dtype(jnp.float8_e4m3fn)
         return _launch(_woq_kernel, (xb, data, w.scales), (m, n), _cdiv(k, sizes.block_k),
-                       x.dtype, sizes, interpret, f"woq_{w.fmt}", m=m, n=n, k=k, fmt=w.fmt)
+                       x.dtype, sizes, interpret, f"woq_{w.fmt}", m=m, n=n, k=k, fmt=w.fmt,
+                       fp8=fp8)
     sizes = dataclasses.replace(sizes, block_k=w.group_size // 2)
     pairs = xb.reshape(m, k // 2, 2)  # [M, K/2, 2]: a view; the kernel loads [..., 0] / [..., 1]
     return _launch(_woq_kernel, (pairs, w.data, w.scales, w.zeros), (m, n), k // w.group_size,
@@ -462,7 +483,7 @@ def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
     if fp8_woq:
         y = woq_pallas(x2, w, interpret=interpret)
     elif w.fmt == "fp8" and (not w.grouped or (kernels and fp8_groups_fit(w.group_size))):
-        xq, sx = fp8_rows(x2)
+        xq, sx = fp8_rows(x2, w.data.dtype)  # the weight's e4m3 (fnuz on MI300)
         use_pallas = kernels and (w.grouped or fp8_gemm == "pallas"
                                   or (fp8_gemm == "auto" and t <= SMALL_M))
         if use_pallas:

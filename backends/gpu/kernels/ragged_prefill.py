@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from backends.gpu.kernels.flash import MASK_VALUE, compute_dtype, online_softmax_step
+from backends.gpu.kernels.fp8 import upcast
 from engine.attention import AttentionMetadata
 
 
@@ -142,8 +143,8 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block
         kv_pos = j * block_k + jnp.arange(block_k)  # [BK]
         pages = pt_ref[pt_base + lax.div(kv_pos, page)]  # [BK]: each K/V row's page
         slots = pages * page + lax.rem(kv_pos, page)  # [BK]
-        k = k_ref[slots, :].astype(cdt)  # [BK, D]
-        v = v_ref[slots, :].astype(cdt)
+        k = upcast(k_ref[slots, :], cdt)  # [BK, D]
+        v = upcast(v_ref[slots, :], cdt)
         s = plgpu.dot(q, k, trans_b=True) * qk_scale  # [BQ, BK] float32, log2 units
         if masked:
             s = jnp.where(kv_pos[None, :] <= q_pos[:, None], s, MASK_VALUE)

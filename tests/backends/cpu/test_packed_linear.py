@@ -100,17 +100,17 @@ def test_backend_packs_where_its_kernel_reads_packed(monkeypatch):
               "layers": [{"wo": weight(rng, "q4_1", 64, 64), "w": jnp.ones((2, 2))}]}
     x = activations(rng, 3, 64)
     ref = quant.reference_linear(x, params["layers"][0]["wo"], int_act=True)
-    out = CpuBackend().pack_weights(params)
+    out = CpuBackend().prepare_weights(params)
     assert out is params and params["embed"].fmt == "q8_0x"
     wo = params["layers"][0]["wo"]
-    assert wo.fmt == "q4_1x" and CpuBackend().pack_weights(params)["layers"][0]["wo"] is wo
+    assert wo.fmt == "q4_1x" and CpuBackend().prepare_weights(params)["layers"][0]["wo"] is wo
     close(CpuBackend().linear(x, wo), ref, 64)
     monkeypatch.setenv(envs.ENGINE_CPU_ISA, "avx512")  # below VNNI: the oracle reads it
     close(CpuBackend().linear(x, wo), ref, 64)
-    assert CpuBackend().pack_weights({"w": weight(rng, "q4_0", 8, 32)})["w"].fmt == "q4_0"
+    assert CpuBackend().prepare_weights({"w": weight(rng, "q4_0", 8, 32)})["w"].fmt == "q4_0"
     monkeypatch.delenv(envs.ENGINE_CPU_ISA)
     floats = CpuBackend({"activations": "float"})  # the kernel's float path reads GGUF blocks
-    assert floats.pack_weights({"w": weight(rng, "q4_0", 8, 32)})["w"].fmt == "q4_0"
+    assert floats.prepare_weights({"w": weight(rng, "q4_0", 8, 32)})["w"].fmt == "q4_0"
     with pytest.raises(ValueError, match="integer activations"):
         kernels.kernel(x, wo, VNNI, int_act=False)
     with pytest.raises(ValueError, match="packed"):

@@ -91,3 +91,44 @@ def test_kv_write_and_add_norm_kernels_compile(arch, tmp_path):
     out = [compile_call(c, arch, tmp_path) for c in triton_calls(lowered)]
     assert sorted(c.name for c in out) == ["add_rms_norm", "kv_write"]
     assert all(c.hsaco_bytes > 0 for c in out)
+
+
+FP8_ARCHS = {"gfx942": jnp.float8_e4m3fnuz, "gfx950": jnp.float8_e4m3fn}
+"""Each target's FP8 (fp8_type auto): MI300's e4m3fnuz, MI350's OCP e4m3fn."""
+
+
+@pytest.mark.parametrize("arch", list(FP8_ARCHS))
+def test_fp8_kernels_compile_in_the_targets_fp8(arch, tmp_path):
+    """The W8A8 GEMM (an FP8 dot of the target's e4m3), the weight-only fp8 GEMM and the
+    decode and ragged kernels over an fp8 KV cache, in the target's e4m3: on gfx942 fnuz,
+    which jax's Pallas cannot cast (the kernels decode its bits: kernels/fp8.py). Measured
+    2026-12-04: gfx942's W8A8 code object is 8 KB in fnuz, 47 KB in e4m3fn (no e4m3fn
+    MFMA on MI300)."""
+    from backends.gpu.kernels import quant_linear as ql
+    from engine.model.quant import QuantizedWeight
+
+    dt = FP8_ARCHS[arch]
+    backend = RocmBackend({"interpret": False, "target": arch})
+    assert backend.fp8_dtype == dt  # auto, from the target on a host without the GPU
+    S = jax.ShapeDtypeStruct
+    m, k, n = 16, 4096, 4096
+    w = QuantizedWeight(S((n, k), dt), S((n,), jnp.float32), "fp8", (k,), (n,))
+
+    def gemms(xq, sx, x, w):
+        return (ql.w8a8_pallas(xq, sx, w.data, w.scales, out_dtype=jnp.bfloat16),
+                ql.woq_pallas(x, w))
+
+    lowered = [jax.jit(gemms).trace(S((m, k), dt), S((m,), jnp.float32),
+                                    S((1, k), jnp.bfloat16), w).lower(lowering_platforms=("rocm",))]
+    hkv, d = 8, 128
+    cache = S((hkv, 1024, 16, d), dt)
+    for md in (step_shapes(4, 4, 64, 16, True), step_shapes(256, 4, 64, 16, False)):
+        q = S((md.positions.shape[0], 32, d), jnp.bfloat16)
+        lowered.append(jax.jit(lambda q, kc, vc, md: backend.attention(q, kc, vc, md,
+                                                                       scale=d**-0.5))
+                       .trace(q, cache, cache, md).lower(lowering_platforms=("rocm",)))
+    out = {c.name: compile_call(c, arch, tmp_path) for lo in lowered for c in triton_calls(lo)}
+    assert {n.split("_bm")[0].split("_ks")[0] for n in out} == {
+        "w8a8", "woq_fp8", "gqa_decode", "ragged_paged_attention_bq128_bk64"}, sorted(out)
+    for c in out.values():
+        assert c.hsaco_bytes > 0 and 0 < c.shared_bytes <= backend.target.lds_bytes, c
