@@ -177,10 +177,17 @@ def prepare(tree: Any, current: Params, recipe: WeightRecipe, path: Any = None,
     if not isinstance(tree, Mapping) or "layers" not in tree:
         raise ValueError("the new weights must be the model's parameter tree (embed, norm, "
                          "layers, ...) or a mapping of HF tensor names")
+    prepared = False
+    if jax.tree.structure(tree) != jax.tree.structure(current) and backend is not None:
+        # Serving form in the shared formats where this backend's own layout changes the
+        # tree's structure (the CPU's packed q4_1x, ... are other formats): prepared first.
+        mine = backend.prepare_weights(_copy_dicts(dict(tree)))
+        if jax.tree.structure(mine) == jax.tree.structure(current):
+            tree, prepared = mine, True
     if jax.tree.structure(tree) != jax.tree.structure(current):
         check_tree(tree, recipe.raw_spec())  # float weights as loaded: fuse and quantize
         tree = recipe.finish(_copy_dicts(dict(tree)), path)
-    if backend is not None:  # as at load (ROCm on MI300: fp8 weights in e4m3fnuz)
+    if backend is not None and not prepared:  # as at load (ROCm on MI300: fp8 in e4m3fnuz)
         tree = backend.prepare_weights(tree)
     check_tree(tree, current)
     return place_like(tree, current)

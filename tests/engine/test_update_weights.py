@@ -184,3 +184,24 @@ def test_memory_release_frees_the_arrays_and_resume_gives_the_same_tokens(models
     assert memory.resume(llm.engine) > 0 and not llm.engine.memory_released
     compiles: list[int] = []
     assert tokens(llm, compiles) == before and compiles == [0]  # the same programs
+
+
+def test_serving_form_in_shared_formats_is_packed_for_the_cpu_kernel(models):
+    """A CPU engine with VNNI packs int8 weights at load (int8x); another engine's serving
+    tree in the shared format (int8, unpacked: what a GPU engine holds) is packed as it
+    updates, giving a fresh engine's tokens; the caller's tree is left as it was."""
+    from backends.cpu.kernels import linear as kernels
+    from engine.builder import load_weights
+
+    if kernels.isa_level() < 3:
+        pytest.skip("packing needs AVX-512 VNNI")
+    root = models["root"]
+    a = LLM(str(root / "a"), quantization="int8", **OPTIONS)
+    b = LLM(str(root / "b"), quantization="int8", **OPTIONS)
+    assert a.engine.runner.params["layers"][0]["wo"].fmt == "int8x"
+    tree = load_weights(b.config, b.engine.runner.backend, jnp.float32, False).params
+    assert tree["layers"][0]["wo"].fmt == "int8"
+    a.update_weights(tree)
+    assert tree["layers"][0]["wo"].fmt == "int8"
+    assert a.engine.runner.params["layers"][0]["wo"].fmt == "int8x"
+    assert tokens(a) == tokens(b)
