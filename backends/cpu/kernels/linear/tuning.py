@@ -11,7 +11,10 @@ the per-call repacking above 4 rows (PackTileVnni, 16% of a 32-row step's CPU). 
 (taskset -c 1), CPU time, best of 30, A/B in the same minutes, scripts/cpu_step_linears.py
 (its 2.2 MB of layer weights stay in cache: instruction figures): 30 layers of Q4_1 at 1
 row 5.9-6.0 -> 0.71-0.72 ms, the Q8_0 LM head 1.60 -> 0.59-0.63 ms; at 32 rows 14.2 -> 9.5-9.7
-ms and 8.0-8.5 -> 3.3 ms. The paths below stay for the other formats and levels.
+ms and 8.0-8.5 -> 3.3 ms. Whole steps of the Q4_1 GGUF model (scripts/profile_cpu_step.py
+--only-step --quantization gguf, taskset -c 1, CPU time, best of 30, host shared, A/B):
+batch-1 engine.step 8.8-9.0 -> 4.9 ms, batch 32 57.4-58.1 -> 40.0-41.5 ms (-29%). The
+paths below stay for the other formats and levels.
 
 Since 2026-12-03 the backend runs the kernel at every step size and for every format (the
 earlier per-format row limits, past which XLA's dot or the plain-JAX dequantize-and-dot ran,
