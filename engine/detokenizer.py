@@ -118,6 +118,11 @@ class IncrementalDetokenizer:
 
     def _release(self, final: bool) -> str:
         """Move text from _held to the output, stopping at the earliest stop string."""
+        if not self._stop:  # nothing to look for or hold back (_guarded never exceeds _held)
+            out, self._held, self._guarded = self._held, "", 0
+            if out:
+                self._chunks.append(out)
+            return out
         match = self._find_stop(self._held)
         if match is not None:
             start, stop = match
