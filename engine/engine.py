@@ -61,6 +61,8 @@ class Engine:
         self.grammar_backend = grammar_backend
         self._grammars: GrammarCompiler | None = None  # made on the first constraint
         self._matchers: dict[str, Matcher] = {}  # child request id -> its grammar state
+        # One-token decodes of the tokenizer, by skip_special_tokens (IncrementalDetokenizer).
+        self._token_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}
         self.overlap = overlap
         # The launched step whose tokens are unread, and where each request's PLACEHOLDER
         # for its token sits in output_token_ids (overlap scheduling).
@@ -143,7 +145,7 @@ class Engine:
         return IncrementalDetokenizer(
             self.tokenizer, prompt_ids, skip_special_tokens=p.skip_special_tokens,
             stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
-            min_tokens=p.min_tokens)
+            min_tokens=p.min_tokens, token_texts=self._token_texts[p.skip_special_tokens])
 
     def abort(self, request_id: str) -> RequestOutput | None:
         group = self._groups.pop(request_id, None)
