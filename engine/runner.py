@@ -40,7 +40,7 @@ from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class TokenSample:
     """The sampled token of one sequence, and its logprobs when asked for."""
 
