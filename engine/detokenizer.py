@@ -48,8 +48,14 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
+        token_texts: dict[int, str] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self._token_texts = token_texts
+        """decode([id]) by id, shared by the detokenizers of one tokenizer and one
+        skip_special_tokens (the caller's): a one-token decode depends on nothing else, and
+        after each character completes the context is one token, so it saves one of the two
+        decodes of most tokens."""
         self._skip_special = skip_special_tokens
         self._rust_decode = _rust_decode(tokenizer)
         self._stop = [s for s in stop if s]
@@ -96,6 +102,14 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _decode(self, ids: list[int]) -> str:
+        if len(ids) == 1 and self._token_texts is not None:
+            text = self._token_texts.get(ids[0])
+            if text is None:
+                text = self._token_texts[ids[0]] = self._decode_ids(ids)
+            return text
+        return self._decode_ids(ids)
+
+    def _decode_ids(self, ids: list[int]) -> str:
         if self._rust_decode is not None:
             return self._rust_decode(ids, skip_special_tokens=self._skip_special)
         return self._tokenizer.decode(
@@ -118,6 +132,11 @@ class IncrementalDetokenizer:
 
     def _release(self, final: bool) -> str:
         """Move text from _held to the output, stopping at the earliest stop string."""
+        if not self._stop:  # nothing to look for or hold back (_guarded never exceeds _held)
+            out, self._held, self._guarded = self._held, "", 0
+            if out:
+                self._chunks.append(out)
+            return out
         match = self._find_stop(self._held)
         if match is not None:
             start, stop = match

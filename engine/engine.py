@@ -61,6 +61,8 @@ class Engine:
         self.grammar_backend = grammar_backend
         self._grammars: GrammarCompiler | None = None  # made on the first constraint
         self._matchers: dict[str, Matcher] = {}  # child request id -> its grammar state
+        # One-token decodes of the tokenizer, by skip_special_tokens (IncrementalDetokenizer).
+        self._token_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}
         self.overlap = overlap
         # The launched step whose tokens are unread, and where each request's PLACEHOLDER
         # for its token sits in output_token_ids (overlap scheduling).
@@ -143,7 +145,7 @@ class Engine:
         return IncrementalDetokenizer(
             self.tokenizer, prompt_ids, skip_special_tokens=p.skip_special_tokens,
             stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
-            min_tokens=p.min_tokens)
+            min_tokens=p.min_tokens, token_texts=self._token_texts[p.skip_special_tokens])
 
     def abort(self, request_id: str) -> RequestOutput | None:
         group = self._groups.pop(request_id, None)
@@ -267,11 +269,12 @@ class Engine:
                  samples: list[TokenSample | list[TokenSample] | None],
                  placeholders: dict[str, int] | None = None) -> list:
         touched: dict[str, RequestOutput] = {}
+        owner, groups = self._owner, self._groups
         for seq, s in zip(batch.seqs, samples, strict=True):
             if s is None or seq.request.finished:
                 continue
-            rid, idx = self._owner[seq.request.request_id]
-            group = self._groups[rid]
+            rid, idx = owner[seq.request.request_id]
+            group = groups[rid]
             if seq.num_draft:  # s: the target's token after each position
                 drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
                 n = num_accepted(drafts, [x.token for x in s])
@@ -285,21 +288,23 @@ class Engine:
                 self._append(seq.request, group, idx, s, at)
             touched[rid] = group.output
         for rid, out in touched.items():
-            out.num_cached_tokens = max(c.num_cached_tokens for c in self._groups[rid].children)
+            children = groups[rid].children
+            out.num_cached_tokens = (children[0].num_cached_tokens if len(children) == 1 else
+                                     max(c.num_cached_tokens for c in children))
             if out.finished:
-                for child in self._groups.pop(rid).children:
-                    self._owner.pop(child.request_id, None)
+                for child in groups.pop(rid).children:
+                    owner.pop(child.request_id, None)
         return list(touched.values())
 
     def _append(self, req: Request, group: _Group, idx: int, s: TokenSample,
                 at: int | None = None) -> None:
         """Record a sampled token: appended, or written over its PLACEHOLDER at index `at`."""
-        p, comp, detok = req.params, group.output.outputs[idx], group.detoks[idx]
+        p, comp, detok, token = req.params, group.output.outputs[idx], group.detoks[idx], s.token
         if at is None:
-            req.output_token_ids.append(s.token)
+            req.output_token_ids.append(token)
         else:
-            req.output_token_ids[at] = s.token
-        comp.token_ids.append(s.token)
+            req.output_token_ids[at] = token
+        comp.token_ids.append(token)
         if p.prompt_logprobs is not None and group.output.prompt_logprobs is None:
             # The first token: the whole prompt has been computed.
             group.output.prompt_logprobs = [req.prompt_logprobs.get(i)
@@ -311,19 +316,19 @@ class Engine:
         n_out = len(req.output_token_ids) if at is None else at + 1
         reason, stop_reason = None, None
         past_min = n_out >= p.min_tokens
-        matcher = self._matchers.get(req.request_id)
-        accepted = matcher is None or matcher.accept(s.token)
+        matcher = self._matchers.get(req.request_id) if self._matchers else None
+        accepted = matcher is None or matcher.accept(token)
         if not accepted:
             # The mask allowed only what the grammar accepts, so this is a bug, not the user's.
             log.error("request %s: the grammar rejected sampled token %d (%s)", req.request_id,
                       s.token, matcher.error())
             reason = "abort"
-        elif past_min and not p.ignore_eos and s.token in self.eos_token_ids:
+        elif past_min and not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
-        elif past_min and s.token in p.stop_token_ids:
-            reason, stop_reason = "stop", s.token
+        elif past_min and token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
         elif detok is not None:
-            comp.text += detok.add([s.token])
+            comp.text += detok.add((token,))
             if detok.stopped is not None:  # only ever past min_tokens (the detokenizer's rule)
                 reason, stop_reason = "stop", detok.stopped
         if reason is None and matcher is not None and matcher.is_terminated():

@@ -38,7 +38,12 @@ class RequestOutput:
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        # A plain loop: read several times per stream per step, where all() over a
+        # generator of properties cost ~1 us.
+        for o in self.outputs:
+            if o.finish_reason is None:
+                return False
+        return True
 
     # The first completion's fields, for the common n == 1 case.
     @property

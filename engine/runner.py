@@ -40,7 +40,7 @@ from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class TokenSample:
     """The sampled token of one sequence, and its logprobs when asked for."""
 
@@ -340,20 +340,22 @@ class ModelRunner:
         )
         # Row i of a seq with drafts d samples what follows its output + d[:i]: the same
         # params, seed and step (so the same noise) as a step without drafts would use there.
-        rows = [
-            SamplingRow(params=self._row_params(sq.request, i), seed=sq.request.seed,
-                        step=len(sq.request.output_token_ids) + i,
-                        prompt_ids=sq.request.prompt_token_ids,
-                        output_ids=sq.request.output_token_ids if i == 0 else
-                        sq.request.output_token_ids
-                        + sq.token_ids[len(sq.token_ids) - sq.num_draft:][:i])
-            for sq in seqs for i in range(sq.num_draft + 1)
-        ]
+        rows = []
+        for sq in seqs:
+            req = sq.request
+            out_ids = req.output_token_ids
+            rows.append(SamplingRow(self._row_params(req), req.seed, len(out_ids),
+                                    req.prompt_token_ids, out_ids))
+            for i in range(1, sq.num_draft + 1):
+                rows.append(SamplingRow(
+                    self._row_params(req, i), req.seed, len(out_ids) + i, req.prompt_token_ids,
+                    out_ids + sq.token_ids[len(sq.token_ids) - sq.num_draft:][:i]))
         need = SamplingMode.from_rows(rows)
         # Few programs: logprob counts are rounded up to 0, 5 or 20.
         k = next(b for b in (0, 5, MAX_LOGPROBS) if b >= need.num_logprobs)
         mode = dataclasses.replace(need, num_logprobs=k)
-        st = SamplingTensors.from_rows(rows, self.cfg.vocab_size, pad_to=s_pad, mode=mode)
+        st = SamplingTensors.from_rows(rows, self.cfg.vocab_size, pad_to=s_pad, mode=mode,
+                                       need=need)
         return tokens, md, logits_idx, st, mode
 
     def execute(self, batch: ScheduledBatch, masks: GrammarMasks | None = None,
@@ -455,9 +457,13 @@ class ModelRunner:
             self.compiled_shapes.add(launched.shape)
             log.debug("step shape %s first run (wait %.2fs)", launched.shape, done - t0)
         results: list[TokenSample | list[TokenSample] | None] = []
+        tokens = (out.tokens if lp else out).tolist()  # Python ints, read once
         for last, sq in zip(launched.batch.logit_rows(), launched.batch.seqs, strict=True):
             if not sq.sample:
                 results.append(None)
+                continue
+            if not lp and not sq.num_draft:  # most rows: one token, no logprobs
+                results.append(TokenSample(tokens[last], 0.0, []))
                 continue
             k = sq.request.params.logprobs or 0
             rows = range(last - sq.num_draft, last + 1)

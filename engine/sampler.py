@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,9 @@ import numpy as np
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingRow:
-    """Plain host-side data for one row to sample."""
+class SamplingRow(NamedTuple):
+    """Plain host-side data for one row to sample (a named tuple: the runner builds one per
+    row per step, three times faster than a frozen dataclass)."""
 
     params: SamplingParams
     seed: int
@@ -113,13 +114,15 @@ class SamplingTensors:
         vocab_size: int,
         pad_to: int,
         mode: SamplingMode | None = None,
+        need: SamplingMode | None = None,
     ) -> SamplingTensors:
         """Build numpy arrays for `rows`, padded to `pad_to` rows with greedy defaults.
 
         `mode` (default: SamplingMode.from_rows(rows)) decides which optional arrays exist; it
-        must cover what the rows need.
+        must cover what the rows need. `need`: SamplingMode.from_rows(rows), when the caller
+        has it already (a pass over every row saved).
         """
-        need = SamplingMode.from_rows(rows)
+        need = SamplingMode.from_rows(rows) if need is None else need
         mode = need if mode is None else mode
         if not mode.covers(need):
             raise ValueError(f"{mode=} does not cover the rows, which need {need}")
@@ -133,10 +136,14 @@ class SamplingTensors:
             return out
 
         key = np.zeros((S, 2), np.uint32)  # [S, 2]
-        for i, r in enumerate(rows):
-            if not 0 <= r.seed < 2**64:
-                raise ValueError(f"seed must be in [0, 2**64), got {r.seed}")
-            key[i] = (r.seed >> 32, r.seed & 0xFFFFFFFF)
+        if rows:  # whole columns: a numpy write per row cost ~1 us a row
+            seeds = [r.seed for r in rows]
+            if not 0 <= min(seeds) <= max(seeds) < 2**64:
+                bad = next(x for x in seeds if not 0 <= x < 2**64)
+                raise ValueError(f"seed must be in [0, 2**64), got {bad}")
+            seed = np.array(seeds, np.uint64)
+            key[: len(rows), 0] = seed >> np.uint64(32)
+            key[: len(rows), 1] = seed & np.uint64(0xFFFFFFFF)
         out = dict(
             temperature=col(lambda r: r.params.temperature, np.float32, 0.0),
             top_k=col(lambda r: r.params.top_k if 0 < r.params.top_k < V else V, np.int32, V),

@@ -67,7 +67,7 @@ class Request:
         return self.status is Status.FINISHED
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScheduledSeq:
     """One request's share of a step: compute K/V (and logits) for `token_ids`."""
 

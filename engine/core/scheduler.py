@@ -197,23 +197,33 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """The next step's batch. Advances num_computed_tokens of every scheduled request."""
         step = _Step({}, self.config.chunked_prefill_size)
+        decodes: list[Request] = []
+        others: list[Request] = []
         for r in self._running:
             self._share_computed(r, min(r.num_computed_tokens, r.num_prompt_tokens))
-        decodes = [r for r in self._running if r.num_tokens - r.num_computed_tokens == 1]
-        others = [r for r in self._running if r.num_tokens - r.num_computed_tokens > 1]
+            left = r.num_tokens - r.num_computed_tokens
+            if left == 1:
+                decodes.append(r)
+            elif left > 1:
+                others.append(r)
         # Budget and rows the decodes leave for drafts (each decode keeps its 1 token), and
         # the pages their next tokens need. No drafts while prompt chunks run: they must not
         # take the pages a chunk would then preempt a request for.
         spare = 0 if others else min(step.budget - len(decodes),
                                      self.config.max_running_requests - len(self._running))
+        if not any(r.draft_token_ids for r in decodes):
+            spare = 0  # no drafts to place: skip the page reservations that place them
         need = {r.request_id: max(self._pages_for(r.num_computed_tokens + 1) - len(r.page_ids), 0)
-                for r in decodes}
+                for r in decodes} if spare else {}
         reserved = sum(need.values())
         for r in decodes + others:
             n = min(r.num_tokens - r.num_computed_tokens, step.budget)
-            drafts, r.draft_token_ids = r.draft_token_ids, []
+            drafts = r.draft_token_ids
+            if drafts:
+                r.draft_token_ids = []
             k = self._draft_room(r, min(len(drafts), spare), reserved) if spare else 0
-            reserved -= need.get(r.request_id, 0)
+            if spare:
+                reserved -= need.get(r.request_id, 0)
             if r.status is Status.RUNNING and n > 0 and self._grow(r, n + k, step):
                 self._add_seq(r, n, step, drafts[:k])
                 spare -= k
@@ -231,6 +241,8 @@ class Scheduler:
         so the oldest running request always makes progress.
         """
         need = self._pages_for(r.num_computed_tokens + n) - len(r.page_ids)
+        if need <= 0:  # most decodes: the token fits the last page
+            return True
         while need > self.pool.num_free:
             if self.cache.evictable_pages:
                 self.cache.evict(need - self.pool.num_free)
@@ -239,10 +251,12 @@ class Scheduler:
             self._preempt(victim, step)
             if victim is r:
                 return False
-        r.page_ids += self.pool.alloc(max(need, 0))
+        r.page_ids += self.pool.alloc(need)
         return True
 
     def _admit(self, step: _Step) -> None:
+        if not self._waiting:
+            return
         # Per sibling group, the fewest pages any running sibling has cached so far.
         group_cached: dict[str, int] = {}
 
@@ -315,9 +329,13 @@ class Scheduler:
         p = r.num_prompt_tokens
         if end <= p:
             tokens = r.prompt_token_ids[start:end]
+        elif start >= p:  # decodes
+            tokens = r.output_token_ids[start - p : end - p]
         else:
-            tokens = r.prompt_token_ids[start:] + r.output_token_ids[max(start - p, 0) : end - p]
-        step.seqs[r.request_id] = ScheduledSeq(r, tokens + list(drafts), start,
+            tokens = r.prompt_token_ids[start:] + r.output_token_ids[: end - p]
+        if drafts:
+            tokens += drafts
+        step.seqs[r.request_id] = ScheduledSeq(r, tokens, start,
                                                list(r.page_ids), sample=end == r.num_tokens,
                                                num_draft=len(drafts))
         r.num_computed_tokens = end + len(drafts)

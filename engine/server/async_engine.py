@@ -219,11 +219,14 @@ class AsyncEngine:
         if group is None or (group is not target and not isinstance(target, str)):
             return
         del self._groups[gid]
-        now, deltas = time.monotonic(), []
+        now, deltas, itl, new_tokens = time.monotonic(), [], [], 0
         for eid in group.engine_ids:
             out, track = self._engine.abort(eid), self._tracks.pop(eid, None)
             if out is not None and track is not None:  # counted in the metrics either way
-                deltas.append((group, self._delta(track, out, now)))
+                delta, n = self._delta(track, out, now, itl)
+                deltas.append((group, delta))
+                new_tokens += n
+        self._count_tokens(new_tokens, itl)
         if notify and deltas:
             self._post(_put_all, deltas)
 
@@ -271,46 +274,64 @@ class AsyncEngine:
         "swap": _on_swap}
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        now, deltas = time.monotonic(), []
+        now, deltas, itl, new_tokens = time.monotonic(), [], [], 0
+        tracks = self._tracks
         for out in outputs:
-            track = self._tracks.get(out.request_id)
+            track = tracks.get(out.request_id)
             if track is None:
                 continue
-            deltas.append((track.group, self._delta(track, out, now)))
-            if out.finished:
-                del self._tracks[out.request_id]
+            delta, n = self._delta(track, out, now, itl)
+            deltas.append((track.group, delta))
+            new_tokens += n
+            if delta.finished:
+                del tracks[out.request_id]
                 group = track.group
-                if not any(eid in self._tracks for eid in group.engine_ids):
+                if not any(eid in tracks for eid in group.engine_ids):
                     self._groups.pop(group.gid, None)
+        self._count_tokens(new_tokens, itl)
         if deltas:
             self._post(_put_all, deltas)
 
-    def _delta(self, track: _Track, out: RequestOutput, now: float) -> Delta:
-        choices, new_tokens = [], 0
-        for c in out.outputs:
-            sent = track.sent[c.index]
-            if sent[2] or (len(c.token_ids) == sent[1] and c.finish_reason is None):
-                continue
-            toks = c.token_ids[sent[1]:]
-            lps = c.logprobs[sent[1]:] if c.logprobs is not None else None
-            choices.append(ChoiceDelta(c.index, c.text[sent[0]:], toks, lps, c.finish_reason,
-                                       c.stop_reason))
-            sent[:] = [len(c.text), len(c.token_ids), c.finish_reason is not None]
-            new_tokens += len(toks)
-            if c.finish_reason is not None:
-                self.metrics.request_finished(c.finish_reason)
+    def _count_tokens(self, new_tokens: int, itl: list[float]) -> None:
+        """A step's generated tokens and inter-token latencies into the metrics: once per
+        step, not per stream (each takes the metrics' lock)."""
         if new_tokens:
             self.metrics.add_generation_tokens(new_tokens)
             self._log_gen += new_tokens
+        if itl:
+            self.metrics.itl.observe_many(itl)
+
+    def _delta(self, track: _Track, out: RequestOutput, now: float,
+               itl: list[float]) -> tuple[Delta, int]:
+        """What `out` produced since the track's last delta, and how many tokens; the
+        inter-token latency, if it produced any after its first, is appended to `itl`
+        (for _count_tokens)."""
+        choices, new_tokens = [], 0
+        for c in out.outputs:
+            sent = track.sent[c.index]
+            num_tokens, reason = len(c.token_ids), c.finish_reason
+            if sent[2] or (num_tokens == sent[1] and reason is None):
+                continue
+            toks = c.token_ids[sent[1]:]
+            lps = c.logprobs[sent[1]:] if c.logprobs is not None else None
+            text = c.text
+            choices.append(ChoiceDelta(c.index, text[sent[0]:], toks, lps, reason,
+                                       c.stop_reason))
+            new_tokens += num_tokens - sent[1]
+            sent[0], sent[1], sent[2] = len(text), num_tokens, reason is not None
+            if reason is not None:
+                self.metrics.request_finished(reason)
+        if new_tokens:
             if track.last_token is None:
                 self.metrics.ttft.observe(now - track.group.arrival)
             else:
-                self.metrics.itl.observe(now - track.last_token)
+                itl.append(now - track.last_token)
             track.last_token = now
-        if out.finished:
+        finished = out.finished
+        if finished:
             self.metrics.e2e.observe(now - track.group.arrival)
         return Delta(track.index, len(out.prompt_token_ids), out.num_cached_tokens, choices,
-                     out.finished, out.prompt_logprobs)
+                     finished, out.prompt_logprobs), new_tokens
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:

@@ -32,6 +32,15 @@ class Histogram:
             self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
 
+    def observe_many(self, values: list[float]) -> None:
+        """observe() each value, under one lock (the engine thread's per-step batch)."""
+        with self._lock:
+            counts, buckets, total = self._counts, self.buckets, self._sum
+            for v in values:
+                counts[bisect.bisect_left(buckets, v)] += 1
+                total += v  # in order, as observe() would: the same float sum
+            self._sum = total
+
     def render(self, name: str, help_: str, labels: str) -> list[str]:
         with self._lock:
             counts, total = list(self._counts), self._sum

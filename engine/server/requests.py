@@ -7,8 +7,8 @@ answers it with Deltas: immutable, only what is new since the previous one.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 from engine.sampling_params import SamplingParams
 
@@ -21,8 +21,11 @@ class QueueFullError(RuntimeError):
     """More requests than running slots plus --max-queued-requests."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ChoiceDelta:
+class ChoiceDelta(NamedTuple):
+    """One choice's output since its previous delta. Deltas are named tuples (immutable):
+    the engine thread builds one per stream per step, where a frozen dataclass cost three
+    times as much (0.53 vs 0.18 us)."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -32,8 +35,7 @@ class ChoiceDelta:
     stop_reason: int | str | None
 
 
-@dataclasses.dataclass(frozen=True)
-class Delta:
+class Delta(NamedTuple):
     """What one prompt of a group produced since its previous delta (changed choices only)."""
 
     prompt_index: int

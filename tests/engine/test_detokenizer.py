@@ -105,6 +105,19 @@ def test_streamed_text_equals_full_decode(tokenizer, text):
     assert detok.stopped is None
 
 
+_SHARED_TEXTS: dict[int, dict[int, str]] = {}  # id(tokenizer) -> one-token decodes
+
+
+@FAST
+@given(prompt=texts, text=texts)
+def test_shared_one_token_decodes_change_nothing(tokenizer, prompt, text):
+    # The engine shares decode([id]) among its detokenizers (token_texts): kept across
+    # examples here, the stream must be what a detokenizer of its own gives.
+    p_ids, ids = encode(tokenizer, "Q: " + prompt), encode(tokenizer, text)
+    shared = _SHARED_TEXTS.setdefault(id(tokenizer), {})
+    assert stream(tokenizer, p_ids, ids, token_texts=shared)[0] == stream(tokenizer, p_ids, ids)[0]
+
+
 @FAST
 @given(prompt=texts, text=texts)
 def test_prompt_is_context_not_output(tokenizer, prompt, text):
