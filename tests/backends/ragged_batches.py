@@ -7,7 +7,9 @@ oracle must equal plain dense causal attention.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from engine.attention import AttentionMetadata
@@ -72,3 +74,19 @@ def make_case(rng: np.random.Generator, *, kv_lens: list[int], q_lens: list[int]
         seq_lens=seq_lens, page_table=page_table, num_tokens=np.int32(n_tok),
         page_size=page_size)
     return RaggedCase(q, k_cache, v_cache, md, expected, n_tok)
+
+
+def fp8_step(q_lens: list[int], dtype: Any = jnp.float8_e4m3fn):
+    """A decode-only (all q_lens 1: page table padded to the runner's bucket) or mixed step's
+    case and metadata, with its K and V caches head-major in the fp8 `dtype`."""
+    rng = np.random.default_rng(len(q_lens) + sum(q_lens))
+    case = make_case(rng, kv_lens=[20, 5, 33], q_lens=q_lens, page_size=8, hq=8, hkv=2, d=32)
+    md = case.md
+    if max(q_lens) == 1:
+        pt = md.page_table
+        p = 1 << (pt.shape[1] - 1).bit_length()  # as the runner's page buckets
+        md = dataclasses.replace(md, page_table=np.pad(pt, ((0, 0), (0, p - pt.shape[1]))),
+                                 decode_only=True)
+    kh, vh = (jnp.asarray(np.ascontiguousarray(c.transpose(2, 0, 1, 3))).astype(dtype)
+              for c in (case.k_cache, case.v_cache))
+    return case, md, kh, vh

@@ -4,8 +4,6 @@ CPU oracle, on the same e4m3 values; and the pool holds twice the tokens of a bf
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,7 @@ from backends.cuda.backend import CudaBackend
 from engine.attention import write_kv
 from engine.builder import kv_cache_dtype, kv_pages
 from engine.config import EngineConfig
-from tests.backends.ragged_batches import make_case
+from tests.backends.ragged_batches import fp8_step
 from tests.engine.test_kv_sizing import CFG, PER_PAGE, FixedMemory
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -24,23 +22,11 @@ F8 = jnp.float8_e4m3fn
 REL_TOL = 1e-2 if ON_GPU else 1e-5  # the GPU's dots take bf16 q against the upcast K/V
 
 
-def fp8_head_major(cache: np.ndarray) -> jax.Array:
-    return jnp.asarray(np.ascontiguousarray(cache.transpose(2, 0, 1, 3))).astype(F8)
-
-
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [9, 1, 4]])
 def test_kernels_read_fp8_cache_like_the_oracle(q_lens):
     """Decode-only (the decode kernel) and mixed (the ragged kernel with the decode kernel
     for its decodes) steps over an e4m3 cache; the oracle reads the same cache upcast."""
-    rng = np.random.default_rng(len(q_lens) + sum(q_lens))
-    case = make_case(rng, kv_lens=[20, 5, 33], q_lens=q_lens, page_size=8, hq=8, hkv=2, d=32)
-    md = case.md
-    if max(q_lens) == 1:
-        pt = md.page_table
-        p = 1 << (pt.shape[1] - 1).bit_length()  # as the runner's page buckets
-        md = dataclasses.replace(md, page_table=np.pad(pt, ((0, 0), (0, p - pt.shape[1]))),
-                                 decode_only=True)
-    kh, vh = fp8_head_major(case.k_cache), fp8_head_major(case.v_cache)
+    case, md, kh, vh = fp8_step(q_lens)
     q = jnp.asarray(case.q, jnp.bfloat16 if ON_GPU else jnp.float32)
     be = CudaBackend({"interpret": not ON_GPU})
     got = np.asarray(be.attention(q, kh, vh, md, scale=32**-0.5), np.float32)

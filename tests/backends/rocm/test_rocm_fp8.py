@@ -10,7 +10,6 @@ None of it has run on an AMD GPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import types
 
@@ -37,7 +36,7 @@ from engine.model.quant import (
     reference_linear,
     w8a8_reference,
 )
-from tests.backends.ragged_batches import make_case
+from tests.backends.ragged_batches import fp8_step
 from tests.models.hf_reference import load_ours, make_hf_model
 
 FN, FNUZ = jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e4m3fnuz)
@@ -212,16 +211,7 @@ def test_fnuz_cache_writes_clip_to_240():
 def test_kernels_read_fnuz_cache_like_the_oracle(q_lens):
     """Decode-only and mixed steps over an fnuz cache (the decode and ragged kernels, at
     gfx942's tuning) against the CPU oracle reading the same cache upcast."""
-    rng = np.random.default_rng(len(q_lens) + sum(q_lens))
-    case = make_case(rng, kv_lens=[20, 5, 33], q_lens=q_lens, page_size=8, hq=8, hkv=2, d=32)
-    md = case.md
-    if max(q_lens) == 1:
-        pt = md.page_table
-        p = 1 << (pt.shape[1] - 1).bit_length()  # as the runner's page buckets
-        md = dataclasses.replace(md, page_table=np.pad(pt, ((0, 0), (0, p - pt.shape[1]))),
-                                 decode_only=True)
-    kh, vh = (jnp.asarray(np.ascontiguousarray(c.transpose(2, 0, 1, 3))).astype(FNUZ)
-              for c in (case.k_cache, case.v_cache))
+    case, md, kh, vh = fp8_step(q_lens, FNUZ)
     q = jnp.asarray(case.q, jnp.float32)
     got = np.asarray(RocmBackend(FNUZ_OPTS).attention(q, kh, vh, md, scale=32**-0.5))
     want = np.asarray(ragged_paged_attention(q, kh, vh, md, scale=32**-0.5, head_major=True))
