@@ -150,7 +150,7 @@ def load_weights(config: EngineConfig, backend: Backend, dtype: jnp.dtype, scan:
     `quantization` is the weights' format afterwards (the checkpoint's, else the one made)."""
     loaded = load_model(config, backend, dtype, scan, place)
     cfg = loaded.cfg
-    quant = resolve_auto(config.model.quantization, loaded.path)
+    quant = resolve_auto(config.model.quantization, loaded.path, sharded=mesh is not None)
     if loaded.quantization is not None and quant not in (None, "f32", loaded.quantization):
         raise ValueError(f"the checkpoint is pre-quantized ({loaded.quantization} weights); "
                          f"quantization {quant} contradicts it: drop it, or pass "

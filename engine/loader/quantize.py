@@ -48,14 +48,17 @@ _GGUF_LAYER = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_outpu
                "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
 
 
-def resolve_auto(method: str | None, source: Path | None) -> str | None:
+def resolve_auto(method: str | None, source: Path | None, sharded: bool = False) -> str | None:
     """Quantization 'auto': 'gguf' (the file's blocks kept) for a .gguf file, else 'f32'
     (float32 by output channel: the CPU kernels' layout, values unchanged). Any other
     method is returned as it is. Kept Q4_1 blocks took 1.8x less CPU than f32 at one row
-    and 1.5x less at 32 rows (configs/cpu.yaml, 2026-12-04)."""
+    and 1.5x less at 32 rows (configs/cpu.yaml, 2026-12-04). `sharded` (a mesh): 'f32',
+    since a GGUF block of 32 along K need not fit a shard (SmolLM2's K=576 does not split 4
+    ways) and the CPU kernels do not run under a mesh anyway."""
     if method != "auto":
         return method
-    return "gguf" if source is not None and Path(source).suffix == ".gguf" else "f32"
+    gguf = source is not None and Path(source).suffix == ".gguf"
+    return "gguf" if gguf and not sharded else "f32"
 
 
 def quantize_params(params: dict, cfg: ModelConfig, method: str, source: Path | None) -> dict:

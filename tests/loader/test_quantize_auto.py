@@ -16,6 +16,8 @@ def test_resolve_auto():
     assert resolve_auto("auto", Path("m/hf-folder")) == "f32"
     assert resolve_auto("auto", Path("m/config.json")) == "f32"  # --load-format dummy
     assert resolve_auto("auto", None) == "f32"
+    # under a mesh a GGUF block of 32 along K need not fit a shard: float weights
+    assert resolve_auto("auto", Path("m/SmolLM2.Q4_1.gguf"), sharded=True) == "f32"
     for method in (None, "int8", "gguf", "f32", "fp8", "int4"):
         assert resolve_auto(method, Path("m.gguf")) == method
 

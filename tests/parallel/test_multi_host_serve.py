@@ -16,7 +16,7 @@ from tests.server.conftest import SMALL, ServerProcess, free_port
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 
 
-def test_leader_serves_and_follower_replays(tmp_path, monkeypatch, default_llm):
+def test_leader_serves_and_follower_replays(tmp_path, monkeypatch, float32_llm):
     addr = f"127.0.0.1:{free_port()}"
     dist = ["--tp", "4", "--dist-init-addr", addr, "--nnodes", "2"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -29,7 +29,7 @@ def test_leader_serves_and_follower_replays(tmp_path, monkeypatch, default_llm):
     leader = ServerProcess(tmp_path / "leader.log", [*SMALL, *dist, "--node-rank", "0"])
     try:
         leader.wait_ready()
-        want = default_llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
+        want = float32_llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
         for prompt, ref in zip(PROMPTS, want, strict=True):
             r = httpx.post(f"{leader.url}/v1/completions", timeout=120, json={
                 "prompt": prompt, "max_tokens": 12, "temperature": 0})

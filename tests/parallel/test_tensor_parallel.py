@@ -105,7 +105,8 @@ def test_moe_expert_parallel_same_tokens_as_one_device(tmp_path):
 
 
 def test_default_model_tp4_same_tokens(default_gguf):
-    runs = run_worker(str(default_gguf), "auto", [1, 4])
+    # quantization auto is f32 under a mesh; TP 1 gets the same (auto alone would keep gguf)
+    runs = run_worker(str(default_gguf), "auto", [1, 4], quantization="f32")
     assert runs[4]["tokens"] == runs[1]["tokens"]
 
 

@@ -67,9 +67,10 @@ def test_tiny_models_equal_jax(name, scan):
         np.testing.assert_array_equal(g.argmax(-1), w.argmax(-1))
 
 
-def test_smollm2_tokens_equal_cpu_backend(default_llm):
+def test_smollm2_tokens_equal_cpu_backend(float32_llm):
     """The default model end to end (scheduler, buckets, sampler): greedy and seeded
-    sampled rows in one batch, with logprobs, give the CPU backend's tokens."""
+    sampled rows in one batch, with logprobs, give the CPU backend's tokens (float32 weights:
+    the NPU runs the GGUF dequantized)."""
     from engine import LLM
 
     llm = LLM(backend="npu", npu_device="cpu", max_total_tokens=2048, max_running_requests=4,
@@ -80,7 +81,7 @@ def test_smollm2_tokens_equal_cpu_backend(default_llm):
                              logprobs=2),
               SamplingParams(max_tokens=6, temperature=0.0, logprobs=1)]
     ours = llm.generate(prompts, params)
-    ref = default_llm.generate(prompts, params)
+    ref = float32_llm.generate(prompts, params)
     for o, r in zip(ours, ref, strict=True):
         assert o.outputs[0].token_ids == r.outputs[0].token_ids
         lp, ref_lp = o.outputs[0].logprobs, r.outputs[0].logprobs
@@ -92,6 +93,6 @@ def test_smollm2_tokens_equal_cpu_backend(default_llm):
     # a grammar-constrained row: the split step (forward, then the masked sample)
     regex = SamplingParams(max_tokens=4, temperature=0.0, regex="[0-9]{3}")
     ours = llm.generate("My favourite number is", regex)[0].outputs[0]
-    assert ours.token_ids == default_llm.generate("My favourite number is",
+    assert ours.token_ids == float32_llm.generate("My favourite number is",
                                                   regex)[0].outputs[0].token_ids
     assert len(ours.text) == 3 and ours.text.isdigit()
