@@ -73,17 +73,15 @@ class AttentionMetadata:
                    num_tokens=np.int32(n), page_size=page_size, decode_only=n == 1)
 
 
-FP8_KV_MAX = 448.0
-"""The largest float8_e4m3fn: an fp8 KV cache (scale 1) stores K/V clipped to it (a
-float8_e4m3fnuz cache, MI300's, to its own largest, 240)."""
-FP8_KV_TYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e4m3fnuz))
-"""The element types of an fp8 KV cache: OCP e4m3 (--kv-cache-dtype fp8), or MI300's e4m3
-when the ROCm backend runs it (fp8_type e4m3fnuz)."""
+FP8_TYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e4m3fnuz))
+"""The e4m3 types of fp8 data (KV caches, engine.model.quant's fp8 weights and W8A8
+activations): OCP's (NVIDIA, MI350, the checkpoints) and MI300's."""
 
 
 def is_fp8_kv(dtype: jnp.dtype) -> bool:
-    """Whether a cache of `dtype` is an fp8 one (scale 1), which the attention reads upcast."""
-    return jnp.dtype(dtype) in FP8_KV_TYPES
+    """Whether a cache of `dtype` is an fp8 one (scale 1: OCP e4m3 for --kv-cache-dtype fp8,
+    or MI300's e4m3fnuz where the ROCm backend runs it), which the attention reads upcast."""
+    return jnp.dtype(dtype) in FP8_TYPES
 
 
 def to_cache_dtype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:

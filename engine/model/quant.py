@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.attention import FP8_TYPES
 from engine.model import packed
 
 FORMATS = {"f32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6,
@@ -234,10 +235,6 @@ def reference_linear(x: jax.Array, w: QuantizedWeight, int_act: bool = False) ->
     y = jnp.dot(x2, nk.T,
                 precision=jax.lax.Precision.HIGHEST)  # [T, N]
     return y.reshape(t, *w.out_shape).astype(x.dtype)
-
-
-FP8_TYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e4m3fnuz))
-"""The e4m3 types fp8 data may hold: OCP's (NVIDIA, MI350, the checkpoints) and MI300's."""
 
 
 def fp8_rows(x: jax.Array, dtype: jnp.dtype = jnp.float8_e4m3fn

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
+from collections.abc import Sequence
 
 from engine.core.scheduler import SchedulerStats
 
@@ -28,12 +29,11 @@ class Histogram:
         self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        with self._lock:
-            self._counts[bisect.bisect_left(self.buckets, value)] += 1
-            self._sum += value
+        self.observe_many((value,))
 
-    def observe_many(self, values: list[float]) -> None:
-        """observe() each value, under one lock (the engine thread's per-step batch)."""
+    def observe_many(self, values: Sequence[float]) -> None:
+        """Each value counted and summed in order, under one lock (the engine thread
+        observes a step's batch at once)."""
         with self._lock:
             counts, buckets, total = self._counts, self.buckets, self._sum
             for v in values:
