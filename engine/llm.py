@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
 
+from engine import heap
 from engine.backend import detect_backend
 from engine.builder import build_engine
 from engine.config import CONFIG_DIR, EngineConfig
@@ -46,8 +46,7 @@ class LLM:
         # As the server does at ready: what exists now lives as long as the engine; frozen,
         # the cyclic GC's full collections stop walking it every few steps (offline 32 x 64
         # on the 2-core CPU: the collector was ~4% of the process's CPU, 2026-12-04).
-        gc.collect()
-        gc.freeze()
+        heap.settle()
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.cfg
 

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from host_serving import TINY_49K  # noqa: E402
 
+from engine.heap import SERVING_THRESHOLDS, settle  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.server.async_engine import AsyncEngine  # noqa: E402
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5)
     p.add_argument("--gc-freeze", action="store_true")
+    p.add_argument("--gc-threshold", type=int, nargs=3, default=None,
+                   help="with --gc-freeze: the collector's thresholds (default: the server's)")
     p.add_argument("--tokenizer", type=Path, default=Path(".bench/llama-3.1-8b"))
     a = p.parse_args()
     model = Path(tempfile.mkdtemp(prefix="engine_thread_"))
@@ -62,17 +65,18 @@ def main() -> None:
     for _ in range(30):  # the prompts, then decode steps until every program is compiled
         aeng._deliver(eng.step())
     if a.gc_freeze:
-        gc.collect()
-        gc.freeze()
-    blocks = []
-    for _ in range(a.blocks):
+        settle(tuple(a.gc_threshold) if a.gc_threshold else SERVING_THRESHOLDS)
+    steps = []
+    for _ in range(a.blocks * a.steps):
         t0 = time.thread_time()
-        for _ in range(a.steps):
-            aeng._deliver(eng.step())
-        blocks.append((time.thread_time() - t0) / a.steps * 1e3)
-    print(f"engine thread CPU ms per step at {a.rows} rows (gc freeze: {a.gc_freeze}): "
+        aeng._deliver(eng.step())
+        steps.append((time.thread_time() - t0) * 1e3)
+    blocks = [np.mean(b) for b in np.reshape(steps, (a.blocks, a.steps))]
+    print(f"engine thread CPU ms per step at {a.rows} rows (gc freeze: {a.gc_freeze}, "
+          f"thresholds {gc.get_threshold()}): "
           f"mean {np.mean(blocks):.2f}, best {min(blocks):.2f}, blocks "
-          f"{' '.join(f'{b:.2f}' for b in blocks)}")
+          f"{' '.join(f'{b:.2f}' for b in blocks)}; a step's median {np.median(steps):.2f}, "
+          f"p99 {np.percentile(steps, 99):.2f}, max {max(steps):.2f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import hmac
 import logging
 import threading
@@ -21,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
+from engine import heap
 from engine.builder import build_engine
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
@@ -107,13 +107,10 @@ class ServerState:
     def _ready(self, aeng: AsyncEngine, serving: Serving) -> None:
         if self._closing:
             return
-        # What exists now (modules, JAX's caches, the model's host objects, the tokenizer:
-        # ~470k tracked objects for a tiny model) lives as long as the server. Frozen, the
-        # cyclic GC's full collections no longer walk it: at 400 streams they ran every few
-        # steps, each costing whichever thread (engine loop or event loop) allocated last
-        # tens of ms (scripts/host_serving.py; about a third of the engine thread's CPU).
-        gc.collect()
-        gc.freeze()
+        # What exists now (~470k tracked objects for a tiny model) lives as long as the
+        # server: frozen, the cyclic GC's full collections no longer walk it (at 400 streams
+        # they ran every few steps, tens of ms each: scripts/host_serving.py).
+        heap.settle()
         aeng.start()
         self.aeng, self.serving = aeng, serving
         o = self.options
