@@ -345,7 +345,8 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
                     vocab_size=cfg.vocab_size, max_model_len=max_len, seed=config.model.seed,
                     overlap=s.overlap_schedule, proposer=proposer,
                     num_draft_tokens=sp.speculative_num_draft_tokens,
-                    spec_max_batch=sp.speculative_max_batch)
+                    spec_max_batch=sp.speculative_max_batch,
+                    spec_adaptive=sp.speculative_adaptive)
     if s.warmup_decode_len and jax.process_count() == 1 and proposer is not None:
         _warm_up_proposer(proposer, s.warmup_decode_len, sp.speculative_max_batch,
                           s.warmup_threads, sp.speculative_num_draft_tokens)

@@ -239,6 +239,11 @@ class SpeculativeOptions:
     """Speculate only while at most this many requests run: above it the step is bound by
     compute more than by reading the weights, and verifying drafts costs more than it saves
     (the CPU default: docs/benchmarks.md)."""
+    speculative_adaptive: bool = True
+    """Speculate only while it measures faster than plain (overlapped) steps: seconds a step
+    of each kind and tokens a speculative step yields, averaged as they run, with a few steps
+    of the other kind now and then (engine.spec.governor). False: always, up to
+    speculative_max_batch."""
 
     def __post_init__(self) -> None:
         a = SPECULATIVE_ALIASES.get(self.speculative_algorithm, self.speculative_algorithm)

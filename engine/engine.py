@@ -31,6 +31,7 @@ from engine.runner import PLACEHOLDER, GrammarMasks, Launched, ModelRunner, Toke
 from engine.sampling_params import SamplingParams
 from engine.spec import Proposer
 from engine.spec.accept import num_accepted
+from engine.spec.governor import SpecGovernor
 from engine.structured import DEFAULT_BACKEND, GrammarCompiler, Matcher, make_backend
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class Engine:
                  *, eos_token_ids: tuple[int, ...], vocab_size: int, max_model_len: int,
                  seed: int = 0, grammar_backend: str = DEFAULT_BACKEND,
                  overlap: bool = False, proposer: Proposer | None = None,
-                 num_draft_tokens: int = 4, spec_max_batch: int | None = None) -> None:
+                 num_draft_tokens: int = 4, spec_max_batch: int | None = None,
+                 spec_adaptive: bool = False) -> None:
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
@@ -80,6 +82,9 @@ class Engine:
         self.proposer, self.num_draft_tokens = proposer, num_draft_tokens
         self.spec_max_batch = spec_max_batch
         """Speculate only while at most this many requests run (None: always)."""
+        self.governor = SpecGovernor() if proposer is not None and spec_adaptive else None
+        """Speculate only while it measures faster (engine.spec.governor); None: always."""
+        self._tally = [0, 0, False]  # this step's sampled rows, their tokens, prompt tokens?
 
     # -- receive -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -164,7 +169,20 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the outputs of user requests that made progress."""
-        if self._propose():
+        gov, may = self.governor, self._may_speculate()
+        if gov is None or not may:
+            return self._step(may)
+        spec = gov.decide()
+        self._tally = [0, 0, False]
+        t0 = time.perf_counter()
+        outs = self._step(spec)
+        rows, tokens, prompt = self._tally
+        gov.observe(spec, time.perf_counter() - t0, tokens / rows if rows and not prompt
+                    else None)
+        return outs
+
+    def _step(self, speculate: bool) -> list[RequestOutput]:
+        if speculate:
             if self._inflight is not None:  # collect the overlapped step: drafts need its tokens
                 prev, self._inflight = self._inflight, None
                 return self._process(prev[0].batch, self.runner.collect(prev[0]), prev[1])
@@ -205,8 +223,8 @@ class Engine:
                 if r.num_tokens - r.num_computed_tokens == 1
                 and r.request_id not in self._matchers and r.params.prompt_logprobs is None]
 
-    def _propose(self) -> bool:
-        """Whether this step speculates: a proposer, and few enough running requests."""
+    def _may_speculate(self) -> bool:
+        """Whether this step may speculate: a proposer, and few enough running requests."""
         if self.proposer is None:
             return False
         n = len(self.scheduler.running)
@@ -270,20 +288,25 @@ class Engine:
                  placeholders: dict[str, int] | None = None) -> list:
         touched: dict[str, RequestOutput] = {}
         owner, groups = self._owner, self._groups
+        tally = self._tally
         for seq, s in zip(batch.seqs, samples, strict=True):
+            tally[2] = tally[2] or len(seq.token_ids) - seq.num_draft > 1
             if s is None or seq.request.finished:
                 continue
             rid, idx = owner[seq.request.request_id]
             group = groups[rid]
+            tally[0] += 1
             if seq.num_draft:  # s: the target's token after each position
                 drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
                 n = num_accepted(drafts, [x.token for x in s])
+                tally[1] += n + 1
                 self.scheduler.accept_drafts(seq.request, seq.num_draft, n)
                 for x in s[:n + 1]:
                     self._append(seq.request, group, idx, x)
                     if seq.request.finished:
                         break
             else:
+                tally[1] += 1
                 at = placeholders.get(seq.request.request_id) if placeholders else None
                 self._append(seq.request, group, idx, s, at)
             touched[rid] = group.output

@@ -76,6 +76,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="draft: the draft model (same tokenizer as --model)")
     p.add_argument("--speculative-max-batch", type=int, default=None,
                    help="speculate only while at most this many requests run (default 4)")
+    p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction,
+                   default=None, help="speculate only while it measures faster than plain "
+                   "steps (default on; --no-speculative-adaptive: always)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int,
                    default=None, help="devices to shard the model over (mesh axis 'tp')")
     p.add_argument("--expert-parallel", action="store_true", default=None,
@@ -98,7 +101,7 @@ ENGINE_OPTIONS = ("dtype", "load_format", "max_model_len", "page_size", "max_tot
                   "num_processes", "process_id", "interpret", "npu_device",
                   "speculative_algorithm", "speculative_num_draft_tokens",
                   "speculative_ngram_min", "speculative_ngram_max", "speculative_draft_model",
-                  "speculative_max_batch")
+                  "speculative_max_batch", "speculative_adaptive")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,9 @@ side in one run and one engine (its proposer is switched off for the "off" runs)
 The workload is repetitive on purpose, where prompt lookup pays: the model is asked to
 repeat a given paragraph (with a tokenizer), or, without one (dummy weights), the prompt is
 a random token sequence twice over. Each request decodes `output_len` tokens (ignore_eos);
-the timed phase runs from when every request has its first token to the last token.
+the timed phase runs from when every request has its first token to the last token. Three
+runs: `off` (no proposer), `on` (every step speculates) and `auto` (speculation while it
+measures faster: engine.spec.governor, the engine's default).
 
 Step time is split into the proposer's (`propose_ms`: the draft model's steps) and the
 target's (`target_step_ms`: schedule, verify, accept). With a draft of the target's own
@@ -19,6 +21,7 @@ import time
 import numpy as np
 
 from engine.sampling_params import SamplingParams
+from engine.spec.governor import SpecGovernor
 
 PARAGRAPH = (
     "The old lighthouse stood at the edge of the cliff for more than a century. Every night "
@@ -102,14 +105,22 @@ def compare(llm, batch: int, output_len: int, warmup_runs: int = 1) -> dict:
         raise SystemExit("engine bench spec needs --speculative-algorithm")
     prompts = rewrite_prompts(llm, batch)
     proposer, row = eng.proposer, {"batch": batch, "prompt_len": len(prompts[0])}
-    for name, prop in (("off", None), ("on", proposer)):
+    # "on" measures the mechanism: every step speculates, whether or not it pays; "auto"
+    # speculates while it measures faster (a fresh engine.spec.governor each run).
+    governor = eng.governor
+    for name, prop, gov in (("off", None, None), ("on", proposer, None),
+                            ("auto", proposer, SpecGovernor)):
         eng.proposer = prop
         for _ in range(warmup_runs):
+            eng.governor = gov and gov()
             _run(eng, prompts, output_len)
+        eng.governor = gov and gov()
         row[name] = _run(eng, prompts, output_len)
-    eng.proposer = proposer
-    row["same_outputs"] = row["off"].pop("outputs") == row["on"].pop("outputs")
+    eng.proposer, eng.governor = proposer, governor
+    outputs = [row[name].pop("outputs") for name in ("off", "on", "auto")]
+    row["same_outputs"] = outputs[0] == outputs[1] == outputs[2]
     row["speedup"] = row["on"]["output_tok_s"] / row["off"]["output_tok_s"]
+    row["auto_speedup"] = row["auto"]["output_tok_s"] / row["off"]["output_tok_s"]
     on = row["on"]
     on["bound_tok_s"] = on["tokens_per_step"] * batch / on["target_step_ms"] * 1e3
     return row
@@ -117,7 +128,7 @@ def compare(llm, batch: int, output_len: int, warmup_runs: int = 1) -> dict:
 
 HEADER = (f"{'batch':>6} {'prompt':>7} {'off tok/s':>10} {'off ms':>8} {'on tok/s':>9} "
           f"{'on ms':>7} {'draft ms':>9} {'tok/step':>9} {'accept':>7} {'speedup':>8} "
-          f"{'bound tok/s':>12} {'same':>5}")
+          f"{'bound tok/s':>12} {'auto tok/s':>11} {'auto':>6} {'same':>5}")
 
 
 def row_line(r: dict) -> str:
@@ -126,4 +137,5 @@ def row_line(r: dict) -> str:
             f"{off['step_ms']:>8.2f} {on['output_tok_s']:>9.1f} {on['step_ms']:>7.2f} "
             f"{on['propose_ms']:>9.2f} {on['tokens_per_step']:>9.2f} "
             f"{on['acceptance_rate']:>7.2f} {r['speedup']:>7.2f}x {on['bound_tok_s']:>12.1f} "
+            f"{r['auto']['output_tok_s']:>11.1f} {r['auto_speedup']:>5.2f}x "
             f"{str(r['same_outputs']):>5}")

@@ -25,6 +25,7 @@ def test_spec_bench_reports_both_runs(tmp_path: Path, capsys) -> None:
     # more than one token; the proposer's time is counted apart.
     assert row["on"]["tokens_per_step"] > 1.5 and row["on"]["acceptance_rate"] > 0.5
     assert row["on"]["propose_ms"] > 0 and row["off"]["tokens_per_step"] == 1.0
+    assert row["auto"]["output_tok_s"] > 0 and row["auto_speedup"] > 0
     assert "bound tok/s" in capsys.readouterr().out
 
 

@@ -25,7 +25,7 @@ REWRITE = f"Repeat the following text exactly.\nText: {TEXT}\nRepeated text:"
 @pytest.fixture(scope="module")
 def spec_llm(default_gguf):  # the default_llm fixture's settings
     return LLM(speculative_algorithm="ngram", speculative_num_draft_tokens=4,
-               speculative_max_batch=16, **SMALL)
+               speculative_max_batch=16, speculative_adaptive=False, **SMALL)
 
 
 def outputs(outs) -> list[list[tuple]]:
@@ -55,8 +55,9 @@ def test_smollm2_outputs_equal_without_speculation(spec_llm) -> None:
 def tiny(tmp_path: Path, vocab: int = 512, **kw) -> LLM:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**TINY, "vocab_size": vocab}))
+    # Speculation on whenever it may (these tests check the mechanism, not whether it pays).
     opts = dict(backend="cpu", load_format="dummy", max_total_tokens=2048,
-                max_running_requests=64, chunked_prefill_size=256)
+                max_running_requests=64, chunked_prefill_size=256, speculative_adaptive=False)
     return LLM(str(config), **{**opts, **kw})
 
 

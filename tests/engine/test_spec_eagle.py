@@ -26,7 +26,7 @@ HEAD = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
         "draft_vocab_size": 32, "target_hidden_size": E, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "max_position_embeddings": 256}
 OPTS = dict(backend="cpu", dtype="float32", max_total_tokens=2048, max_running_requests=8,
-            chunked_prefill_size=32)
+            chunked_prefill_size=32, speculative_adaptive=False)
 
 
 def write_target(folder: Path, rng: np.random.Generator, zero_layers: bool = False,

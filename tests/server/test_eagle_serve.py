@@ -58,7 +58,8 @@ def test_greedy_stream_equals_the_output_without_speculation(tmp_path: Path, def
                                                              ) -> None:
     want = default_llm.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0.0))[0]
     head = random_head(tmp_path / "head", default_llm.model_config)
-    args = [*SMALL, "--speculative-algorithm", "eagle3", "--speculative-draft-model", str(head)]
+    args = [*SMALL, "--speculative-algorithm", "eagle3", "--speculative-draft-model", str(head),
+            "--no-speculative-adaptive"]
     with running_server(tmp_path, args, name="eagle") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0,
                                timeout=300)

@@ -21,7 +21,8 @@ PROMPT = f"Repeat the following text exactly.\nText: {TEXT}\nRepeated text:"
 
 @pytest.fixture(scope="module")
 def server(default_gguf, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = [*SMALL, "--speculative-algorithm", "ngram", "--speculative-num-draft-tokens", "4"]
+    args = [*SMALL, "--speculative-algorithm", "ngram", "--speculative-num-draft-tokens", "4",
+            "--no-speculative-adaptive"]
     with running_server(tmp_path_factory.mktemp("spec"), args) as s:
         yield s
 

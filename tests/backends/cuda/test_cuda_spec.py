@@ -20,6 +20,6 @@ def test_cuda_backend_speculation_keeps_greedy_tokens(tmp_path):
     # The CPU backend's tokens: test_cuda_model checks the CUDA backend gives them too.
     plain = LLM(str(tmp_path), backend="cpu", **opts).generate(prompts, sp)
     llm = LLM(str(tmp_path), backend="cuda", interpret=True, speculative_algorithm="ngram",
-              **opts)
+              speculative_adaptive=False, **opts)
     assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in plain]
     assert llm.engine.scheduler.stats().num_draft_tokens > 0
