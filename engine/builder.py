@@ -401,7 +401,8 @@ def _draft(t: Target) -> DraftModelProposer:
                          buckets=_draft_buckets(t))
     log.info("draft model %s: %d layers, %d KV pages", sp.speculative_draft_model,
              cfg.num_layers, t.runner.num_pages)
-    return DraftModelProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+    return DraftModelProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size,
+                              unroll=bool(t.backend.options.get("draft_unroll", False)))
 
 
 def _draft_buckets(t: Target) -> Buckets:

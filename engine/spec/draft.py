@@ -38,12 +38,13 @@ class ShadowSeq:
 
 class DraftModelProposer:
     def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int,
-                 fused: bool = True) -> None:
+                 fused: bool = True, unroll: bool = False) -> None:
         """`runner`: an engine.runner.ModelRunner over the draft model with `num_pages`
         pages of `page_size` tokens. `fused`: the k proposals as one program
-        (engine.spec.draft_step), else k steps of the runner, each waited for."""
+        (engine.spec.draft_step; `unroll`: its loop unrolled), else k steps of the runner,
+        each waited for."""
         self.runner, self.vocab_size = runner, vocab_size
-        self._program = DraftProgram(runner, vocab_size) if fused else None
+        self._program = DraftProgram(runner, vocab_size, unroll) if fused else None
         self.pool = PagePool(num_pages, page_size)
         self.page_size = page_size
         self._seqs: dict[str, ShadowSeq] = {}

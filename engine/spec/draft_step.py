@@ -45,10 +45,16 @@ def _decode_metadata(page_table: jax.Array, lens: jax.Array, live: jax.Array,
         page_size=page_size, decode_only=True)
 
 
-def make_draft_program(runner: ModelRunner, vocab_size: int):
+def make_draft_program(runner: ModelRunner, vocab_size: int, unroll: bool = False):
     """The jitted program over `runner`'s model and KV cache (donated): (params, kv, tokens
     [T], md, logits_idx [S], k static) -> (drafts i32 [S, k], kv). `vocab_size`: the
-    target's; a draft model's argmax past it (a larger padded vocabulary) becomes 0."""
+    target's; a draft model's argmax past it (a larger padded vocabulary) becomes 0.
+    `unroll`: the k - 1 decode steps as straight-line code instead of an XLA while loop (the
+    backend option draft_unroll). Why it may matter: on an H200 (2026-12-04) the 8B draft's
+    four forwards in the loop took 40 ms where four decode steps take about 18; a loop that
+    copies its carried KV pool (8.6 GB there) each iteration would explain it, and an
+    unrolled program has no loop carry to copy. Not measured yet (scripts/gpu/spec.sh
+    same-unrolled)."""
     fwd = model_forward(runner.cfg, runner.backend)
     page_size, drop = runner.page_size, runner.num_pages * runner.page_size
 
@@ -69,7 +75,8 @@ def make_draft_program(runner: ModelRunner, vocab_size: int):
             logits, kv = fwd(params, kv, drafts[i - 1], dmd, rows)
             return kv, drafts.at[i].set(greedy(logits)), lens + 1
 
-        kv, drafts, _ = jax.lax.fori_loop(1, k, body, (kv, drafts, md.seq_lens))
+        kv, drafts, _ = jax.lax.fori_loop(1, k, body, (kv, drafts, md.seq_lens),
+                                          unroll=unroll)
         return replicated(drafts.T, runner.backend), kv
 
     return jax.jit(program, static_argnames=("k",), donate_argnums=(1,))
@@ -78,9 +85,9 @@ def make_draft_program(runner: ModelRunner, vocab_size: int):
 class DraftProgram:
     """Runs the fused proposal program on a draft model's runner (its params and KV)."""
 
-    def __init__(self, runner: ModelRunner, vocab_size: int) -> None:
+    def __init__(self, runner: ModelRunner, vocab_size: int, unroll: bool = False) -> None:
         self.runner = runner
-        self._program = make_draft_program(runner, vocab_size)
+        self._program = make_draft_program(runner, vocab_size, unroll)
 
     def __call__(self, batch: ScheduledBatch, k: int) -> np.ndarray:
         """k greedy drafts after each seq of `batch` (every seq samples: its token_ids end

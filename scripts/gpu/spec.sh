@@ -10,6 +10,10 @@
 #           `on tok/s` against `off tok/s` is the overhead floor
 #   ngram   prompt lookup on the repetitive workload (random weights: acceptance is whatever
 #           the random model's loops give)
+#   same-unrolled, same-kvxla (not run by default) the same-weights run with the backend
+#           option draft_unroll (the draft program's k - 1 decode steps unrolled: no XLA while
+#           loop) or kv_write xla (K/V written by XLA's scatters, not the aliased Pallas
+#           kernel): the A/B of why four 8B forwards in one program took 40 ms (2026-12-04)
 #   same-ragged (not run by default: RUNS="same same-ragged") the same-weights run with the
 #           backend option verify_decode off: the verify step's decode-and-drafts rows take
 #           the ragged prefill kernel, as before 2026-12-03, instead of the decode kernel a
@@ -40,11 +44,16 @@ for run in ${RUNS:-same small ngram eagle}; do
   same)  args=(--speculative-algorithm draft --speculative-draft-model $TARGET) ;;
   small) args=(--speculative-algorithm draft --speculative-draft-model ${SMALL_DRAFT:-llama-3.2-1b}) ;;
   ngram) args=(--speculative-algorithm ngram) ;;
-  same-ragged)
+  same-ragged|same-unrolled|same-kvxla)
+    case $run in
+    same-ragged) option="verify_decode: false" ;;
+    same-unrolled) option="draft_unroll: true" ;;
+    same-kvxla) option="kv_write: xla" ;;
+    esac
     python3 -c "import sys, yaml; d = yaml.safe_load(open('configs/cuda.yaml'))
-d['backend']['verify_decode'] = False; yaml.safe_dump(d, open(sys.argv[1], 'w'))" \
-      "$OUT/cuda-ragged-verify.yaml"
-    args=(--config "$OUT/cuda-ragged-verify.yaml" --speculative-algorithm draft
+d['backend'].update(yaml.safe_load(sys.argv[2])); yaml.safe_dump(d, open(sys.argv[1], 'w'))" \
+      "$OUT/cuda-$run.yaml" "$option"
+    args=(--config "$OUT/cuda-$run.yaml" --speculative-algorithm draft
           --speculative-draft-model $TARGET) ;;
   eagle) head="$OUT/eagle3-head"; mkdir -p "$head"
          python3 -c "import json, sys; from engine.model.presets import PRESETS; \

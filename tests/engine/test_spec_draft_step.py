@@ -19,20 +19,22 @@ from engine.spec.draft import DraftModelProposer
 from tests.engine.test_spec import tiny
 
 
-def _twin(r: ModelRunner, fused: bool, vocab: int) -> DraftModelProposer:
+def _twin(r: ModelRunner, fused: bool, vocab: int, unroll: bool = False) -> DraftModelProposer:
     """A proposer over a fresh runner of r's model (its own KV pool)."""
     runner = ModelRunner(r.cfg, r.params, r.backend, page_size=r.page_size,
                          num_pages=r.num_pages, max_num_tokens=r.buckets.tokens[-1],
                          max_num_seqs=r.buckets.seqs[-1], max_model_len=1024,
                          kv_dtype=jax.tree.leaves(r.kv)[0].dtype, buckets=r.buckets)
-    return DraftModelProposer(runner, r.page_size, r.num_pages, vocab, fused=fused)
+    return DraftModelProposer(runner, r.page_size, r.num_pages, vocab, fused=fused,
+                              unroll=unroll)
 
 
 def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
     llm = tiny(tmp_path, chunked_prefill_size=64, speculative_algorithm="draft",
                speculative_draft_model=str(tmp_path / "config.json"))
     base = llm.engine.proposer.runner
-    fused, steps = (_twin(base, f, llm.engine.vocab_size) for f in (True, False))
+    fused, steps, unrolled = (_twin(base, f, llm.engine.vocab_size, u)
+                              for f, u in ((True, False), (False, False), (True, True)))
     rng = np.random.default_rng(3)
     sp = SamplingParams(temperature=0)
     reqs = [Request(f"r{i}", rng.integers(1, 40, size=n).tolist(), sp, seed=0)
@@ -43,7 +45,7 @@ def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
             reqs = [reqs[0], reqs[2], Request("r3", rng.integers(1, 40, size=30).tolist(),
                                               sp, seed=0)]
         got, want = fused.propose(reqs, k), steps.propose(reqs, k)
-        assert got == want, rnd
+        assert got == want == unrolled.propose(reqs, k), rnd
         assert all(len(d) == k for d in got)
         for r, d in zip(reqs, got, strict=True):  # the target keeps n drafts, then its own
             if rnd == 1 and r is reqs[0]:  # a step that took no drafts (a prompt chunk ran)
@@ -53,7 +55,7 @@ def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
             accepted.append(n)
             r.output_token_ids += d[:n] + [int(rng.integers(1, 40))]
     assert min(accepted) == 0 and max(accepted) == k  # both extremes were exercised
-    for p in (fused, steps):
+    for p in (fused, steps, unrolled):
         p.propose([], k)  # no request left: every page comes back
         assert p.pool.num_free == p.pool.num_pages
 
