@@ -50,11 +50,10 @@ def make_draft_program(runner: ModelRunner, vocab_size: int, unroll: bool = Fals
     [T], md, logits_idx [S], k static) -> (drafts i32 [S, k], kv). `vocab_size`: the
     target's; a draft model's argmax past it (a larger padded vocabulary) becomes 0.
     `unroll`: the k - 1 decode steps as straight-line code instead of an XLA while loop (the
-    backend option draft_unroll). Why it may matter: on an H200 (2026-12-04) the 8B draft's
-    four forwards in the loop took 40 ms where four decode steps take about 18; a loop that
-    copies its carried KV pool (8.6 GB there) each iteration would explain it, and an
-    unrolled program has no loop carry to copy. Not measured yet (scripts/gpu/spec.sh
-    same-unrolled)."""
+    backend option draft_unroll). On an H200 (2026-12-04) the 8B draft's four forwards took
+    40.0 ms in the loop, where four decode steps take about 18, and 37.7 ms unrolled
+    (scripts/gpu/spec.sh same-unrolled, one run each): the loop (a copy of its carried KV
+    pool each iteration, say) is not what costs the rest."""
     fwd = model_forward(runner.cfg, runner.backend)
     page_size, drop = runner.page_size, runner.num_pages * runner.page_size
 
