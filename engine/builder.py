@@ -435,7 +435,9 @@ def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads:
     """A model proposer's programs (proposer_grid), compiled before serving like the
     target's: drafting must compile nothing after ready either. A draft model's: its
     runner's steps (catch-up rows) and its fused k-proposal program (engine.spec.draft_step)
-    for every shape of the program's first forward."""
+    for every shape of the program's first forward. An EAGLE-3 head's: its draft step
+    (catch-up rows, and the step-by-step path's) and its fused k-draft program
+    (engine.spec.eagle_runner.EagleChain) for every decode-only shape."""
     if isinstance(proposer, DraftModelProposer):
         r = proposer.runner
         grid = proposer_grid(r.buckets, r.page_size, max_len, max_batch)
@@ -446,7 +448,12 @@ def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads:
             n += len(grid)
     elif isinstance(proposer, EagleProposer):
         r = proposer.runner
-        n = r.warm_up(proposer_grid(r.buckets, r.page_size, max_len, max_batch))
+        grid = proposer_grid(r.buckets, r.page_size, max_len, max_batch)
+        n = r.warm_up(grid)
+        if proposer._chain is not None:  # its first forward: one token a seq, decode-only
+            for shape in [g for g in grid if g[3]]:
+                proposer._chain.lower_idle(*shape, k).compile()
+                n += 1
     else:
         return
     log.info("speculation: %d draft programs warmed up", n)

@@ -27,11 +27,13 @@ from engine.runner import ModelRunner, mesh_context, model_forward, replicated
 from engine.sampler import SamplingMode
 
 
-def _decode_metadata(page_table: jax.Array, lens: jax.Array, live: jax.Array,
+def decode_metadata(page_table: jax.Array, lens: jax.Array, live: jax.Array,
                      page_size: int, drop_slot: int) -> AttentionMetadata:
     """One new token per live sequence at position lens[s] (sequence s = token s): the
     metadata of a decode step, padded like the runner's (padding rows: length 0, writes
-    dropped). page_table [S, P], lens [S] i32, live [S] bool -> metadata with T = S."""
+    dropped), derived on the device (the chained steps of a draft model's program and of
+    an EAGLE-3 head's, engine.spec.eagle_runner). page_table [S, P], lens [S] i32,
+    live [S] bool -> metadata with T = S."""
     s = lens.shape[0]
     rows = jnp.arange(s, dtype=jnp.int32)  # [S]
     n = live.sum(dtype=jnp.int32)  # live rows are the first n (the runner's order)
@@ -70,7 +72,7 @@ def make_draft_program(runner: ModelRunner, vocab_size: int, unroll: bool = Fals
 
         def body(i, carry):  # input: draft i (0-based i - 1 done), at position lens
             kv, drafts, lens = carry
-            dmd = _decode_metadata(md.page_table, lens, live, page_size, drop)
+            dmd = decode_metadata(md.page_table, lens, live, page_size, drop)
             logits, kv = fwd(params, kv, drafts[i - 1], dmd, rows)
             return kv, drafts.at[i].set(greedy(logits)), lens + 1
 

@@ -7,6 +7,10 @@ its hidden pool at the KV slot of p: ModelRunner.hidden). With L tokens known, t
 has computed positions [0, L - 1): the head catches up over them (rows without sampling,
 chunked within a step's token budget), its row at L - 2 drafts token 1, and each further
 draft j is a one-token row at L - 2 + j fed the head's own output of the row before.
+By default the row at L - 2 and the chained rows are one jitted program with an on-device
+loop (engine.spec.eagle_runner.EagleChain): one dispatch and one fetch a proposal; the
+step-by-step path (k head steps, each read back before the next) is its reference. The
+catch-up rows before them sample nothing and are not waited for.
 
 The head's K/V of a request is valid for positions [0, computed): rows built from target
 features. Chained rows are scratch, overwritten by the next catch-up once the target has
@@ -21,12 +25,17 @@ from __future__ import annotations
 from engine.core.page_pool import PagePool
 from engine.core.request import Request, ScheduledBatch, ScheduledSeq
 from engine.spec.draft import GREEDY, ShadowSeq
+from engine.spec.eagle_runner import EagleChain
 
 
 class EagleProposer:
-    def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int) -> None:
-        """`runner`: an engine.spec.eagle_runner.EagleRunner with `num_pages` pages."""
+    def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int,
+                 fused: bool = True) -> None:
+        """`runner`: an engine.spec.eagle_runner.EagleRunner with `num_pages` pages.
+        `fused`: the k drafts as one program (EagleChain), else k head steps, each waited
+        for."""
         self.runner, self.vocab_size, self.page_size = runner, vocab_size, page_size
+        self._chain = EagleChain(runner, vocab_size) if fused else None
         self.pool = PagePool(num_pages, page_size)
         self._seqs: dict[str, ShadowSeq] = {}
 
@@ -56,6 +65,17 @@ class EagleProposer:
             if not rows:
                 break
             self.runner.draft(ScheduledBatch(rows), slots, chain=False)
+        if self._chain is not None and k > 0:  # one dispatch: the row at L - 2, then chained
+            rows = [self._row(seqs[i], requests[i].num_tokens - 2, 1, sample=True)
+                    for i in active]
+            slots = [self._target_slots(requests[i], requests[i].num_tokens - 2, 1)[0]
+                     for i in active]
+            for i, row in zip(active, self._chain(ScheduledBatch(rows), slots, k).tolist(),
+                              strict=True):
+                seqs[i].tokens += row
+                seqs[i].computed = requests[i].num_tokens - 1  # chained rows are scratch
+                drafts[i] = row
+            return drafts
         for j in range(k):  # j = 0: the row at L - 2 (target features); then chained rows
             rows = [self._row(seqs[i], requests[i].num_tokens - 2 + j, 1, sample=True)
                     for i in active]
