@@ -427,7 +427,8 @@ def _eagle(t: Target) -> EagleProposer:
     log.info("EAGLE-3 head %s: width %d, draft vocabulary %d, target layers %s, %d KV pages",
              sp.speculative_draft_model, ec.head.hidden_size, ec.draft_vocab_size,
              list(ec.aux_layers), t.runner.num_pages)
-    return EagleProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size)
+    return EagleProposer(runner, t.runner.page_size, t.runner.num_pages, t.vocab_size,
+                         unroll=bool(t.backend.options.get("draft_unroll", False)))
 
 
 def _warm_up_proposer(proposer: Proposer, max_len: int, max_batch: int, threads: int,

@@ -30,12 +30,12 @@ from engine.spec.eagle_runner import EagleChain
 
 class EagleProposer:
     def __init__(self, runner, page_size: int, num_pages: int, vocab_size: int,
-                 fused: bool = True) -> None:
+                 fused: bool = True, unroll: bool = False) -> None:
         """`runner`: an engine.spec.eagle_runner.EagleRunner with `num_pages` pages.
-        `fused`: the k drafts as one program (EagleChain), else k head steps, each waited
-        for."""
+        `fused`: the k drafts as one program (EagleChain; `unroll`: its loop unrolled),
+        else k head steps, each waited for."""
         self.runner, self.vocab_size, self.page_size = runner, vocab_size, page_size
-        self._chain = EagleChain(runner, vocab_size) if fused else None
+        self._chain = EagleChain(runner, vocab_size, unroll) if fused else None
         self.pool = PagePool(num_pages, page_size)
         self._seqs: dict[str, ShadowSeq] = {}
 

@@ -118,13 +118,15 @@ class EagleRunner(ModelRunner):
 
 
 def make_draft_chain(ec: EagleConfig, backend: Backend, page_size: int, drop_slot: int,
-                     vocab_size: int):
+                     vocab_size: int, unroll: bool = False):
     """The jitted k drafts of a proposal (the head's K/V donated): (params, embed, kv, pool,
     tokens [T], md, logits_idx [S], feature_slots [T], k static) -> (drafts i32 [S, k], the
     last draft row's pre-norm outputs [S, E], kv). `md`: one token a sequence (the rows at
     L - 2, reading target features); draft j + 1 is the one-token row at the next position
     fed draft j and the row's previous output. A draft outside [0, vocab_size) becomes 0,
-    as the step-by-step proposer turns it (before feeding it back)."""
+    as the step-by-step proposer turns it (before feeding it back). `unroll`: the chained
+    rows as straight-line code instead of an XLA while loop (the backend option
+    draft_unroll, as a draft model's program: engine.spec.draft_step)."""
     fwd = _head_forward(ec, backend)
 
     def valid(tok: jax.Array) -> jax.Array:
@@ -144,7 +146,8 @@ def make_draft_chain(ec: EagleConfig, backend: Backend, page_size: int, drop_slo
                                dmd, rows)
             return kv, drafts.at[i].set(valid(tok)), nxt.astype(out.dtype), lens + 1
 
-        kv, drafts, out, _ = jax.lax.fori_loop(1, k, body, (kv, drafts, out, md.seq_lens))
+        kv, drafts, out, _ = jax.lax.fori_loop(1, k, body, (kv, drafts, out, md.seq_lens),
+                                               unroll=unroll)
         return drafts.T, out, kv
 
     return jax.jit(program, static_argnames=("k",), donate_argnums=(2,))
@@ -152,12 +155,13 @@ def make_draft_chain(ec: EagleConfig, backend: Backend, page_size: int, drop_slo
 
 class EagleChain:
     """Runs the fused k-draft program on an EagleRunner (its params, K/V and the target's
-    feature pool); `vocab_size`: the target's."""
+    feature pool); `vocab_size`: the target's; `unroll`: its loop unrolled."""
 
-    def __init__(self, runner: EagleRunner, vocab_size: int) -> None:
+    def __init__(self, runner: EagleRunner, vocab_size: int, unroll: bool = False) -> None:
         self.runner = runner
         self._program = make_draft_chain(runner.ec, runner.backend, runner.page_size,
-                                         runner.num_pages * runner.page_size, vocab_size)
+                                         runner.num_pages * runner.page_size, vocab_size,
+                                         unroll)
 
     def _args(self, tokens: np.ndarray, md: Any, logits_idx: np.ndarray,
               feature_slots: np.ndarray) -> tuple:

@@ -1,9 +1,10 @@
 """The EAGLE-3 head's fused k-draft program (engine.spec.eagle_runner.EagleChain) against
-the step-by-step proposer it replaces: the same drafts, round after round, as the target
-accepts all, some or none of them (or takes none and decodes the first draft's token
-itself), for requests of different lengths (one longer than a step's token budget: chunked
-catch-up) that come and go; every head page back once they are gone; and the program
-lowered on idle rows for warm-up is the one a proposal then runs."""
+the step-by-step proposer it replaces (and the program with its loop unrolled): the same
+drafts, round after round, as the target accepts all, some or none of them (or takes none
+and decodes the first draft's token itself), for requests of different lengths (one longer
+than a step's token budget: chunked catch-up) that come and go; every head page back once
+they are gone; and the program lowered on idle rows for warm-up is the one a proposal then
+runs."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _llm(tmp_path: Path) -> LLM:
                **{**OPTS, "load_format": "dummy"})
 
 
-def _twin(p: EagleProposer, fused: bool) -> EagleProposer:
+def _twin(p: EagleProposer, fused: bool, unroll: bool = False) -> EagleProposer:
     """A proposer over a fresh runner of p's head (its own KV pool), on the same target,
     with the random head's matrices 10 times larger (weights of 0.2, not 0.02: its chained
     rows then draft what their inputs say, not the same token again)."""
@@ -41,7 +42,8 @@ def _twin(p: EagleProposer, fused: bool) -> EagleProposer:
               for n, w in r.params.items()}
     runner = EagleRunner(r.ec, params, r.target, r.backend, num_pages=r.num_pages,
                          max_model_len=1024, buckets=r.buckets)
-    return EagleProposer(runner, p.page_size, r.num_pages, p.vocab_size, fused=fused)
+    return EagleProposer(runner, p.page_size, r.num_pages, p.vocab_size, fused=fused,
+                         unroll=unroll)
 
 
 def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
@@ -53,7 +55,7 @@ def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
     target.hidden = jax.device_put(
         rng.standard_normal(target.hidden.shape).astype(target.hidden.dtype),
         target.hidden.sharding)
-    fused, steps = _twin(base, True), _twin(base, False)
+    fused, steps, unrolled = _twin(base, True), _twin(base, False), _twin(base, True, True)
     sp = SamplingParams(temperature=0)
     per_req = -(-160 // target.page_size)  # target pages: room for every round's tokens
     free = iter(range(target.num_pages))
@@ -70,7 +72,7 @@ def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
         if rnd == 3:  # one leaves (its head pages go back), another arrives
             reqs = [reqs[0], reqs[2], request("r3", 30)]
         got, want = fused.propose(reqs, k), steps.propose(reqs, k)
-        assert got == want, rnd
+        assert got == want == unrolled.propose(reqs, k), rnd
         assert all(len(d) == k for d in got)
         for r, d in zip(reqs, got, strict=True):  # the target keeps n drafts, then its own
             if rnd == 1 and r is reqs[0]:  # a step that took no drafts (a prompt chunk ran)
@@ -82,7 +84,7 @@ def test_fused_drafts_equal_step_by_step_ones(tmp_path: Path) -> None:
     assert min(accepted) == 0 and max(accepted) == k  # both extremes were exercised
     np.testing.assert_allclose(np.asarray(fused.runner._prev)[:3],
                                np.asarray(steps.runner._prev)[:3], rtol=1e-5, atol=1e-5)
-    for p in (fused, steps):
+    for p in (fused, steps, unrolled):
         p.propose([], k)  # no request left: every page comes back
         assert p.pool.num_free == p.pool.num_pages
 
