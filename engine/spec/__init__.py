@@ -3,10 +3,12 @@
 A proposer guesses the next k tokens of running decodes; the target model scores each decode
 with its drafts in one ragged step (a 1 + k token row, causal inside the draft) and samples
 the token after every position; `accept.num_accepted` keeps the longest run of drafts that
-equals what the target sampled. The proposers and the rule are pure Python, no jax: a draft
-model's proposer (engine.spec.draft) and the EAGLE-3 head's (engine.spec.eagle) drive runners
-made by the builder (the head's forward and runner, in JAX: engine.spec.eagle_head and
-engine.spec.eagle_runner).
+equals what the target sampled. The rule (engine.spec.accept), the n-gram proposer
+(engine.spec.ngram) and the governor that decides whether speculating pays
+(engine.spec.governor) are plain Python; the model proposers run one jitted program a
+proposal over runners the builder makes: a draft model's (engine.spec.draft, its program in
+engine.spec.draft_step) and the EAGLE-3 head's (engine.spec.eagle over
+engine.spec.eagle_runner and engine.spec.eagle_head).
 """
 
 from __future__ import annotations
