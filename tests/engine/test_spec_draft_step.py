@@ -70,13 +70,23 @@ def test_lowered_idle_program_is_the_one_a_proposal_runs(tmp_path: Path) -> None
     req = Request("a", list(range(1, 12)), SamplingParams(temperature=0), seed=0)
     s = p._seq(req, 3)
     batch = ScheduledBatch([p._row(s, len(s.tokens), sample=True)])
+    drafts = warmed_program_runs(r, batch, lambda *shape: p._program.lower_idle(*shape, 3),
+                                 lambda: p._program(batch, 3))
+    assert drafts.shape == (1, 3)
+
+
+def warmed_program_runs(r: ModelRunner, batch: ScheduledBatch, lower, run):
+    """Warm-up's contract for a proposer's program: `lower(t, s, p, decode_only)` (lowered on
+    idle rows of `batch`'s bucket shape) compiled writes no K/V of runner `r`, and then
+    `run()`, the first call of that shape, compiles nothing. Returns what `run` returns."""
     tokens, md, *_ = r.prepare(batch)
     kv_before = [np.asarray(x) for x in jax.tree.leaves(r.kv)]
-    p._program.lower_idle(tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1],
-                          md.decode_only, 3).compile()
+    lower(tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1],
+          md.decode_only).compile()
     assert all((np.asarray(x) == y).all() for x, y in zip(jax.tree.leaves(r.kv), kv_before,
                                                           strict=True))
     counter = CompileCounter()
     before = counter.compiles
-    drafts = p._program(batch, 3)
-    assert counter.compiles == before and drafts.shape == (1, 3)
+    out = run()
+    assert counter.compiles == before
+    return out

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from engine import LLM, SamplingParams
-from engine.compile import CompileCounter
 from engine.core.request import Request, ScheduledBatch
 from engine.spec.eagle import EagleProposer
 from engine.spec.eagle_runner import EagleRunner
+from tests.engine.test_spec_draft_step import warmed_program_runs
 from tests.engine.test_spec_eagle import HEAD, OPTS, TARGET, V
 
 
@@ -98,14 +98,7 @@ def test_lowered_idle_program_is_the_one_a_proposal_runs(tmp_path: Path) -> None
     req.page_ids = [0, 1]
     s = p._seq(req, 3)
     s.computed = req.num_tokens - 2  # caught up: the proposal is the fused program alone
-    row = p._row(s, req.num_tokens - 2, 1, sample=True)
-    tokens, md, *_ = r.prepare(ScheduledBatch([row]))
-    kv_before = [np.asarray(x) for x in jax.tree.leaves(r.kv)]
-    p._chain.lower_idle(tokens.shape[0], md.seq_lens.shape[0], md.page_table.shape[1],
-                        md.decode_only, 3).compile()
-    assert all((np.asarray(x) == y).all() for x, y in zip(jax.tree.leaves(r.kv), kv_before,
-                                                          strict=True))
-    counter = CompileCounter()
-    before = counter.compiles
-    drafts = p._chain(ScheduledBatch([row]), [5], 3)
-    assert counter.compiles == before and drafts.shape == (1, 3)
+    batch = ScheduledBatch([p._row(s, req.num_tokens - 2, 1, sample=True)])
+    drafts = warmed_program_runs(r, batch, lambda *shape: p._chain.lower_idle(*shape, 3),
+                                 lambda: p._chain(batch, [5], 3))
+    assert drafts.shape == (1, 3)
