@@ -31,7 +31,7 @@ from engine.runner import PLACEHOLDER, GrammarMasks, Launched, ModelRunner, Toke
 from engine.sampling_params import SamplingParams
 from engine.spec import Proposer
 from engine.spec.accept import num_accepted
-from engine.spec.governor import SpecGovernor
+from engine.spec.governor import SpecGovernor, StepTally
 from engine.structured import DEFAULT_BACKEND, GrammarCompiler, Matcher, make_backend
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Engine:
         """Speculate only while at most this many requests run (None: always)."""
         self.governor = SpecGovernor() if proposer is not None and spec_adaptive else None
         """Speculate only while it measures faster (engine.spec.governor); None: always."""
-        self._tally = [0, 0, False]  # this step's sampled rows, their tokens, prompt tokens?
+        self._tally: StepTally | None = None  # what a governed step yields (else None)
 
     # -- receive -------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -173,12 +173,11 @@ class Engine:
         if gov is None or not may:
             return self._step(may)
         spec = gov.decide()
-        self._tally = [0, 0, False]
+        self._tally = tally = StepTally()
         t0 = time.perf_counter()
         outs = self._step(spec)
-        rows, tokens, prompt = self._tally
-        gov.observe(spec, time.perf_counter() - t0, tokens / rows if rows and not prompt
-                    else None)
+        self._tally = None
+        gov.observe(spec, time.perf_counter() - t0, tally.tokens_per_row())
         return outs
 
     def _step(self, speculate: bool) -> list[RequestOutput]:
@@ -289,24 +288,24 @@ class Engine:
         touched: dict[str, RequestOutput] = {}
         owner, groups = self._owner, self._groups
         tally = self._tally
+        if tally is not None:
+            tally.count(batch, samples)
         for seq, s in zip(batch.seqs, samples, strict=True):
-            tally[2] = tally[2] or len(seq.token_ids) - seq.num_draft > 1
             if s is None or seq.request.finished:
                 continue
             rid, idx = owner[seq.request.request_id]
             group = groups[rid]
-            tally[0] += 1
             if seq.num_draft:  # s: the target's token after each position
                 drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
                 n = num_accepted(drafts, [x.token for x in s])
-                tally[1] += n + 1
+                if tally is not None:
+                    tally.accepted += n
                 self.scheduler.accept_drafts(seq.request, seq.num_draft, n)
                 for x in s[:n + 1]:
                     self._append(seq.request, group, idx, x)
                     if seq.request.finished:
                         break
             else:
-                tally[1] += 1
                 at = placeholders.get(seq.request.request_id) if placeholders else None
                 self._append(seq.request, group, idx, s, at)
             touched[rid] = group.output

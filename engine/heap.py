@@ -17,9 +17,8 @@ import gc
 SERVING_THRESHOLDS = (20_000, 20, 20)
 
 
-def settle(thresholds: tuple[int, int, int] | None = SERVING_THRESHOLDS) -> None:
-    """Collect, freeze what is alive, and (unless `thresholds` is None) set the thresholds."""
+def settle(thresholds: tuple[int, int, int] = SERVING_THRESHOLDS) -> None:
+    """Collect, freeze what is alive, and set the collector's thresholds."""
     gc.collect()
     gc.freeze()
-    if thresholds is not None:
-        gc.set_threshold(*thresholds)
+    gc.set_threshold(*thresholds)

@@ -111,11 +111,9 @@ def compare(llm, batch: int, output_len: int, warmup_runs: int = 1) -> dict:
     for name, prop, gov in (("off", None, None), ("on", proposer, None),
                             ("auto", proposer, SpecGovernor)):
         eng.proposer = prop
-        for _ in range(warmup_runs):
-            eng.governor = gov and gov()
-            _run(eng, prompts, output_len)
-        eng.governor = gov and gov()
-        row[name] = _run(eng, prompts, output_len)
+        for _ in range(warmup_runs + 1):  # the last run is the one kept
+            eng.governor = gov() if gov is not None else None
+            row[name] = _run(eng, prompts, output_len)
     eng.proposer, eng.governor = proposer, governor
     outputs = [row[name].pop("outputs") for name in ("off", "on", "auto")]
     row["same_outputs"] = outputs[0] == outputs[1] == outputs[2]

@@ -23,9 +23,35 @@ and seeded rows give the same tokens with and without speculation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class StepTally:
+    """What a governed step yields, counted by the engine as it processes the step."""
+
+    rows: int = 0
+    """Rows that sampled (of requests not finished before)."""
+    accepted: int = 0
+    """Drafts accepted over those rows."""
+    prompt: bool = False
+    """Whether the step had prompt tokens (then it is not measured)."""
+
+    def count(self, batch: Any, samples: Sequence[Any]) -> None:
+        """A processed batch (engine.core.request.ScheduledBatch) and its samples."""
+        self.rows += sum(s is not None and not sq.request.finished
+                         for sq, s in zip(batch.seqs, samples, strict=True))
+        self.prompt = self.prompt or any(len(sq.token_ids) - sq.num_draft > 1
+                                         for sq in batch.seqs)
+
+    def tokens_per_row(self) -> float | None:
+        """Tokens a sampled row (1 + accepted drafts), None when not to be measured."""
+        return None if self.prompt or not self.rows else 1 + self.accepted / self.rows
 
 
 class SpecGovernor:
