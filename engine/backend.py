@@ -88,6 +88,14 @@ class Backend(abc.ABC):
         """The device mesh when the model is sharded (set by the builder), else None."""
         self.mesh_rules: dict[str, str | None] = {}
         """Logical axis -> mesh axis rules the weights and KV cache were placed by."""
+        self.compiler_options: dict[str, Any] = {}
+        """XLA options the step programs compile with (jax.jit's compiler_options), where
+        the weights call for them (set by prepare_weights; see `jit`)."""
+
+    def jit(self, fn: Any, **kwargs: Any) -> Any:
+        """jax.jit(fn, **kwargs) compiled with this backend's compiler_options: how every
+        program over the model's weights (a step, a draft, a verify) is made."""
+        return jax.jit(fn, compiler_options=dict(self.compiler_options) or None, **kwargs)
 
     def devices(self) -> list[jax.Device]:
         """The platform's devices; ValueError, saying what jax does see, when it has none."""

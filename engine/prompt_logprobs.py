@@ -50,7 +50,7 @@ def make_prompt_step(cfg: ModelConfig, backend: Backend, fwd: Any, replicated: A
         out = sample(logits[logits_idx], st, mode, bitmask)  # logits [S, V]
         return replicated(out), kv, replicated((chosen, top_ids.astype(jnp.int32), top_lp))
 
-    return jax.jit(step, static_argnames=("mode", "k"), donate_argnums=(1,))
+    return backend.jit(step, static_argnames=("mode", "k"), donate_argnums=(1,))
 
 
 @dataclasses.dataclass

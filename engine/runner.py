@@ -103,7 +103,7 @@ def make_step(cfg: ModelConfig, backend: Backend, max_seqs: int, capture: tuple[
         next_tokens = jnp.zeros(max_seqs, jnp.int32).at[:out.tokens.shape[0]].set(out.tokens)
         return replicated(out, backend), kv, replicated(next_tokens, backend)
 
-    return jax.jit(step, static_argnames=("mode",), donate_argnums=(1,))
+    return backend.jit(step, static_argnames=("mode",), donate_argnums=(1,))
 
 
 @dataclasses.dataclass
@@ -133,8 +133,8 @@ def make_split_step(cfg: ModelConfig, backend: Backend) -> tuple[Callable, Calla
     def masked_sample(logits, st, bitmask, mode):
         return replicated(sample(logits, st, mode, bitmask), backend)
 
-    return (jax.jit(fwd, donate_argnums=(1,)),
-            jax.jit(masked_sample, static_argnames=("mode",)))
+    return (backend.jit(fwd, donate_argnums=(1,)),
+            backend.jit(masked_sample, static_argnames=("mode",)))
 
 
 @dataclasses.dataclass

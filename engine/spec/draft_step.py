@@ -80,7 +80,7 @@ def make_draft_program(runner: ModelRunner, vocab_size: int, unroll: bool = Fals
                                           unroll=unroll)
         return replicated(drafts.T, runner.backend), kv
 
-    return jax.jit(program, static_argnames=("k",), donate_argnums=(1,))
+    return runner.backend.jit(program, static_argnames=("k",), donate_argnums=(1,))
 
 
 class DraftProgram:

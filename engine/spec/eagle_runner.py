@@ -47,7 +47,7 @@ def make_draft_step(ec: EagleConfig, backend: Backend):
         hidden = jnp.where((src >= 0)[:, None], fed.astype(hidden.dtype), hidden)
         return fwd(params, embed, kv, tokens, hidden, md, logits_idx)
 
-    return jax.jit(step, donate_argnums=(2,))
+    return backend.jit(step, donate_argnums=(2,))
 
 
 class EagleRunner(ModelRunner):
@@ -150,7 +150,7 @@ def make_draft_chain(ec: EagleConfig, backend: Backend, page_size: int, drop_slo
                                                unroll=unroll)
         return drafts.T, out, kv
 
-    return jax.jit(program, static_argnames=("k",), donate_argnums=(2,))
+    return backend.jit(program, static_argnames=("k",), donate_argnums=(2,))
 
 
 class EagleChain:
