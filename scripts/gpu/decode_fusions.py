@@ -8,11 +8,14 @@ norm), gate_up, kv_write, add_norm (each alone on top of base), all (the three).
 fused in every variant, as the engine loads them. Each is timed at the batches of
 $PROBE_BATCHES (default "1 64"): the step here is the model's forward over the backend and a
 greedy argmax (what the engine's step runs, less its sampler), KV cache donated, timed over
-$PROBE_REPS calls after warm-up. The last variant is then profiled at batch 1 (GPU kernel
-time per step summed by kernel name). Writes OUTDIR/fusions.txt (table and profile) and
-OUTDIR/fusions.json; $XLA_FLAGS apply to the whole process (scripts/gpu/decode_fusions.sh
-runs one process per flag set). PROBE_MODEL=tiny runs a small model (a smoke test on the
-CPU, kernels interpreted).
+$PROBE_REPS calls after warm-up. The last variant is then profiled at the batches of
+$PROBE_PROFILE (default 1; GPU kernel time per step summed by kernel name). Writes
+OUTDIR/fusions.txt (table and profile) and OUTDIR/fusions.json; $XLA_FLAGS apply to the
+whole process (scripts/gpu/decode_fusions.sh runs one process per flag set). PROBE_MODEL=tiny
+runs a small model (a smoke test on the CPU, kernels interpreted). PROBE_QUANT (fp8, int8,
+int4) quantizes the weights as the loader does (engine.loader.quantize) and PROBE_KV=fp8
+makes the KV cache e4m3; the programs are made as the engine makes them
+(Backend.prepare_weights, Backend.jit).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from engine.attention import AttentionMetadata
 from engine.backend import get_backend
 from engine.bench.roofline import ModelCost, copy_bandwidth
+from engine.loader.quantize import quantize_params
 from engine.model.config import ModelConfig
 from engine.model.presets import preset_config
 from engine.model.weights import fuse_gate_up, fuse_qkv, random_params
@@ -89,6 +93,7 @@ def main(out: str, names: list[str]) -> None:
     cfg = ModelConfig.from_hf(TINY) if model == "tiny" else preset_config(model)
     batches = [int(b) for b in os.environ.get("PROBE_BATCHES", "1 64").split()]
     reps = int(os.environ.get("PROBE_REPS", "50" if gpu else "2"))
+    profiled = [int(b) for b in os.environ.get("PROBE_PROFILE", "1").split()]
     dtype = jnp.bfloat16 if gpu else jnp.float32
     split = fuse_qkv(random_params(cfg, dtype, scan=False))  # gate and up apart
     fused = {**split, "layers": [dict(lp) for lp in split["layers"]]}  # shares all but gate/up
@@ -97,8 +102,11 @@ def main(out: str, names: list[str]) -> None:
     hkv, d = cfg.num_kv_heads, cfg.head_dim
     p = 1 << (-(-(CTX + 1) // PAGE) - 1).bit_length()
     num_pages = max(batches) * p
-    cost = ModelCost.of(cfg, split, jnp.dtype(dtype).itemsize)
-    lines = [f"{model}, {jax.devices()[0].device_kind}, copy bandwidth {bw / 1e9:.0f} GB/s, "
+    quant = os.environ.get("PROBE_QUANT")
+    kv_dtype = jnp.float8_e4m3fn if os.environ.get("PROBE_KV") == "fp8" else dtype
+    lines = [f"{model}, weights {quant or jnp.dtype(dtype).name}, KV "
+             f"{jnp.dtype(kv_dtype).name}, {jax.devices()[0].device_kind}, "
+             f"copy bandwidth {bw / 1e9:.0f} GB/s, "
              f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
              f"{'variant':<9} {'batch':>5} {'step ms':>8} {'roofline ms':>11} {'ratio':>6}"]
     print(lines[0], flush=True)
@@ -107,6 +115,11 @@ def main(out: str, names: list[str]) -> None:
         gate_up, options = VARIANTS[name]
         backend = get_backend("cuda", {**options, "interpret": not gpu})
         params = fused if gate_up else split
+        if quant:  # a copy of the tree (the arrays shared until replaced), quantized
+            params = quantize_params({**params, "layers": [dict(lp) for lp in params["layers"]]},
+                                     cfg, quant, None)
+        params = backend.prepare_weights(params)
+        cost = ModelCost.of(cfg, params, jnp.dtype(kv_dtype).itemsize)
         fwd = model_forward(cfg, backend)
         for b in batches:
             md, idx = decode_metadata(b, num_pages)
@@ -118,9 +131,9 @@ def main(out: str, names: list[str]) -> None:
                 logits, kv = fwd(params, kv, tokens, md, idx)
                 return kv, jnp.argmax(logits, axis=-1)
 
-            step = jax.jit(step, donate_argnums=(0,))
+            step = backend.jit(step, donate_argnums=(0,))
             shape = backend.kv_cache_shape(num_pages, PAGE, hkv, d)
-            kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            kv = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype))
                   for _ in range(cfg.num_layers)]
             t, kv = timed(step, kv, args, reps)
             roof = cost.step_bytes(b, b * (CTX + 1)) / bw
@@ -129,7 +142,7 @@ def main(out: str, names: list[str]) -> None:
             lines.append(f"{name:<9} {b:>5} {t * 1e3:>8.3f} {roof * 1e3:>11.3f} "
                          f"{t / roof:>6.2f}")
             print(lines[-1], flush=True)
-            if b == 1 and name == names[-1] and gpu:
+            if b in profiled and name == names[-1] and gpu:
                 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
                 from cuda_probe import kernel_table
 
@@ -138,7 +151,7 @@ def main(out: str, names: list[str]) -> None:
                     for _ in range(5):
                         kv, tok = step(kv, *args)
                     jax.block_until_ready(tok)
-                lines += ["", f"profile of {name} at batch 1:",
+                lines += ["", f"profile of {name} at batch {b}:",
                           kernel_table(tdir, 5, int(os.environ.get("PROBE_TOP", "30")))]
                 print("\n".join(lines[-3:]), flush=True)
             del kv

@@ -13,7 +13,11 @@
 #            $INPUT_LEN, for $SCHEMES (bf16 fp8 int8 int4; fp8kv: fp8 + fp8 KV) one after
 #            another; a table of each step against bf16's
 #   logits   8B-shape logits per scheme vs bf16 (relative error, top-1 agreement)
-#   offline  200 prompts x 1024 in / 1024 out: bf16 vs fp8 weights + fp8 KV (NUM_PROMPTS)
+#   profile  the model's decode step alone per scheme of $SCHEMES at $PROBE_BATCHES (default
+#            "1 64"), with GPU kernel time per step by kernel at $PROBE_PROFILE (default 1):
+#            scripts/gpu/decode_fusions.py's "all" with PROBE_QUANT / PROBE_KV
+#   offline  200 prompts x 1024 in / 1024 out: bf16 vs fp8 weights + fp8 KV (NUM_PROMPTS;
+#            OFFLINE_SCHEMES, default "bf16 fp8kv"); each run's whole log in offline_S.log
 # ENGINE_ARGS adds flags to every engine run (e.g. "--config cuda-h100").
 set -uo pipefail
 OUT=${OUT:-.out}/quant; mkdir -p "$OUT"
@@ -66,12 +70,21 @@ PY
     ;;
   logits)
     python3 scripts/gpu/quant_bench.py "$OUT" logits 2>&1 | quiet | tee "$OUT/logits.txt" ;;
+  profile)
+    for s in $SCHEMES; do
+      echo "-- $s $(date -u +%H:%M:%S)"
+      q=$s; kv=
+      case $s in bf16) q= ;; fp8kv) q=fp8; kv=fp8 ;; esac
+      PROBE_QUANT=$q PROBE_KV=$kv PROBE_TAG="-$s" python3 scripts/gpu/decode_fusions.py "$OUT" \
+        all 2>&1 | quiet | tail -45
+    done ;;
   offline)
-    for s in bf16 fp8kv; do
+    for s in ${OFFLINE_SCHEMES:-bf16 fp8kv}; do
+      echo "-- $s $(date -u +%H:%M:%S)"
       python3 -m engine.cli bench offline "${MODEL[@]}" $(flags $s) --dataset random \
         --num-prompts ${NUM_PROMPTS:-200} --random-input-len 1024 --random-output-len 1024 \
         --random-range-ratio 1.0 --warmup-runs 0 --output-json "$OUT/offline_$s.json" 2>&1 \
-        | quiet | tee "$OUT/offline_$s.txt" | tail -25
+        | tee "$OUT/offline_$s.log" | quiet | tee "$OUT/offline_$s.txt" | tail -25
     done ;;
   *) echo "unknown stage $stage" ;;
   esac
