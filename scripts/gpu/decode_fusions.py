@@ -15,7 +15,10 @@ whole process (scripts/gpu/decode_fusions.sh runs one process per flag set). PRO
 runs a small model (a smoke test on the CPU, kernels interpreted). PROBE_QUANT (fp8, int8,
 int4) quantizes the weights as the loader does (engine.loader.quantize) and PROBE_KV=fp8
 makes the KV cache e4m3; the programs are made as the engine makes them
-(Backend.prepare_weights, Backend.jit).
+(Backend.prepare_weights, Backend.jit). PROBE_WOQ_MAX_M and PROBE_FP8_WO_MAX_M replace
+quant_linear.WOQ_MAX_M (for every format) and quant_tuning.FP8_WEIGHT_ONLY_MAX_M (the row
+counts up to which the weight-only formats take the fused kernel, and fp8 runs weight-only),
+to time other choices.
 """
 
 from __future__ import annotations
@@ -89,6 +92,13 @@ def timed(f: Any, kv: Any, args: tuple, reps: int) -> tuple[float, Any]:
 
 def main(out: str, names: list[str]) -> None:
     gpu = jax.default_backend() == "gpu"
+    from backends.gpu.kernels import quant_linear, quant_tuning
+
+    if "PROBE_WOQ_MAX_M" in os.environ:
+        quant_linear.WOQ_MAX_M = dict.fromkeys(quant_linear.WOQ_MAX_M,
+                                               int(os.environ["PROBE_WOQ_MAX_M"]))
+    if "PROBE_FP8_WO_MAX_M" in os.environ:
+        quant_tuning.FP8_WEIGHT_ONLY_MAX_M = int(os.environ["PROBE_FP8_WO_MAX_M"])
     model = os.environ.get("PROBE_MODEL", "llama-3.1-8b")
     cfg = ModelConfig.from_hf(TINY) if model == "tiny" else preset_config(model)
     batches = [int(b) for b in os.environ.get("PROBE_BATCHES", "1 64").split()]
@@ -104,7 +114,9 @@ def main(out: str, names: list[str]) -> None:
     num_pages = max(batches) * p
     quant = os.environ.get("PROBE_QUANT")
     kv_dtype = jnp.float8_e4m3fn if os.environ.get("PROBE_KV") == "fp8" else dtype
-    lines = [f"{model}, weights {quant or jnp.dtype(dtype).name}, KV "
+    lines = [f"{model}, weights {quant or jnp.dtype(dtype).name} (WOQ_MAX_M "
+             f"{quant_linear.WOQ_MAX_M}, FP8_WEIGHT_ONLY_MAX_M "
+             f"{quant_tuning.FP8_WEIGHT_ONLY_MAX_M}), KV "
              f"{jnp.dtype(kv_dtype).name}, {jax.devices()[0].device_kind}, "
              f"copy bandwidth {bw / 1e9:.0f} GB/s, "
              f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",

@@ -6,13 +6,14 @@ layers; together well past the 50 MB L2) with L distinct activations, inside one
 call dispatched several times in a row; the time per GEMM is the program's over L. Weights
 are random payloads in each format's layout (the kernels' speed does not depend on values).
 
-Order (the sweep stops at its time budget and says what it skipped), for M = 1, 8, 32, 64
-in turn: every shape in bf16 (XLA's dot on [K, N], the model's) and fp8 W8A8 through XLA's
-FP8 dot; at M = 1 also each scheme's path as the backend takes it (quant_linear with the
-current tuning); then the kernels' candidates (quant_linear.prior_sizes first) for int4,
-fp8 weight-only, W8A8 (ours) and int8 on every shape; weight GB/s for each. At the end
-the winners as quant_tuning.TUNED lines (only where a candidate beat the prior by 3%)
-     and which fp8 path is faster per M (quant_tuning.FP8_WEIGHT_ONLY_MAX_M).
+Order (the sweep stops at its time budget and says what it skipped), for M = 16, 1, 8, 32,
+64 in turn (16 first: a batch-1 decode step's rows): every shape in bf16 (XLA's dot on
+[K, N], the model's) and fp8 W8A8 through XLA's FP8 dot; at M = 16 also each scheme's path
+as the backend takes it (quant_linear with the current tuning); then the kernels' candidates
+(quant_linear.prior_sizes first) for int4, fp8 weight-only, W8A8 (ours) and int8 on every
+shape; weight GB/s for each. At the end the winners as quant_tuning.TUNED lines (only where
+a candidate beat the prior by 3%) and which fp8 path is faster per M
+(quant_tuning.FP8_WEIGHT_ONLY_MAX_M).
 
 Writes OUT/gemm_sweep.json (every row) and OUT/quant_tuning_paste.txt (the lines to paste).
 """
@@ -38,7 +39,9 @@ SHAPES = {"wqkv": (4096, 6144), "wo": (4096, 4096), "gate/up": (4096, 14336),
           "down": (14336, 4096), "lm_head": (4096, 128256)}
 """Name -> (K, N) of the 8B model's GEMMs (gate and up are two GEMMs of the same shape).
 The head stays int8 under int4 (engine.loader.quantize), so int4 skips it."""
-MS = quant_tuning.M_BUCKETS
+MS = (16, *(m for m in quant_tuning.M_BUCKETS if m != 16))
+"""M = 16 first: a batch-1 decode step's rows (the engine's smallest token bucket), what the
+sweep must reach inside its budget."""
 PROGRAM_BYTES = 256 << 20
 """Weight bytes one timed program reads at least (L = this / one weight's, 2..16)."""
 GS = ql.GemmSizes
@@ -182,12 +185,12 @@ def run(out: Path, budget_s: float = 200.0) -> None:
     best: dict[tuple, tuple[float, GS]] = {}
     prior_t: dict[tuple, float] = {}
     for m in MS:
-        print(f"== M={m}: bf16, XLA's W8A8{', the backend paths' if m == 1 else ''}, "
+        print(f"== M={m}: bf16, XLA's W8A8{', the backend paths' if m == MS[0] else ''}, "
               f"then the kernels' candidates", flush=True)
         for name in SHAPES:
             sw.time("bf16", name, m, "model")
             sw.time("w8a8", name, m, "xla")
-            for scheme in ("int4", "fp8w", "int8") if m == 1 else ():
+            for scheme in ("int4", "fp8w", "int8") if m == MS[0] else ():
                 if not (scheme == "int4" and name == "lm_head"):
                     sw.time(scheme, name, m, "model")
         for scheme in ("int4", "fp8w", "w8a8", "int8"):
@@ -215,7 +218,7 @@ def run(out: Path, budget_s: float = 200.0) -> None:
             paste.append(f"    {key!r}: {entry(sz)!r},  # {t * 1e6:.1f} us (prior "
                          f"{p * 1e6:.1f})")
     woq_wins = []
-    for m in MS:  # fp8: weight-only vs W8A8 (ours or XLA's), summed over the shapes
+    for m in sorted(MS):  # fp8: weight-only vs W8A8 (ours or XLA's), summed over the shapes
         woq, w8 = 0.0, 0.0
         shapes = [k[2:] for k in best if k[0] == "fp8w" and k[1] == m
                   and ("w8a8", m, *k[2:]) in best]

@@ -4,7 +4,7 @@
 # call, run e.g. `tests gemm`, then `latency`, then `logits offline` as separate calls.
 # Usage: scripts/gpu/quant.sh [STAGE...]   (default: tests gemm latency logits)
 #   tests    the quantized-linear and fp8-KV kernel tests compiled by Triton on the GPU
-#   gemm     the 8B GEMM shapes (wqkv, wo, gate/up, down, lm head) at M 1 / 8 / 32 / 64:
+#   gemm     the 8B GEMM shapes (wqkv, wo, gate/up, down, lm head) at M 16 / 1 / 8 / 32 / 64:
 #            bf16, fp8 (weight-only, W8A8 ours and XLA's), int8, int4, many GEMMs per timed
 #            program; weight GB/s and a sweep of the kernels' tiles/splits/warps/stages within
 #            GEMM_BUDGET_S seconds (default 200); $OUT/quant_tuning_paste.txt holds the

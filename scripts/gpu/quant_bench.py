@@ -1,6 +1,6 @@
 """On a GPU: the quantized GEMMs against bf16, and the 8B shape's logits per scheme against bf16.
 
-    gemm    the 8B model's GEMM shapes at M = 1, 8, 32, 64: bf16, each quantized scheme's
+    gemm    the 8B model's GEMM shapes at M = 16, 1, 8, 32, 64: bf16, each quantized scheme's
             path and a sweep of the kernels' launch parameters, many GEMMs per timed
             program (not launch-bound); weight GB/s, and the winners as lines to paste
             into backends/gpu/kernels/quant_tuning.py (scripts/gpu/gemm_sweep.py). Within

@@ -87,11 +87,16 @@ class GemmSizes:
 SMALL_M = 64
 """Up to this many rows, 16-to-64-row tiles with K split (decode-sized steps); fp8_gemm
 'auto' takes our kernel here and XLA's FP8 dot above."""
-WOQ_MAX_M = 256
-"""Up to this many rows (decode steps of up to 256 sequences) the weight-only formats take
-the fused kernel (64-row tiles past SMALL_M, each dequantizing its weight tiles again);
-above, the weight dequantized to bf16 then XLA's dot. Unmeasured: the gemm stage of
-scripts/gpu/quant.sh times both at M = 256."""
+WOQ_MAX_M = {"int8": 256, "int4": 32, "fp8": 256}
+"""Weight format -> the most rows with which it takes the fused kernel (64-row tiles past
+SMALL_M, each dequantizing its weight tiles again; fp8 only under fp8_gemm 'weight_only');
+above, the weight dequantized to bf16 then XLA's dot. Chosen from whole decode steps (H200,
+2026-12-04, 8B shape, ctx 1024, `scripts/gpu/decode_fusions.py` with PROBE_QUANT and
+PROBE_WOQ_MAX_M; ms a step, fused vs dequantized): int4 9.53 vs 23.37 at 32 rows, 26.72 vs
+24.77 at 64, 94.7 vs 33.27 at 256; int8 8.27 vs 16.58 at 64, 26.48 vs 25.11 at 256 (left at
+256: within 6%, 128 rows not timed). Both paths lose to bf16 past 16 rows (bf16: 6.86 ms at
+64, 15.31 at 256): the fused kernel is bound by its unpacking, the dequantized dot writes
+and reads back the whole weight in bf16 every step."""
 SMALL = GemmSizes(block_m=16, block_n=64, block_k=128)
 """M <= SMALL_M; block_m grows to M's next power of two."""
 LARGE = GemmSizes(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
@@ -471,14 +476,14 @@ def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
     activations, woq_pallas; per-channel scales), or 'auto' (weight-only up to
     quant_tuning.FP8_WEIGHT_ONLY_MAX_M rows, then ours up to SMALL_M, XLA's above; grouped
     fp8 scales, from block-scaled checkpoints, take our W8A8 kernel). int8, int4 (and fp8
-    weight-only) take the fused kernel up to WOQ_MAX_M rows. `sharded` (the weight is split
+    weight-only) take the fused kernel up to WOQ_MAX_M[format] rows. `sharded` (the weight is split
     over a mesh): plain XLA only, which XLA's SPMD partitioner splits (a pallas_call it
     cannot)."""
     t = x.shape[0]
     x2 = x.reshape(t, w.k)  # [M, K]
     kernels = not sharded
     fp8_woq = kernels and w.fmt == "fp8" and not w.grouped and (
-        (fp8_gemm == "weight_only" and t <= WOQ_MAX_M)
+        (fp8_gemm == "weight_only" and t <= WOQ_MAX_M["fp8"])
         or (fp8_gemm == "auto" and t <= quant_tuning.FP8_WEIGHT_ONLY_MAX_M))
     if fp8_woq:
         y = woq_pallas(x2, w, interpret=interpret)
@@ -490,7 +495,7 @@ def quant_linear(x: jax.Array, w: QuantizedWeight, *, fp8_gemm: str = "auto",
             y = w8a8_pallas(xq, sx, w.data, w.scales, out_dtype=x.dtype, interpret=interpret)
         else:
             y = w8a8_xla(xq, sx, w.data, w.scales, out_dtype=x.dtype)
-    elif kernels and w.fmt in ("int8", "int4") and t <= WOQ_MAX_M and (
+    elif kernels and w.fmt in ("int8", "int4") and t <= WOQ_MAX_M[w.fmt] and (
             w.fmt == "int8" or int4_kernel_fits(w.group_size)):
         y = woq_pallas(x2, w, interpret=interpret)
     else:  # large M, other formats: XLA's dot on the weight dequantized to bf16 (f32 kept)

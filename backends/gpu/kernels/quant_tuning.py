@@ -4,30 +4,35 @@ TUNED maps (scheme, m, k, n) to (block_m, block_n, block_k, splits, num_warps, n
 gemv): the fastest configuration `scripts/gpu/quant_bench.py gemm` found on the H200 for a
 GEMM of m rows, K = k, N = n. Schemes: "int4" and "int8" (weight-only), "fp8w" (fp8
 weights, bf16 activations: weight-only), "w8a8" (fp8 weights and per-token fp8
-activations). m is the sweep's row count (1, 8, 32, 64); a call of M rows takes the entry of
-the smallest swept m >= M (M_BUCKETS). splits 0: K split until about target_programs
-programs run. gemv 1: block_m 1, the dot as multiply-and-sum on the CUDA cores (one program
-per row; no tensor-core tile padded from 1 row to 16). int4's block_k is always G/2 bytes
-(one group per step) whatever the entry says.
+activations). m is the sweep's row count (M_BUCKETS); a call of M rows takes the entry of
+the smallest swept m >= M. The engine's steps on a GPU have at least 16 rows (its smallest
+token bucket: a batch-1 decode step runs its GEMMs at M = 16, H200 profile of 2026-12-04),
+so the M = 1 entries below serve only direct calls; the decode steps' tuning is M = 16's.
+splits 0: K split until about target_programs programs run. gemv 1: block_m 1, the dot as
+multiply-and-sum on the CUDA cores (one program per row; no tensor-core tile padded from 1
+row to 16). int4's block_k is always G/2 bytes (one group per step) whatever the entry says.
 
 A shape or row count without an entry takes the prior of quant_linear.prior_sizes. The
 sweep (`scripts/gpu/quant.sh gemm`, its quant_tuning_paste.txt) prints its winners as
-lines to paste into TUNED below, which is empty until the H200 sweep of issue 18 is pasted
-in, and a FP8_WEIGHT_ONLY_MAX_M line to replace the one below. The keys name no device:
+lines to paste into TUNED below, and a FP8_WEIGHT_ONLY_MAX_M line to replace the one
+below. The keys name no device:
 ROCm's Triton backend shares this table.
 """
 
 from __future__ import annotations
 
-M_BUCKETS = (1, 8, 32, 64)
-"""The row counts the sweep measures; TUNED's m is one of them."""
+M_BUCKETS = (1, 8, 16, 32, 64)
+"""The row counts the sweep measures; TUNED's m is one of them. 16: a batch-1 decode step."""
 
 FP8_WEIGHT_ONLY_MAX_M = 1
 """fp8 weights with fp8_gemm 'auto': up to this many rows the weight-only kernel (bf16
 activations, no per-token quantization kernel before each GEMM; decode at small batch is
 bound by the weight bytes, so FP8 tensor cores buy nothing there), W8A8 above. H200,
 2026-12-03, each path's best tiles over the five 8B shapes: M=1 weight-only 222.4 us vs
-W8A8 220.8 us (a tie), M=8 256.7 vs 217.7 us (W8A8 faster)."""
+W8A8 220.8 us (a tie), M=8 256.7 vs 217.7 us (W8A8 faster). Whole decode steps agree
+(2026-12-04, scripts/gpu/decode_fusions.py with PROBE_FP8_WO_MAX_M=64): weight-only 3.97 ms
+vs W8A8 3.49 at batch 1 (16 rows), 8.60 vs 6.86 at 64, though W8A8 spends about 0.45 ms of
+its batch-1 step quantizing activations (some 350 small XLA kernels)."""
 
 TUNED: dict[tuple[str, int, int, int], tuple[int, int, int, int, int, int, int]] = {
     # (scheme, m, k, n): (block_m, block_n, block_k, splits, num_warps, num_stages, gemv)

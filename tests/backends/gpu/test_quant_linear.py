@@ -156,22 +156,25 @@ def test_tuned_entry_sets_the_launch(monkeypatch):
     assert rel_err(f(x, w), reference_linear(x, w)) < REL_TOL
 
 
-@pytest.mark.parametrize("fmt,n_in,t", [("int4", 2, 1), ("int8", 1, ql.WOQ_MAX_M + 8),
-                                        ("fp8", 2, 4)])
+@pytest.mark.parametrize("fmt,n_in,t", [("int4", 2, 1), ("int8", 1, ql.WOQ_MAX_M["int8"] + 8),
+                                        ("int4", 2, ql.WOQ_MAX_M["int4"] + 1), ("fp8", 2, 4)])
 def test_backend_linear_on_projection_shapes(fmt, n_in, t):
     """TritonBackend.linear on the model's logical shapes (wo: [Hq, D] in; fused qkv: [Hkv,
     G+2, D] out): the kernels for decode-sized steps (int4 at one row: the prior's GEMV,
-    K split; fp8 weight-only at 4 rows), the dequantized dot past WOQ_MAX_M."""
+    K split; fp8 W8A8 at 4 rows), the dequantized dot past the format's WOQ_MAX_M."""
     rng = np.random.default_rng(4)
     shape = (2, 32, 48) if n_in == 2 else (48, 2, 3, 32)  # wo [Hq, D] + [E]; wqkv [E] + [...]
     w = pack(jnp.asarray(rng.standard_normal(shape), jnp.float32), n_in, fmt, group=32)
     x = bf16_values(rng, (t, *w.in_shape))
-    got = CudaBackend({"interpret": INTERPRET}).linear(x, w)
+    be = CudaBackend({"interpret": INTERPRET})
+    got = be.linear(x, w)
     assert got.shape == (t, *w.out_shape)
-    # fp8 at 4 rows: weight-only (test_fp8_auto_takes_weight_only_at_small_m).
+    if fmt != "fp8":  # the fused kernel up to WOQ_MAX_M rows, the dequantized dot above
+        assert ("woq_" in str(jax.make_jaxpr(be.linear)(x, w))) == (t <= ql.WOQ_MAX_M[fmt])
+    # fp8 at 4 rows: W8A8 past FP8_WEIGHT_ONLY_MAX_M (test_fp8_auto_takes_weight_only_at_small_m).
     ref = w8a8_reference if fmt == "fp8" and t > FP8_WOQ_MAX_M else reference_linear
     # Past WOQ_MAX_M the weight-only formats run XLA's dot on the weight rounded to bf16.
-    tol = 1e-2 if t > ql.WOQ_MAX_M else REL_TOL
+    tol = 1e-2 if t > ql.WOQ_MAX_M[fmt] else REL_TOL
     assert rel_err(got, ref(x, w)) < tol
 
 
