@@ -89,8 +89,9 @@ class Backend(abc.ABC):
         self.mesh_rules: dict[str, str | None] = {}
         """Logical axis -> mesh axis rules the weights and KV cache were placed by."""
         self.compiler_options: dict[str, Any] = {}
-        """XLA options the step programs compile with (jax.jit's compiler_options), where
-        the weights call for them (set by prepare_weights; see `jit`)."""
+        """XLA options of every program over the model's weights (jax.jit's
+        compiler_options; see `jit`), set by the builder from the loaded weights
+        (options_for)."""
 
     def jit(self, fn: Any, **kwargs: Any) -> Any:
         """jax.jit(fn, **kwargs) compiled with this backend's compiler_options: how every
@@ -123,6 +124,11 @@ class Backend(abc.ABC):
         devices = self.devices() if self.mesh is None else list(self.mesh.devices.flat)
         local = [d for d in devices if d.process_index == jax.process_index()]
         return local if self.mesh is not None else local[:1]
+
+    def options_for(self, params: Any) -> dict[str, Any]:
+        """The XLA options programs over these (prepared) weights compile with. Default:
+        none, XLA's own."""
+        return {}
 
     def prepare_weights(self, params: Any) -> Any:
         """The loaded parameter tree (fused, quantized: engine.model.quant's shared formats)

@@ -281,6 +281,7 @@ def build_engine(config: EngineConfig) -> tuple[Engine, LoadedModel]:
         log.info("mesh %s over %s", dict(mesh.shape), mesh.devices.ravel().tolist())
     loaded = load_weights(config, backend, dtype, scan, mesh, rules, place)
     loaded.params = backend.prepare_weights(loaded.params)  # e.g. ROCm: fp8 as MI300's
+    backend.compiler_options = backend.options_for(loaded.params)  # of every program made
     loaded.params = jax.block_until_ready(commit(loaded.params))
     phases.mark("weights")
     cfg = loaded.cfg

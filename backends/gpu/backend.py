@@ -101,19 +101,17 @@ class TritonBackend(Backend):
                                          scan_layers=False, spmd_attention=False, fp8_kv=True,
                                          min_seq_bucket=16)
 
-    def prepare_weights(self, params: Any) -> Any:
-        """The weights as they are; with fp8 weights, XLA's Triton GEMMs off in the step
-        programs (compiler_options), so that the FP8 dots of prompt-sized steps go to
-        cuBLASLt's FP8 matmul without XLA autotuning Triton configurations for each: on an
-        H200 (2026-12-04, 8B shape) that autotuning took 206 s for the one program of the
-        start-up memory probe and up to 100 s for each of the warm-up's FP8 programs (the
-        warm-up did not finish in 9 minutes); without it the probe took 9.7 s and the
-        whole warm-up (32 programs) 51 s. The quantized kernels are Pallas calls, which
-        the flag leaves alone."""
+    def options_for(self, params: Any) -> dict[str, Any]:
+        """With fp8 weights, XLA's Triton GEMMs off, so that the FP8 dots of prompt-sized
+        steps go to cuBLASLt's FP8 matmul without XLA autotuning Triton configurations for
+        each: on an H200 (2026-12-04, 8B shape) that autotuning took 206 s for the one
+        program of the start-up memory probe and up to 100 s for each of the warm-up's FP8
+        programs (the warm-up did not finish in 6 minutes); without it the probe took
+        7.8 s and the whole warm-up (32 programs) 44 s. The quantized kernels are Pallas
+        calls, which the option leaves alone. Other weights: XLA's defaults."""
         fp8 = any(isinstance(w, QuantizedWeight) and w.fmt == "fp8" for w in jax.tree.leaves(
             params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
-        self.compiler_options = {"xla_gpu_enable_triton_gemm": False} if fp8 else {}
-        return params
+        return {"xla_gpu_enable_triton_gemm": False} if fp8 else {}
 
     def memory_info(self) -> MemoryInfo:
         return device_memory(self.model_devices())

@@ -108,9 +108,7 @@ class RocmBackend(TritonBackend):
     def prepare_weights(self, params: Any) -> Any:
         """With fp8_type e4m3fnuz, every fp8 weight as float8_e4m3fnuz (quant.fp8_to_fnuz:
         the same bytes, doubled scales; exact); other weights, and every weight with
-        e4m3fn, as they are. Both copies of a weight exist until the old tree is dropped.
-        The step programs' XLA options are the GPU backends' (TritonBackend)."""
-        params = super().prepare_weights(params)
+        e4m3fn, as they are. Both copies of a weight exist until the old tree is dropped."""
         if self.fp8_dtype != jnp.float8_e4m3fnuz:
             return params
 

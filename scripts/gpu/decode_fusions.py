@@ -15,7 +15,7 @@ whole process (scripts/gpu/decode_fusions.sh runs one process per flag set). PRO
 runs a small model (a smoke test on the CPU, kernels interpreted). PROBE_QUANT (fp8, int8,
 int4) quantizes the weights as the loader does (engine.loader.quantize) and PROBE_KV=fp8
 makes the KV cache e4m3; the programs are made as the engine makes them
-(Backend.prepare_weights, Backend.jit). PROBE_WOQ_MAX_M and PROBE_FP8_WO_MAX_M replace
+(Backend.prepare_weights, options_for, jit). PROBE_WOQ_MAX_M and PROBE_FP8_WO_MAX_M replace
 quant_linear.WOQ_MAX_M (for every format) and quant_tuning.FP8_WEIGHT_ONLY_MAX_M (the row
 counts up to which the weight-only formats take the fused kernel, and fp8 runs weight-only),
 to time other choices.
@@ -131,6 +131,7 @@ def main(out: str, names: list[str]) -> None:
             params = quantize_params({**params, "layers": [dict(lp) for lp in params["layers"]]},
                                      cfg, quant, None)
         params = backend.prepare_weights(params)
+        backend.compiler_options = backend.options_for(params)
         cost = ModelCost.of(cfg, params, jnp.dtype(kv_dtype).itemsize)
         fwd = model_forward(cfg, backend)
         for b in batches:

@@ -1,7 +1,9 @@
 """The XLA options the GPU backends' step programs compile with: with fp8 weights XLA's
 Triton GEMMs are off (cuBLASLt's FP8 matmul, no autotuning of Triton configurations for
 each prompt-sized FP8 dot: minutes of start-up on an H200, backends/gpu/backend.py); with
-any other weights XLA's defaults. Every program over the weights is made by Backend.jit."""
+any other weights XLA's defaults. The builder sets them from the loaded weights
+(Backend.options_for); every program over the weights is made by Backend.jit. The whole
+engine's case: tests/backends/rocm/test_rocm_fp8.py (both GPU backends, fp8 weights)."""
 
 from __future__ import annotations
 
@@ -29,14 +31,8 @@ def weights(fmt: str | None) -> dict:
                                           ("int4", {}), (None, {})])
 def test_fp8_weights_turn_xla_triton_gemms_off(cls, fmt, options):
     be = cls({"interpret": True})
-    params = weights(fmt)
-    out = be.prepare_weights(params)
-    assert be.compiler_options == options
-    if cls is CudaBackend:
-        assert out is params  # nothing converted
-    # a later update to other weights sets them again
-    be.prepare_weights(weights(None if fmt == "fp8" else "fp8"))
-    assert be.compiler_options == ({} if fmt == "fp8" else NO_TRITON_GEMM)
+    assert be.options_for(be.prepare_weights(weights(fmt))) == options
+    assert be.compiler_options == {}  # asking sets nothing: the builder does
 
 
 def test_step_programs_take_the_backends_options(monkeypatch):
@@ -48,9 +44,8 @@ def test_step_programs_take_the_backends_options(monkeypatch):
                                "intermediate_size": 64, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "num_key_value_heads": 1})
     be = CudaBackend({"interpret": True})
-    be.prepare_weights(weights("fp8"))
-    make_step(cfg, be, 16)
-    assert made[-1]["compiler_options"] == NO_TRITON_GEMM
-    be.prepare_weights(weights(None))
     make_step(cfg, be, 16)
     assert made[-1]["compiler_options"] is None  # XLA's defaults
+    be.compiler_options = be.options_for(weights("fp8"))
+    make_step(cfg, be, 16)
+    assert made[-1]["compiler_options"] == NO_TRITON_GEMM
