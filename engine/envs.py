@@ -32,10 +32,10 @@ def default_gpu_memory_fraction() -> None:
 
 ENGINE_CPU_ISA = "ENGINE_CPU_ISA"
 """Cap on the CPU kernels' instruction set: 'amx' (AVX-512 VNNI plus AMX bf16 tiles for steps
-above 4 rows; Sapphire Rapids and newer), 'avx512vnni' (AVX-512 with VNNI integer dots),
-'avx512', 'avx2', 'generic' (portable C++) or 'none' (no kernels: the plain-JAX path).
-Unset: the best this CPU runs. For tests and comparisons; a level above what the CPU has
-is lowered to it."""
+above 4 rows, x and the weights rounded to bf16; Sapphire Rapids and newer; the one level
+taken only when asked for), 'avx512vnni' (AVX-512 with VNNI integer dots), 'avx512',
+'avx2', 'generic' (portable C++) or 'none' (no kernels: the plain-JAX path). Unset: the best
+this CPU runs up to avx512vnni. A level above what the CPU has is lowered to it."""
 CPU_ISA_LEVELS = ("generic", "avx2", "avx512", "avx512vnni", "amx")
 
 

@@ -21,7 +21,7 @@ from engine import envs
 from engine.model import quant
 
 NATIVE = kernels._native_isa()
-AMX = 4  # bf16 tiles: checked against its own bound (test_amx_level_within_bf16_bound)
+AMX = kernels.AMX  # bf16 tiles, only when asked (test_amx_level_is_the_product_of_bf16_operands)
 LEVELS = list(range(min(NATIVE, AMX - 1) + 1))
 pytestmark = pytest.mark.skipif(NATIVE < 0, reason="the CPU kernel library is not built here")
 
@@ -169,7 +169,11 @@ def test_isa_switch(monkeypatch):
     monkeypatch.setenv(envs.ENGINE_CPU_ISA, "avx512")
     assert kernels.isa_level() == min(NATIVE, 2)  # never above what the CPU runs
     monkeypatch.setenv(envs.ENGINE_CPU_ISA, "avx512vnni")
+    assert kernels.isa_level() == min(NATIVE, 3)
+    monkeypatch.setenv(envs.ENGINE_CPU_ISA, "amx")
     assert kernels.isa_level() == NATIVE
+    monkeypatch.delenv(envs.ENGINE_CPU_ISA)
+    assert kernels.isa_level() == min(NATIVE, 3)  # AMX only when asked for
     monkeypatch.setenv(envs.ENGINE_CPU_ISA, "none")
     assert kernels.isa_level() == -1
     monkeypatch.setenv(envs.ENGINE_CPU_ISA, "sse9")
@@ -249,11 +253,22 @@ def test_integer_paths_match_emulation_at_edge_shapes(fmt):
             close(kernels.kernel(x, w, isa, int_act=True), ref, k)
 
 
+def bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bf16 (nearest, ties to even), as float64."""
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 @pytest.mark.skipif(NATIVE < AMX, reason="no AMX here (level 4 needs AMX-TILE/BF16)")
 @pytest.mark.parametrize("fmt", ["f32", "int8", "q4_1"])
-def test_amx_level_within_bf16_bound(fmt):
-    """Level 4 rounds x and the weights to bf16 and sums in float32: per output
-    |y - ref| <= 2^-7 * sum_k |x_k w_k| (two roundings of 2^-9 each, a factor 2 of room)."""
+@pytest.mark.parametrize("int_act", [False, True])
+def test_amx_level_is_the_product_of_bf16_operands(fmt, int_act):
+    """Level 4 (asked for) rounds x and the decoded weights to bf16 and sums in float32, in
+    either activation mode: the float64 product of the bf16-rounded operands up to float32
+    sums, far tighter than level 3's differences from it (float32 operands, or int8 blocks)."""
+    if int_act and fmt == "f32":
+        pytest.skip("integer activations are for int8 and GGUF weights")
     rng = np.random.default_rng(11)
     for m, k, n in ((5, 64, 7), (33, 576, 65)):
         w32 = rng.standard_normal((k, n)).astype(np.float32)  # [K, N]
@@ -262,8 +277,10 @@ def test_amx_level_within_bf16_bound(fmt):
             w = quant.from_gguf_rows(raw, fmt, (k,), (n,))
         else:
             w = quant.pack(jnp.asarray(w32), 1, fmt)
-        dense = np.asarray(quant.dequantize(w), np.float64)  # [K, N]
-        x = rng.standard_normal((m, k))
-        bound = 2.0**-7 * (np.abs(x) @ np.abs(dense)) + 1e-5
-        got = np.asarray(kernels.kernel(jnp.asarray(x, jnp.float32), w, AMX), np.float64)
-        assert (np.abs(got - x @ dense) <= bound).all()
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        xb, wb = bf16(np.asarray(x)), bf16(np.asarray(quant.dequantize(w)))  # [M, K], [K, N]
+        bound = 2.0**-16 * (np.abs(xb) @ np.abs(wb)) + 1e-6
+        got = np.asarray(kernels.kernel(x, w, AMX, int_act=int_act), np.float64)
+        assert (np.abs(got - xb @ wb) <= bound).all()
+        level3 = np.asarray(kernels.kernel(x, w, AMX - 1, int_act=int_act), np.float64)
+        assert (np.abs(level3 - xb @ wb) > bound).any()

@@ -47,11 +47,23 @@ def _native_isa() -> int:
     return -1 if lib is None else int(lib.engine_cpu_isa())
 
 
+AMX = 4
+"""The AMX level runs only where ENGINE_CPU_ISA=amx asks for it: its tiles round x and the
+weights to bf16 (every format, either activation mode: linear.cc's "AMX"), which the other
+levels' arithmetic does not (the float32 layout is exact; integer activations are llama.cpp's
+blocks). On the first AMX host here (a 2-core Xeon, 2026-12-04) it passed scripts/amx_check.py
+and, taken by default, failed 23 tests that compare with those references. Speed there
+(amx_check, best of 10, SmolLM2's shapes): float32 weights at 256 rows 0.93 against 2.49 ms
+(level 3's float path), at 32 rows 0.74-0.93 against 0.62-0.63; int8 and Q4_1 at 256 rows
+0.77-0.82 against level 3's integer tiles' 0.82-0.97, at 32 rows slower than them."""
+
+
 def isa_level() -> int:
-    """The ISA level the kernels run at: the CPU's best, capped by ENGINE_CPU_ISA; -1 means
-    no kernel (no library, or ENGINE_CPU_ISA=none)."""
+    """The ISA level the kernels run at: the CPU's best up to level 3 (AMX, 4, only when
+    ENGINE_CPU_ISA=amx asks), capped by ENGINE_CPU_ISA; -1 means no kernel (no library, or
+    ENGINE_CPU_ISA=none)."""
     native, cap = _native_isa(), envs.cpu_isa_cap()
-    return native if cap is None else min(native, cap)
+    return min(native, AMX - 1 if cap is None else cap)
 
 
 def _check(x: jax.Array, w: QuantizedWeight) -> None:
