@@ -40,7 +40,7 @@ try:  # the GGUF formats need the gguf package's quantizers; without it they are
               for f in ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k")}
 except ImportError:
     QTYPES = {}
-AMX = 4
+AMX = kernels.AMX
 
 
 def make_weight(rng: np.random.Generator, fmt: str, k: int, n: int) -> quant.QuantizedWeight:

@@ -253,11 +253,9 @@ def test_integer_paths_match_emulation_at_edge_shapes(fmt):
             close(kernels.kernel(x, w, isa, int_act=True), ref, k)
 
 
-def bf16(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to bf16 (nearest, ties to even), as float64."""
-    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+def bf16(a) -> np.ndarray:
+    """Values rounded to bf16 (ml_dtypes' cast: nearest, ties to even), as float64."""
+    return np.asarray(a, jnp.bfloat16).astype(np.float64)
 
 
 @pytest.mark.skipif(NATIVE < AMX, reason="no AMX here (level 4 needs AMX-TILE/BF16)")

@@ -53,9 +53,10 @@ weights to bf16 (every format, either activation mode: linear.cc's "AMX"), which
 levels' arithmetic does not (the float32 layout is exact; integer activations are llama.cpp's
 blocks). On the first AMX host here (a 2-core Xeon, 2026-12-04) it passed scripts/amx_check.py
 and, taken by default, failed 23 tests that compare with those references. Speed there
-(amx_check, best of 10, SmolLM2's shapes): float32 weights at 256 rows 0.93 against 2.49 ms
-(level 3's float path), at 32 rows 0.74-0.93 against 0.62-0.63; int8 and Q4_1 at 256 rows
-0.77-0.82 against level 3's integer tiles' 0.82-0.97, at 32 rows slower than them."""
+(amx_check, idle host, best of 10, SmolLM2's shapes): float32 weights at 256 rows 0.92
+against 2.47 ms (level 3's float path), at 32 rows 0.60-0.96 against 0.66-0.79; int8, Q4_1
+and Q8_0 at 256 rows 0.81-0.89 against level 3's integer tiles' 0.91-1.05, at 32 rows
+1.3-3x slower than them."""
 
 
 def isa_level() -> int:
